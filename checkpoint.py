@@ -1,0 +1,55 @@
+"""Saving and loading trained models; the structure travels with the weights."""
+import os
+
+import torch
+
+import config
+from cli import UserError, atomic_path
+from moe import build_model
+
+DEFAULT_PATH = "checkpoint.pt"
+SCRIPTED_PATH = "model.pt"
+
+
+def save(state, path):
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; run train.py first (or pass --checkpoint PATH)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}); "
+                        "run train.py again to write a new one")
+    if not isinstance(state, dict) or "structure" not in state or "state_dict" not in state:
+        raise UserError(f"{path} is not a checkpoint written by train.py; run train.py again")
+    return state
+
+
+def merged_structure(saved, overrides, path):
+    """The saved structure with the user's overrides; only names that change no weight shape
+    (config.FREE_AT_LOAD) may differ from what the model was trained with."""
+    structure = {**config.defaults(), **saved}
+    for name, value in overrides.items():
+        if name not in config.FREE_AT_LOAD and structure[name] != value:
+            raise UserError(f"{path} was trained with {name}={structure[name]}, but the command "
+                            f"line asks for {value}; drop that flag or train a new model")
+        structure[name] = value
+    return config.validate(structure)
+
+
+def load_model(path=DEFAULT_PATH, overrides=None):
+    """(model in eval mode, its structure, the whole checkpoint dict)."""
+    state = load(path)
+    structure = merged_structure(state["structure"], overrides or {}, path)
+    model = build_model(structure)
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[1:2] or [str(error)]
+        raise UserError(f"{path}: its weights do not match its saved structure "
+                        f"({first[0].strip()}); run train.py again")
+    return model.eval(), structure, state

@@ -1,0 +1,58 @@
+"""What every script shares at its edges: one-line errors, flag types, atomic file writes."""
+import argparse
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, never as a traceback."""
+
+
+def run(main):
+    """Call main(); turn a UserError or Ctrl-C into one line on stderr and a non-zero exit."""
+    try:
+        main()
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds,
+    so an interrupted write never leaves a half-written file behind."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,69 @@
+"""Model structure and training defaults.
+
+Every name in STRUCTURE can be overridden on the command line (--experts 8, --emb-size 16, ...).
+The structure a model was trained with is saved in its checkpoint, and every later script rebuilds
+the model from that saved copy, not from this file.
+"""
+INPUT_SIZE = 784  # 28 x 28 pixels, fixed by the input contract
+CLASSES = 10
+EXPERTS = 8
+TOP = 2
+EMB_SIZE = 128
+HIDDEN_SIZE = 256  # each expert is an MLP EMB_SIZE -> HIDDEN_SIZE -> EMB_SIZE
+NOISY_GATING = True  # Gaussian noise on the gate logits, training only (Shazeer et al. 2017)
+BALANCE_LOSS = "shazeer"  # "shazeer" (importance + load), "switch" (Fedus et al. 2021) or "none"
+W_IMPORTANCE = 0.1
+W_LOAD = 0.1
+W_SWITCH = 0.01
+ROUTING = "loop"
+
+# Training defaults.
+EPOCHS = 15
+BATCH_SIZE = 128
+LR = 2e-3
+SEED = 0
+
+STRUCTURE = ("INPUT_SIZE", "CLASSES", "EXPERTS", "TOP", "EMB_SIZE", "HIDDEN_SIZE", "NOISY_GATING",
+             "BALANCE_LOSS", "W_IMPORTANCE", "W_LOAD", "W_SWITCH", "ROUTING")
+BALANCE_LOSSES = ("shazeer", "switch", "none")
+ROUTINGS = ("loop",)
+# Names that change no parameter shape: a saved model may be rebuilt with another value.
+FREE_AT_LOAD = ("ROUTING",)
+
+
+def defaults():
+    return {name: globals()[name] for name in STRUCTURE}
+
+
+def _flag(name):
+    return "--" + name.lower().replace("_", "-")
+
+
+def add_structure_args(parser):
+    """One flag per structure name except the two the input contract fixes; None means 'keep'."""
+    from cli import non_negative_float, positive_int
+    group = parser.add_argument_group("model structure (default: config.py, or the checkpoint's)")
+    for name in ("EXPERTS", "TOP", "EMB_SIZE", "HIDDEN_SIZE"):
+        group.add_argument(_flag(name), dest=name, type=positive_int, metavar="N")
+    for name in ("W_IMPORTANCE", "W_LOAD", "W_SWITCH"):
+        group.add_argument(_flag(name), dest=name, type=non_negative_float, metavar="W")
+    group.add_argument("--balance-loss", dest="BALANCE_LOSS", choices=BALANCE_LOSSES)
+    group.add_argument("--noisy-gating", dest="NOISY_GATING", choices=("on", "off"))
+    group.add_argument("--routing", dest="ROUTING", choices=ROUTINGS)
+
+
+def overrides(args):
+    """The structure names the user set on the command line, with their values."""
+    chosen = {name: getattr(args, name, None) for name in STRUCTURE}
+    chosen = {name: value for name, value in chosen.items() if value is not None}
+    if "NOISY_GATING" in chosen:
+        chosen["NOISY_GATING"] = chosen["NOISY_GATING"] == "on"
+    return chosen
+
+
+def validate(structure):
+    from cli import UserError
+    if structure["TOP"] > structure["EXPERTS"]:
+        raise UserError(f"--top {structure['TOP']} is larger than --experts {structure['EXPERTS']}; "
+                        "choose TOP <= EXPERTS")
+    return structure

@@ -1,0 +1,50 @@
+import gzip
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import config  # noqa: E402
+import data  # noqa: E402
+
+# Real MNIST, fetched once by data.py's own acquisition if it is not there yet.
+MNIST_DIR = os.environ.get("MNIST_DIR", os.path.join(ROOT, "data"))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    data.load_split("test", MNIST_DIR, limit=1)
+    return MNIST_DIR
+
+
+@pytest.fixture
+def tiny_structure():
+    return {**config.defaults(), "EXPERTS": 4, "TOP": 2, "EMB_SIZE": 16, "HIDDEN_SIZE": 32}
+
+
+def idx_bytes(array, magic):
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_set(folder, n_train=20, n_test=10, compress=False, seed=0):
+    """Four small synthetic IDX files in MNIST's layout and names; returns the arrays."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        for kind, array, magic in (("images-idx3", images, 2051), ("labels-idx1", labels, 2049)):
+            name = f"{split}-{kind}-ubyte"
+            payload = idx_bytes(array, magic)
+            if compress:
+                name, payload = name + ".gz", gzip.compress(payload)
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(payload)
+            arrays[f"{split}-{kind}"] = array
+    return arrays
