@@ -10,6 +10,13 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, never as a traceback."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block): 'error: --flag: what is wrong'."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def run(main):
     """Call main(); turn a UserError or Ctrl-C into one line on stderr and a non-zero exit."""
     try:
@@ -50,8 +57,11 @@ def atomic_path(path):
     suffix = os.path.splitext(path)[1]
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it a normal file's mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -2,7 +2,6 @@
 
 Input contract of every model in this repo: float32 pixels in [0, 1], shape (N, 1, 28, 28).
 """
-import argparse
 import gzip
 import hashlib
 import os
@@ -15,7 +14,7 @@ import urllib.request
 import numpy as np
 import torch
 
-from cli import UserError
+from cli import ArgumentParser, UserError
 
 FILES = {  # name -> (md5 of the uncompressed file, IDX magic number)
     "train-images-idx3-ubyte": ("6bbc9ace898e44ae57da46a324031adb", 2051),
@@ -181,7 +180,7 @@ def load_split(split, data_dir=DEFAULT_DIR, limit=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Fetch and check MNIST.")
+    parser = ArgumentParser(description="Fetch and check MNIST.")
     add_data_args(parser)
     args = parser.parse_args()
     for split in SPLITS:

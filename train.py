@@ -1,5 +1,4 @@
 """Train the MoE classifier on MNIST's 60k training images; report accuracy on the 10k test images."""
-import argparse
 import math
 import os
 import time
@@ -10,7 +9,7 @@ from tqdm import tqdm
 
 import checkpoint
 import config
-from cli import UserError, atomic_path, positive_int, run
+from cli import ArgumentParser, UserError, atomic_path, positive_int, run
 from data import add_data_args, load_split
 from moe import build_model
 
@@ -18,7 +17,7 @@ PLOT_PATH = "training.png"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     add_data_args(parser)
     config.add_structure_args(parser)
     parser.add_argument("--epochs", type=positive_int, default=config.EPOCHS)

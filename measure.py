@@ -1,0 +1,124 @@
+"""One way to measure every backend: same test images, warm-up excluded, same printed block.
+
+A backend script builds a `predict(batch: np.ndarray) -> logits np.ndarray` and hands it to
+`measure()`; `report()` prints the block and appends the JSON line.
+"""
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from cli import positive_int
+from data import add_data_args, load_split
+
+TEST_SET_REPEATS = 5  # full-set timings: the median of this many passes
+WARMUP_BATCHES = 3
+
+
+def add_common_args(parser, model_default, model_help):
+    parser.add_argument("--model", default=model_default, help=model_help)
+    parser.add_argument("--batch-size", type=positive_int, default=1024,
+                        help="batch size for the full test set pass (default 1024)")
+    parser.add_argument("--latency-runs", type=positive_int, default=1000,
+                        help="single-image runs for the batch-1 latency percentiles (default 1000)")
+    parser.add_argument("--test-limit", type=positive_int, help="use only the first N test images")
+    parser.add_argument("--json", metavar="FILE", help="append the result as one JSON line to FILE")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_data_args(parser)
+
+
+def load_test_set(args):
+    """Test images as a contiguous float32 numpy array (N, 1, 28, 28) and int64 labels, loaded once."""
+    images, labels = load_split("test", args.data_dir, args.test_limit)
+    return np.ascontiguousarray(images.numpy()), labels.numpy()
+
+
+def timed(make):
+    """(result of make(), seconds it took): for session or engine creation."""
+    started = time.perf_counter()
+    result = make()
+    return result, time.perf_counter() - started
+
+
+def full_pass(predict, images, batch_size):
+    return np.concatenate([predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def measure(predict, images, labels, batch_size, latency_runs, show_progress=True):
+    """Accuracy on `images`, median full-set wall time at `batch_size`, batch-1 latency percentiles.
+    Every timing follows a warm-up of the same shapes."""
+    batch_size = min(batch_size, len(images))
+    for _ in range(WARMUP_BATCHES):
+        predict(images[:batch_size])
+        predict(images[:1])
+    logits = full_pass(predict, images, batch_size)
+    accuracy = 100.0 * float((logits.argmax(1) == labels).mean())
+    steps = TEST_SET_REPEATS + latency_runs
+    with tqdm(total=steps, disable=not show_progress, leave=False, unit="run") as bar:
+        totals = []
+        for _ in range(TEST_SET_REPEATS):
+            started = time.perf_counter()
+            full_pass(predict, images, batch_size)
+            totals.append(time.perf_counter() - started)
+            bar.update()
+        latencies = []
+        for i in range(latency_runs):
+            single = images[i % len(images)][None]
+            started = time.perf_counter()
+            predict(single)
+            latencies.append(time.perf_counter() - started)
+            bar.update()
+    total = statistics.median(totals)
+    return {"accuracy": accuracy, "images": len(images), "batch_size": batch_size,
+            "test_set_s": total, "test_set_runs": TEST_SET_REPEATS,
+            "images_per_s": len(images) / total,
+            "latency_p50_us": 1e6 * float(np.percentile(latencies, 50)),
+            "latency_p99_us": 1e6 * float(np.percentile(latencies, 99)),
+            "latency_runs": latency_runs, "logits": logits}
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_versions(*modules):
+    return {module.__name__: module.__version__ for module in modules}
+
+
+def report(args, backend, result, setup_s, versions, details=None):
+    """Print the block every backend script shares; append it to --json if asked."""
+    details = details or {}
+    lines = [f"== {backend}",
+             f"   model         {args.model}",
+             "   versions      " + ", ".join(f"{k} {v}" for k, v in versions.items())
+             + f"; python {platform.python_version()}",
+             f"   machine       {cpu_name()}, {os.cpu_count()} cores",
+             *(f"   {key:<13} {value}" for key, value in details.items()),
+             f"   setup         {1e3 * setup_s:.1f} ms (model load / session creation, not in the times below)",
+             f"   accuracy      {result['accuracy']:.2f}% on {result['images']} test images",
+             f"   test set      {1e3 * result['test_set_s']:.1f} ms at batch {result['batch_size']} "
+             f"({result['images_per_s']:,.0f} images/s), median of {result['test_set_runs']} passes after warm-up",
+             f"   latency b=1   p50 {result['latency_p50_us']:.1f} us, p99 {result['latency_p99_us']:.1f} us "
+             f"over {result['latency_runs']} runs after warm-up"]
+    print("\n".join(lines), flush=True)
+    record = {"script": os.path.basename(sys.argv[0]), "backend": backend, "model": args.model,
+              "setup_s": setup_s, **{k: v for k, v in result.items() if k != "logits"},
+              "details": details, "versions": versions, "python": platform.python_version(),
+              "cpu": cpu_name(), "cores": os.cpu_count(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record

@@ -1,0 +1,127 @@
+"""ONNX Runtime sessions for every ONNX script: clear errors, and the truth about what ran where."""
+import collections
+import json
+import os
+
+import numpy as np
+import onnx
+
+import measure
+from cli import UserError
+
+GPU_INSTALL = ("on a CUDA machine: pip uninstall -y onnxruntime && "
+               "pip install -r requirements-gpu.txt (see README)")
+
+
+def require_onnx_file(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; run train.py, then export_onnx.py first (or pass --model PATH)")
+
+
+def load_onnx(path):
+    """The ONNX ModelProto at path, or a one-line error if the file is not one."""
+    require_onnx_file(path)
+    try:
+        model = onnx.load(path)
+    except Exception as error:
+        raise UserError(f"{path} is not an ONNX model ({type(error).__name__}); "
+                        "run export_onnx.py to write it again")
+    if not model.graph.node:
+        raise UserError(f"{path} is not an ONNX model (no graph); run export_onnx.py to write it again")
+    return model
+
+
+def session_options(opt_level="all", threads=0, profile_prefix=None):
+    import onnxruntime as ort
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[opt_level]
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only; fallbacks are reported by provider_kernels()
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return options
+
+
+def provider_names(providers):
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def require_providers(providers):
+    """providers: names or (name, options) pairs, best first."""
+    import onnxruntime as ort
+    missing = [name for name in provider_names(providers) if name not in ort.get_available_providers()]
+    if missing:
+        raise UserError(f"{missing[0]} is not available in this onnxruntime "
+                        f"{ort.__version__} (it has {', '.join(ort.get_available_providers())}); "
+                        + GPU_INSTALL)
+
+
+def create_session(path, providers, options=None):
+    """An InferenceSession whose first provider really is providers[0], never a silent CPU one."""
+    import onnxruntime as ort
+    require_providers(providers)
+    wanted = provider_names(providers)
+    load_onnx(path)
+    try:
+        session = ort.InferenceSession(path, sess_options=options or session_options(),
+                                       providers=providers)
+    except Exception as error:
+        raise UserError(f"{path}: onnxruntime could not load it with {wanted[0]} "
+                        f"({str(error).strip().splitlines()[0][:300]})")
+    if session.get_providers()[0] != wanted[0]:
+        raise UserError(f"{wanted[0]} failed to start (onnxruntime fell back to "
+                        f"{session.get_providers()[0]}); check the CUDA/cuDNN/TensorRT libraries; "
+                        + GPU_INSTALL)
+    return session
+
+
+def predictor(session):
+    input_name = session.get_inputs()[0].name
+
+    def predict(batch):
+        return session.run(["logits"], {input_name: batch})[0]
+    return predict
+
+
+def provider_kernels(path, providers, options_kwargs, sample):
+    """Kernels per execution provider, from one profiled run: shows what fell back to CPU."""
+    import onnxruntime as ort
+    options = session_options(**options_kwargs, profile_prefix=os.path.join(
+        os.path.dirname(os.path.abspath(path)), ".profile"))
+    session = ort.InferenceSession(path, sess_options=options, providers=providers)
+    session.run(None, {session.get_inputs()[0].name: sample})
+    trace = session.end_profiling()
+    try:
+        with open(trace) as f:
+            events = json.load(f)
+    finally:
+        os.remove(trace)
+    nodes = {e["name"]: e["args"]["provider"] for e in events
+             if e.get("cat") == "Node" and "provider" in e.get("args", {})}
+    return dict(collections.Counter(nodes.values()).most_common())
+
+
+def versions():
+    import onnxruntime as ort
+    return measure.library_versions(ort, onnx, np)
+
+
+def run_backend(args, backend_label, providers, options_kwargs=None, details=None):
+    """Everything an ONNX backend script does once it has chosen its providers and model file."""
+    options_kwargs = options_kwargs or {}
+    require_providers(providers)
+    require_onnx_file(args.model)
+    images, labels = measure.load_test_set(args)
+    session, setup_s = measure.timed(
+        lambda: create_session(args.model, providers, session_options(**options_kwargs)))
+    result = measure.measure(predictor(session), images, labels, args.batch_size,
+                             args.latency_runs, not args.quiet)
+    kernels = provider_kernels(args.model, providers, options_kwargs, images[:1])
+    backend = f"{backend_label} [providers: {', '.join(session.get_providers())}]"
+    details = {**(details or {}), "kernels on": ", ".join(f"{p} {n}" for p, n in kernels.items())}
+    return measure.report(args, backend, result, setup_s, versions(), details), result

@@ -1,0 +1,156 @@
+"""Export and every backend script, end to end on a tiny trained model and a small test subset."""
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+
+import checkpoint
+import export_onnx
+import onnx_cpu_infer
+import onnx_fp16_infer
+import onnx_quantize_infer
+import torch_infer
+import train
+from cli import UserError
+from conftest import ROOT
+
+SUBSET = "300"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir):
+    folder = tmp_path_factory.mktemp("tiny")
+    train.main(["--data-dir", mnist_dir, "--train-limit", "3000", "--test-limit", "300", "--epochs", "2",
+                "--experts", "4", "--top", "2", "--emb-size", "32", "--hidden-size", "32", "--quiet",
+                "--checkpoint", str(folder / "checkpoint.pt"), "--scripted", str(folder / "model.pt"),
+                "--plot", str(folder / "training.png")])
+    export_onnx.main(["--checkpoint", str(folder / "checkpoint.pt"), "--output", str(folder / "model.onnx"),
+                      "--data-dir", mnist_dir, "--test-limit", SUBSET, "--dot", str(folder / "model.dot")])
+    return folder
+
+
+def common(trained, mnist_dir, model="model.onnx", *extra):
+    return ["--model", str(trained / model), "--data-dir", mnist_dir, "--test-limit", SUBSET,
+            "--latency-runs", "20", "--batch-size", "128", "--quiet", *extra]
+
+
+def test_export_is_valid_annotated_and_has_a_dynamic_batch(trained):
+    model = onnx.load(str(trained / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert metadata["EXPERTS"] == "4" and metadata["TOP"] == "2" and metadata["EMB_SIZE"] == "32"
+    assert json.loads(metadata["structure_json"])["HIDDEN_SIZE"] == 32
+    assert float(metadata["test_accuracy_onnxruntime"]) == float(metadata["test_accuracy_torch"])
+    assert "float32 (N, 1, 28, 28)" in model.doc_string and "[0, 1]" in model.doc_string
+    assert [o.name for o in model.graph.output] == ["logits", "gates"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    dot = (trained / "model.dot").read_text()
+    assert dot.count('[label="') == len(model.graph.node) and '"TopK"' in dot
+
+
+def test_export_prints_parity_and_op_counts(trained, mnist_dir, capsys):
+    export_onnx.main(["--checkpoint", str(trained / "checkpoint.pt"), "--output", str(trained / "again.onnx"),
+                      "--data-dir", mnist_dir, "--test-limit", SUBSET])
+    out = capsys.readouterr().out
+    assert f"parity on {SUBSET} test images" in out and "argmax agrees on 100.00%" in out
+    assert "TopK 1" in out and "Softmax 1" in out
+
+
+def test_export_refuses_to_write_a_model_that_breaks_parity(trained, mnist_dir, monkeypatch):
+    monkeypatch.setattr(export_onnx, "MAX_LOGIT_DIFF", -1.0)
+    with pytest.raises(UserError, match="parity broken"):
+        export_onnx.main(["--checkpoint", str(trained / "checkpoint.pt"), "--output",
+                          str(trained / "broken.onnx"), "--data-dir", mnist_dir, "--test-limit", "50"])
+    assert not (trained / "broken.onnx").exists()
+
+
+def torch_accuracy(trained, mnist_dir):
+    model, _, _ = checkpoint.load_model(str(trained / "checkpoint.pt"))
+    images, labels = train.load_split("test", mnist_dir, int(SUBSET))
+    return train.evaluate(model, images, labels)[0]
+
+
+def test_torch_script_reports_eager_and_torchscript(trained, mnist_dir):
+    records = torch_infer.main(common(trained, mnist_dir, "checkpoint.pt", "--device", "cpu"))
+    assert [r["backend"].split(" on ")[0] for r in records] == ["PyTorch eager", "PyTorch TorchScript"]
+    expected = torch_accuracy(trained, mnist_dir)
+    assert all(r["accuracy"] == pytest.approx(expected) for r in records)
+
+
+def test_onnx_cpu_accuracy_equals_torch_and_json_has_every_field(trained, mnist_dir, tmp_path):
+    results = tmp_path / "results.jsonl"
+    for level in ("disable", "all"):
+        record, _ = onnx_cpu_infer.main(common(trained, mnist_dir, "model.onnx", "--json", str(results),
+                                               "--opt-level", level, "--threads", "1"))
+        assert record["accuracy"] == pytest.approx(torch_accuracy(trained, mnist_dir))
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(lines) == 2
+    for line in lines:
+        for field in ("script", "backend", "model", "setup_s", "accuracy", "images", "batch_size",
+                      "test_set_s", "test_set_runs", "images_per_s", "latency_p50_us", "latency_p99_us",
+                      "latency_runs", "versions", "cpu", "cores", "time", "details"):
+            assert field in line, field
+        assert line["images"] == int(SUBSET) and line["batch_size"] == 128
+        assert line["latency_p50_us"] <= line["latency_p99_us"]
+        assert "CPUExecutionProvider" in line["backend"]
+        assert line["images_per_s"] == pytest.approx(line["images"] / line["test_set_s"])
+
+
+def test_fp16_runs_on_cpu_and_says_so(trained, mnist_dir):
+    record, _ = onnx_fp16_infer.main(common(trained, mnist_dir))
+    assert record["backend"].startswith("ONNX Runtime FP16 on CPU")
+    assert abs(record["accuracy"] - torch_accuracy(trained, mnist_dir)) <= 1.0
+    model = onnx.load(str(trained / "model.fp16.onnx"))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+
+
+def test_int8_models_are_smaller_and_within_a_point(trained, mnist_dir):
+    results = onnx_quantize_infer.main(common(trained, mnist_dir, "model.onnx", "--calibration-images", "200"))
+    assert set(results) == {"dynamic", "static QDQ"}
+    fp32_size = os.path.getsize(trained / "model.onnx")
+    expected = torch_accuracy(trained, mnist_dir)
+    for method, record in results.items():
+        assert os.path.getsize(record["model"]) < 0.5 * fp32_size, method
+        assert abs(record["accuracy"] - expected) <= 1.0, method
+    static = onnx.load(results["static QDQ"]["model"])
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in static.graph.node}
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(result):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("script, provider", [("onnx_cuda_infer.py", "CUDAExecutionProvider"),
+                                              ("onnx_trt_infer.py", "TensorrtExecutionProvider")])
+def test_gpu_scripts_without_their_provider_fail_clearly(trained, mnist_dir, script, provider):
+    line = one_line_error(run_script(script, *common(trained, mnist_dir)))
+    assert provider in line and "requirements-gpu.txt" in line
+
+
+def test_bad_inputs_fail_with_one_line(trained, mnist_dir, tmp_path):
+    line = one_line_error(run_script("onnx_cpu_infer.py", "--model", str(tmp_path / "absent.onnx")))
+    assert "absent.onnx not found; run train.py, then export_onnx.py first" in line
+    (tmp_path / "junk.onnx").write_bytes(b"this is not a protobuf")
+    line = one_line_error(run_script("onnx_cpu_infer.py", *common(trained, mnist_dir), "--model",
+                                     str(tmp_path / "junk.onnx")))
+    assert "junk.onnx is not an ONNX model" in line
+    line = one_line_error(run_script("onnx_cpu_infer.py", "--batch-size", "0"))
+    assert "--batch-size: must be a positive integer, got 0" in line
+    line = one_line_error(run_script("export_onnx.py", "--checkpoint", str(tmp_path / "none.pt")))
+    assert "none.pt not found; run train.py first" in line
+    line = one_line_error(run_script("torch_infer.py", *common(trained, mnist_dir, "checkpoint.pt"),
+                                     "--experts", "8"))
+    assert "trained with EXPERTS=4, but the command line asks for 8" in line

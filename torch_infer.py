@@ -1,0 +1,58 @@
+"""PyTorch: eager and TorchScript, on CPU and (when present) CUDA, from the trained checkpoint."""
+
+import torch
+
+import checkpoint
+import config
+import measure
+from cli import ArgumentParser, UserError, run
+
+
+def predictor(model, device):
+    def predict(batch):
+        with torch.no_grad():
+            return model(torch.from_numpy(batch).to(device))[0].cpu().numpy()
+    return predict
+
+
+def devices(choice):
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: PyTorch sees no CUDA device; install a CUDA build of torch "
+                        "(requirements-gpu.txt) on a CUDA machine, or use --device cpu")
+    if choice == "all":
+        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [choice]
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__)
+    measure.add_common_args(parser, checkpoint.DEFAULT_PATH, "checkpoint from train.py")
+    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
+                        help="all: CPU, and CUDA when PyTorch sees a GPU (default)")
+    parser.add_argument("--variant", choices=("both", "eager", "torchscript"), default="both")
+    config.add_structure_args(parser)
+    args = parser.parse_args(argv)
+    chosen_devices = devices(args.device)
+    (model, _, _), load_s = measure.timed(lambda: checkpoint.load_model(args.model, config.overrides(args)))
+    images, labels = measure.load_test_set(args)
+    records = []
+    for device in chosen_devices:
+        variants = {"eager": lambda: model.to(device), "TorchScript": lambda: torch.jit.script(model.to(device))}
+        for variant, make in variants.items():
+            if args.variant not in ("both", variant.lower()):
+                continue
+            ready, setup_s = measure.timed(make)
+            result = measure.measure(predictor(ready, device), images, labels, args.batch_size,
+                                     args.latency_runs, not args.quiet)
+            records.append(measure.report(
+                args, f"PyTorch {variant} on {device.upper()} ({device_name(device)})", result,
+                load_s + setup_s, measure.library_versions(torch)))
+    return records
+
+
+if __name__ == "__main__":
+    run(main)
