@@ -15,7 +15,7 @@ BALANCE_LOSS = "shazeer"  # "shazeer" (importance + load), "switch" (Fedus et al
 W_IMPORTANCE = 0.1
 W_LOAD = 0.1
 W_SWITCH = 0.01
-ROUTING = "loop"
+ROUTING = "dense"  # "dense": static shapes, every expert masked by its gate; "loop": per-expert dispatch
 
 # Training defaults.
 EPOCHS = 15
@@ -26,7 +26,7 @@ SEED = 0
 STRUCTURE = ("INPUT_SIZE", "CLASSES", "EXPERTS", "TOP", "EMB_SIZE", "HIDDEN_SIZE", "NOISY_GATING",
              "BALANCE_LOSS", "W_IMPORTANCE", "W_LOAD", "W_SWITCH", "ROUTING")
 BALANCE_LOSSES = ("shazeer", "switch", "none")
-ROUTINGS = ("loop",)
+ROUTINGS = ("dense", "loop")
 # Names that change no parameter shape: a saved model may be rebuilt with another value.
 FREE_AT_LOAD = ("ROUTING",)
 
@@ -67,3 +67,10 @@ def validate(structure):
         raise UserError(f"--top {structure['TOP']} is larger than --experts {structure['EXPERTS']}; "
                         "choose TOP <= EXPERTS")
     return structure
+
+
+def onnx_path(routing=ROUTING, exporter="torchscript"):
+    """Where export_onnx.py writes, and the backend scripts look, by default: model.onnx is the
+    default routing from the TorchScript exporter; others say what they are (model.loop.onnx)."""
+    parts = ["model"] + ([routing] if routing != ROUTING else []) + ([exporter] if exporter != "torchscript" else [])
+    return ".".join(parts) + ".onnx"

@@ -1,6 +1,9 @@
-"""Export the trained checkpoint to ONNX with the TorchScript exporter and prove it still agrees."""
+"""Export the trained checkpoint to ONNX and prove the exported graph still agrees with torch."""
 import collections
+import contextlib
+import io
 import json
+import logging
 import shutil
 import subprocess
 import warnings
@@ -8,15 +11,17 @@ import warnings
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 import checkpoint
 import config
 import sessions
+import viewer
 from cli import ArgumentParser, UserError, atomic_path, run
 from data import add_data_args, load_split
 
-DEFAULT_PATH = "model.onnx"
-OPSET = 17
+OPSET = 17  # TorchScript exporter; the dynamo exporter picks its own
 MAX_LOGIT_DIFF = 1e-3  # parity: ONNX Runtime vs torch on the whole test set; float32 sums differ ~1e-5
 MIN_ARGMAX_AGREEMENT = 1.0
 INPUT_CONTRACT = ("Input 'pixels': float32 (N, 1, 28, 28), pixel values in [0, 1] (uint8 / 255, "
@@ -28,35 +33,74 @@ INPUT_CONTRACT = ("Input 'pixels': float32 (N, 1, 28, 28), pixel values in [0, 1
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", default=checkpoint.DEFAULT_PATH)
-    parser.add_argument("--output", default=DEFAULT_PATH)
+    parser.add_argument("--routing", choices=config.ROUTINGS, default=config.ROUTING,
+                        help=f"graph to export (default {config.ROUTING}); any checkpoint exports either way")
+    parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                        help="torchscript: torch.jit.script then the TorchScript exporter (default); "
+                             "dynamo: torch.export of the eager module")
+    parser.add_argument("--output", help="default: model.onnx for the default routing and exporter, "
+                                         "else e.g. model.loop.onnx, model.dynamo.onnx")
     parser.add_argument("--test-limit", type=int, help="check parity on the first N test images only")
     parser.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz source")
     parser.add_argument("--svg", metavar="FILE", help="also render the graph to SVG (needs graphviz's dot)")
-    parser.add_argument("--netron", action="store_true", help="open the exported model in Netron")
+    viewer.add_netron_args(parser)
     add_data_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.output = args.output or config.onnx_path(args.routing, args.exporter)
+    return args
 
 
-def export(model, path):
-    """TorchScript export of the scripted model, batch axis dynamic."""
-    scripted = torch.jit.script(model)
-    example = torch.zeros(2, 1, 28, 28)
-    with warnings.catch_warnings():
-        # index_add -> ScatterElements warns about duplicate indices; each expert's rows are unique.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(scripted, (example,), path, dynamo=False, opset_version=OPSET,
-                          input_names=["pixels"], output_names=["logits", "gates"],
-                          dynamic_axes={name: {0: "batch"} for name in ("pixels", "logits", "gates")})
+def export(model, path, exporter):
+    """Export with a dynamic batch axis, input 'pixels', outputs 'logits' and 'gates'."""
+    example = (torch.zeros(2, 1, 28, 28),)
+    names = {"input_names": ["pixels"], "output_names": ["logits", "gates"]}
+    chatter = io.StringIO()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed": not needed
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+            warnings.simplefilter("ignore")  # deprecation notices of the TorchScript path
+            if exporter == "dynamo":
+                torch.onnx.export(model, example, path, dynamo=True, verbose=False,
+                                  dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, **names)
+            else:
+                torch.onnx.export(torch.jit.script(model), example, path, dynamo=False, opset_version=OPSET,
+                                  dynamic_axes={n: {0: "batch"} for n in ("pixels", "logits", "gates")}, **names)
+    except Exception as error:
+        raise UserError(f"the {exporter} exporter failed on ROUTING={model.moe.routing} "
+                        f"({type(error).__name__}: {str(error).strip().splitlines()[0][:200]})")
 
 
-def annotate(path, structure, torch_accuracy):
-    """Doc string, metadata (the structure under config.py's names), checker, shape inference."""
-    model = onnx.load(path)
+def fold_constants(model):
+    """Evaluate every node whose inputs are all known (Constant nodes, initializers, products of
+    weights such as the folded head) once, and store the results as initializers."""
+    graph = model.graph
+    known = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    opsets = {o.domain: o.version for o in model.opset_import}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Constant" or (node.input and all(name in known for name in node.input if name)):
+            inputs = {name: known[name] for name in node.input if name}
+            for name, value in zip(node.output, ReferenceEvaluator(node, opsets=opsets).run(None, inputs)):
+                known[name] = value
+        else:
+            kept.append(node)
+    used = {name for node in kept for name in node.input} | {o.name for o in graph.output}
+    graph.ClearField("node")
+    graph.node.extend(kept)
+    graph.ClearField("initializer")
+    graph.initializer.extend(numpy_helper.from_array(known[name], name) for name in sorted(used & set(known)))
+    return model
+
+
+def annotate(path, structure, torch_accuracy, images):
+    """Constant folding, doc string, metadata (the structure under config.py's names, the test
+    accuracy), checker, shape inference."""
+    model = fold_constants(onnx.load(path))
     model.doc_string = INPUT_CONTRACT
     model.producer_name = "moe-mnist export_onnx.py"
     metadata = {**{name: str(structure[name]) for name in config.STRUCTURE},
                 "structure_json": json.dumps(structure), "input_contract": INPUT_CONTRACT,
-                "test_accuracy_torch": f"{torch_accuracy:.2f}"}
+                "test_accuracy_torch": f"{torch_accuracy:.2f}", "test_images": str(images)}
     onnx.helper.set_model_props(model, metadata)
     onnx.checker.check_model(model, full_check=True)
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
@@ -113,22 +157,14 @@ def write_pictures(model, dot_path, svg_path):
         print(f"wrote {svg_path}")
 
 
-def open_in_netron(path):
-    import netron
-    netron.start(path, browse=True)
-    print("Netron is serving the model; press Ctrl-C to stop")
-    netron.wait()
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    model, structure, state = checkpoint.load_model(args.checkpoint)
-    images, labels = load_split("test", args.data_dir, args.test_limit)
-    with atomic_path(args.output) as tmp:  # model.onnx appears only once parity holds
-        export(model, tmp)
+def write_checked(model, structure, path, exporter, images, labels):
+    """Export, annotate and check parity; the file at `path` appears only if parity holds.
+    Returns (the ONNX model, max |logit difference|, argmax agreement, onnxruntime accuracy)."""
+    with atomic_path(path) as tmp:
+        export(model, tmp, exporter)
         with torch.no_grad():
             torch_accuracy = 100.0 * float((model(images)[0].argmax(1) == labels).float().mean())
-        onnx_model = annotate(tmp, structure, torch_accuracy)
+        onnx_model = annotate(tmp, structure, torch_accuracy, len(images))
         max_diff, agreement, ort_logits = parity(model, tmp, images)
         ort_accuracy = 100.0 * float((ort_logits.argmax(1) == labels.numpy()).mean())
         print(f"parity on {len(images)} test images: max |logit difference| {max_diff:.2e}, "
@@ -136,16 +172,25 @@ def main(argv=None):
               f"onnxruntime {ort_accuracy:.2f}%")
         if max_diff > MAX_LOGIT_DIFF or agreement < MIN_ARGMAX_AGREEMENT:
             raise UserError(f"parity broken (max difference {max_diff:.2e} > {MAX_LOGIT_DIFF:.0e} or "
-                            f"argmax agreement {100 * agreement:.2f}% < 100%); {args.output} not written")
+                            f"argmax agreement {100 * agreement:.2f}% < 100%); {path} not written")
         onnx.helper.set_model_props(onnx_model, {**{p.key: p.value for p in onnx_model.metadata_props},
                                                  "test_accuracy_onnxruntime": f"{ort_accuracy:.2f}"})
         onnx.save(onnx_model, tmp)
+    return onnx_model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, structure, state = checkpoint.load_model(args.checkpoint, {"ROUTING": args.routing})
+    images, labels = load_split("test", args.data_dir, args.test_limit)
+    onnx_model = write_checked(model, structure, args.output, args.exporter, images, labels)
     counts = op_counts(onnx_model)
-    print(f"wrote {args.output}: opset {OPSET}, {len(onnx_model.graph.node)} nodes: "
-          + ", ".join(f"{op} {n}" for op, n in counts.most_common()))
+    opset = next(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx"))
+    print(f"wrote {args.output} (ROUTING={args.routing}, {args.exporter} exporter, opset {opset}): "
+          f"{len(onnx_model.graph.node)} nodes: " + ", ".join(f"{op} {n}" for op, n in counts.most_common()))
     write_pictures(onnx_model, args.dot, args.svg)
     if args.netron:
-        open_in_netron(args.output)
+        viewer.serve(args.output, args)
 
 
 if __name__ == "__main__":

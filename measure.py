@@ -20,8 +20,7 @@ TEST_SET_REPEATS = 5  # full-set timings: the median of this many passes
 WARMUP_BATCHES = 3
 
 
-def add_common_args(parser, model_default, model_help):
-    parser.add_argument("--model", default=model_default, help=model_help)
+def add_common_args(parser):
     parser.add_argument("--batch-size", type=positive_int, default=1024,
                         help="batch size for the full test set pass (default 1024)")
     parser.add_argument("--latency-runs", type=positive_int, default=1000,
@@ -49,30 +48,43 @@ def full_pass(predict, images, batch_size):
     return np.concatenate([predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
+def time_full_pass(predict, images, batch_size):
+    started = time.perf_counter()
+    full_pass(predict, images, batch_size)
+    return time.perf_counter() - started
+
+
+def time_single_images(predict, images, runs, start=0):
+    """Seconds of each of `runs` single-image calls, cycling through the images."""
+    latencies = []
+    for i in range(start, start + runs):
+        single = images[i % len(images)][None]
+        started = time.perf_counter()
+        predict(single)
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def warm_up(predict, images, batch_sizes):
+    for _ in range(WARMUP_BATCHES):
+        for size in batch_sizes:
+            predict(images[:size])
+
+
 def measure(predict, images, labels, batch_size, latency_runs, show_progress=True):
     """Accuracy on `images`, median full-set wall time at `batch_size`, batch-1 latency percentiles.
     Every timing follows a warm-up of the same shapes."""
     batch_size = min(batch_size, len(images))
-    for _ in range(WARMUP_BATCHES):
-        predict(images[:batch_size])
-        predict(images[:1])
+    warm_up(predict, images, (batch_size, 1))
     logits = full_pass(predict, images, batch_size)
     accuracy = 100.0 * float((logits.argmax(1) == labels).mean())
-    steps = TEST_SET_REPEATS + latency_runs
-    with tqdm(total=steps, disable=not show_progress, leave=False, unit="run") as bar:
+    with tqdm(total=TEST_SET_REPEATS + 1, disable=None if show_progress else True, leave=False, unit="pass") as bar:
         totals = []
         for _ in range(TEST_SET_REPEATS):
-            started = time.perf_counter()
-            full_pass(predict, images, batch_size)
-            totals.append(time.perf_counter() - started)
+            totals.append(time_full_pass(predict, images, batch_size))
             bar.update()
-        latencies = []
-        for i in range(latency_runs):
-            single = images[i % len(images)][None]
-            started = time.perf_counter()
-            predict(single)
-            latencies.append(time.perf_counter() - started)
-            bar.update()
+        latencies = time_single_images(predict, images, latency_runs)
+        bar.update()
     total = statistics.median(totals)
     return {"accuracy": accuracy, "images": len(images), "batch_size": batch_size,
             "test_set_s": total, "test_set_runs": TEST_SET_REPEATS,

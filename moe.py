@@ -3,7 +3,7 @@
 Everything here is scriptable with torch.jit.script: routing has data-dependent control flow.
 """
 import math
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +41,12 @@ class MoE(nn.Module):
 
     def __init__(self, dim: int, hidden: int, experts: int, top: int, noisy_gating: bool = True,
                  balance_loss: str = "shazeer", w_importance: float = 0.1, w_load: float = 0.1,
-                 w_switch: float = 0.01):
+                 w_switch: float = 0.01, routing: str = "loop"):
         super().__init__()
+        self.routing = routing
         self.num_experts = experts
+        self.dim = dim
+        self.hidden = hidden
         self.top = top
         self.noisy_gating = noisy_gating
         self.balance_loss_kind = balance_loss
@@ -54,20 +57,28 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.zeros(dim, experts))
         self.w_noise = nn.Parameter(torch.zeros(dim, experts))
         self.experts = nn.ModuleList([Expert(dim, hidden) for _ in range(experts)])
+        # gates (N, EXPERTS) @ this = each expert's gate repeated over its HIDDEN + 1 units
+        self.register_buffer("gate_to_units", torch.eye(experts).repeat_interleave(hidden + 1, dim=1),
+                             persistent=False)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        clean = x @ self.w_gate
-        logits, _ = self.noisy_logits(x, clean)
-        gates, _ = self.top_k_gates(logits)
-        return self.dispatch(x, gates), gates
+        """(mixture of the chosen experts' outputs, gates)."""
+        gates, _ = self.gate(x)
+        return self.mix(x, gates, None, None), gates
 
     @torch.jit.export
     def forward_with_loss(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        gates, loss = self.gate(x)
+        return self.mix(x, gates, None, None), gates, loss
+
+    def gate(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """(gates, balance loss); the loss is computed while training only."""
         clean = x @ self.w_gate
         logits, noise_std = self.noisy_logits(x, clean)
         gates, top_logits = self.top_k_gates(logits)
-        loss = self.balance_loss(clean, logits, noise_std, top_logits, gates)
-        return self.dispatch(x, gates), gates, loss
+        if self.training:
+            return gates, self.balance_loss(clean, logits, noise_std, top_logits, gates)
+        return gates, torch.zeros((), dtype=x.dtype, device=x.device)
 
     def noisy_logits(self, x: Tensor, clean: Tensor) -> Tuple[Tensor, Tensor]:
         """Gate logits, with Gaussian noise of std softplus(x W_noise) while training."""
@@ -77,21 +88,52 @@ class MoE(nn.Module):
         return clean, torch.ones_like(clean)
 
     def top_k_gates(self, logits: Tensor) -> Tuple[Tensor, Tensor]:
-        """Softmax over the top-k logits scattered into (N, EXPERTS); also the top k+1 logits,
-        which the load estimator needs."""
-        kept = min(self.top + 1, self.num_experts)
-        top_logits, top_indices = logits.topk(kept, dim=1)
+        """Softmax over the top-k logits scattered into (N, EXPERTS). While training also the
+        (k+1)-th logit, which the load estimator needs."""
+        if not self.training or self.top == self.num_experts:
+            top_logits, top_indices = logits.topk(self.top, dim=1)
+            return torch.zeros_like(logits).scatter(1, top_indices, F.softmax(top_logits, dim=1)), top_logits
+        top_logits, top_indices = logits.topk(self.top + 1, dim=1)
         weights = F.softmax(top_logits[:, :self.top], dim=1)
         gates = torch.zeros_like(logits).scatter(1, top_indices[:, :self.top], weights)
         return gates, top_logits
 
-    def dispatch(self, x: Tensor, gates: Tensor) -> Tensor:
+    def mix(self, x: Tensor, gates: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        """sum_e gates[:, e] * expert_e(x), then the linear layer (weight, bias) if one is given."""
+        if self.routing == "dense":
+            return self.mix_dense(x, gates, weight, bias)
+        mixed = self.dispatch_loop(x, gates)
+        if weight is None:
+            return mixed
+        return F.linear(mixed, weight, bias)
+
+    def mix_dense(self, x: Tensor, gates: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        """Static shapes: every expert on every row as two wide matrix products, the hidden units
+        of unchosen experts zeroed by their gate weight; no NonZero, no data-dependent shape.
+        Exact rewrites that make the exported graph small (the exporter folds the weight products):
+        a following linear layer is folded into each expert's output layer (nothing nonlinear lies
+        between them), and each expert gets one extra hidden unit that is always 1 and carries the
+        expert's output bias, so the gated sum needs no product of its own."""
+        w1: List[Tensor] = []
+        b1: List[Tensor] = []
+        w2: List[Tensor] = []
+        for expert in self.experts:
+            out_weight, out_bias = expert.fc2.weight, expert.fc2.bias
+            if weight is not None:
+                out_weight, out_bias = weight @ out_weight, weight @ out_bias
+            w1.append(torch.cat([expert.fc1.weight, torch.zeros(1, self.dim, dtype=x.dtype, device=x.device)]))
+            b1.append(torch.cat([expert.fc1.bias, torch.ones(1, dtype=x.dtype, device=x.device)]))
+            w2.append(torch.cat([out_weight, out_bias.unsqueeze(1)], 1))
+        hidden = F.relu(F.linear(x, torch.cat(w1), torch.cat(b1)))  # (N, EXPERTS * (HIDDEN + 1))
+        return F.linear(hidden * (gates @ self.gate_to_units), torch.cat(w2, 1), bias)
+
+    def dispatch_loop(self, x: Tensor, gates: Tensor) -> Tensor:
         """Classic per-expert dispatch: each expert sees only the rows routed to it."""
         out = torch.zeros_like(x)
         for i, expert in enumerate(self.experts):
             rows = torch.nonzero(gates[:, i] > 0).squeeze(1)
-            weighted = expert(x.index_select(0, rows)) * gates.index_select(0, rows)[:, i:i + 1]
-            out = out.index_add(0, rows, weighted)
+            weighted = expert(x.index_select(0, rows)) * gates[:, i].index_select(0, rows).unsqueeze(1)
+            out = out.index_put((rows,), weighted, accumulate=True)
         return out
 
     def balance_loss(self, clean: Tensor, logits: Tensor, noise_std: Tensor, top_logits: Tensor,
@@ -136,23 +178,29 @@ class MoEClassifier(nn.Module):
         self.embed = nn.Linear(structure["INPUT_SIZE"], structure["EMB_SIZE"])
         self.moe = MoE(structure["EMB_SIZE"], structure["HIDDEN_SIZE"], structure["EXPERTS"],
                        structure["TOP"], structure["NOISY_GATING"], structure["BALANCE_LOSS"],
-                       structure["W_IMPORTANCE"], structure["W_LOAD"], structure["W_SWITCH"])
+                       structure["W_IMPORTANCE"], structure["W_LOAD"], structure["W_SWITCH"],
+                       structure["ROUTING"])
         self.head = nn.Linear(structure["EMB_SIZE"], structure["CLASSES"])
 
     def embedding(self, images: Tensor) -> Tensor:
-        x = (images.flatten(1) - self.pixel_mean) / self.pixel_std
-        return F.relu(self.embed(x))
+        """ReLU(embed((pixels - mean) / std)), with the normalisation folded into the weights so
+        the exported graph spends no pass over the pixels on it."""
+        weight = self.embed.weight / self.pixel_std
+        bias = self.embed.bias - (self.pixel_mean / self.pixel_std) * self.embed.weight.sum(1)
+        return F.relu(F.linear(images.flatten(1), weight, bias))
 
     def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         """(class logits (N, CLASSES), gates (N, EXPERTS))."""
-        mixed, gates = self.moe(self.embedding(images))
-        return self.head(mixed), gates
+        x = self.embedding(images)
+        gates, _ = self.moe.gate(x)
+        return self.moe.mix(x, gates, self.head.weight, self.head.bias), gates
 
     @torch.jit.export
     def forward_with_loss(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """forward() plus the balance loss, for training."""
-        mixed, gates, loss = self.moe.forward_with_loss(self.embedding(images))
-        return self.head(mixed), gates, loss
+        x = self.embedding(images)
+        gates, loss = self.moe.gate(x)
+        return self.moe.mix(x, gates, self.head.weight, self.head.bias), gates, loss
 
 
 def build_model(structure: dict) -> MoEClassifier:

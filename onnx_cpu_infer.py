@@ -1,18 +1,17 @@
 """ONNX Runtime, CPU execution provider."""
 
-import measure
 import sessions
 from cli import ArgumentParser, run
 
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    measure.add_common_args(parser, "model.onnx", "ONNX model from export_onnx.py")
+    sessions.add_model_args(parser, "ONNX model from export_onnx.py")
     parser.add_argument("--opt-level", choices=("disable", "basic", "extended", "all"), default="all",
                         help="ONNX Runtime graph optimisation level (default all)")
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads; 0 lets ONNX Runtime pick one per physical core")
-    args = parser.parse_args(argv)
+    args = sessions.parse_args(parser, argv)
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
     return sessions.run_backend(args, "ONNX Runtime CPU", ["CPUExecutionProvider"],

@@ -1,15 +1,14 @@
 """ONNX Runtime, CUDA execution provider (needs requirements-gpu.txt on a CUDA machine)."""
 
-import measure
 import sessions
 from cli import ArgumentParser, run
 
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    measure.add_common_args(parser, "model.onnx", "ONNX model from export_onnx.py")
+    sessions.add_model_args(parser, "ONNX model from export_onnx.py")
     parser.add_argument("--device-id", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = sessions.parse_args(parser, argv)
     return sessions.run_backend(args, "ONNX Runtime CUDA",
                                 [("CUDAExecutionProvider", {"device_id": args.device_id}),
                                  "CPUExecutionProvider"])

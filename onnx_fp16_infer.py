@@ -3,14 +3,13 @@ import os
 
 import onnx
 
-import measure
 import sessions
 from cli import ArgumentParser, atomic_path, run
 
 
-def fp16_copy(path):
+def fp16_copy(path, target=None):
     from onnxruntime.transformers.float16 import convert_float_to_float16
-    target = os.path.splitext(path)[0] + ".fp16.onnx"
+    target = target or os.path.splitext(path)[0] + ".fp16.onnx"
     converted = convert_float_to_float16(sessions.load_onnx(path), keep_io_types=True)
     with atomic_path(target) as tmp:
         onnx.save(converted, tmp)
@@ -20,8 +19,8 @@ def fp16_copy(path):
 def main(argv=None):
     import onnxruntime as ort
     parser = ArgumentParser(description=__doc__)
-    measure.add_common_args(parser, "model.onnx", "fp32 ONNX model from export_onnx.py")
-    args = parser.parse_args(argv)
+    sessions.add_model_args(parser, "fp32 ONNX model from export_onnx.py")
+    args = sessions.parse_args(parser, argv)
     on_gpu = "CUDAExecutionProvider" in ort.get_available_providers()
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_gpu else ["CPUExecutionProvider"]
     source = args.model

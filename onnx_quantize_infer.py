@@ -7,6 +7,7 @@ import numpy as np
 
 import measure
 import sessions
+import viewer
 from cli import ArgumentParser, UserError, positive_int, run
 from data import load_split
 
@@ -21,27 +22,32 @@ class TrainingImages:
         return next(self.batches, None)
 
 
+def quantize(source, target, method, calibration=None, per_channel=False, reduce_range=False):
+    """Write an INT8 copy of `source`: method 'dynamic', or 'static QDQ' calibrated on `calibration`
+    (training images, float32 (N, 1, 28, 28))."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer dumps every unknown NonZero shape
+    # Only the matrix ops, where all the arithmetic is: with QDQ also around the loop routing's
+    # Gather/ScatterElements, onnxruntime 1.31.1 crashes (segfault) running the static model.
+    common = {"per_channel": per_channel, "reduce_range": reduce_range,
+              "op_types_to_quantize": ["Gemm", "MatMul"]}
+    sessions.load_onnx(source)
+    if method == "dynamic":
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, **common)
+    else:
+        quantize_static(source, target, TrainingImages(calibration), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, **common)
+    return target
+
+
 def quantized_copies(path, args):
     """{'dynamic': path, 'static QDQ': path}, written beside the fp32 model."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-    sessions.load_onnx(path)
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer dumps every unknown NonZero shape
     stem = os.path.splitext(path)[0]
-    prepared = stem + ".prep.onnx"
-    quant_pre_process(path, prepared, skip_symbolic_shape=True)
-    # Only the matrix ops, where all the arithmetic is: with QDQ also around the routing's
-    # Gather/ScatterElements, onnxruntime 1.31.1 crashes (segfault) running the static model.
-    common = {"per_channel": args.per_channel, "reduce_range": args.reduce_range,
-              "op_types_to_quantize": ["Gemm", "MatMul"]}
-    targets = {"dynamic": stem + ".int8-dynamic.onnx", "static QDQ": stem + ".int8-static.onnx"}
-    quantize_dynamic(prepared, targets["dynamic"], weight_type=QuantType.QInt8, **common)
     calibration, _ = load_split("train", args.data_dir, args.calibration_images)
-    quantize_static(prepared, targets["static QDQ"], TrainingImages(calibration.numpy()),
-                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, **common)
-    os.remove(prepared)
-    return targets
+    options = {"per_channel": args.per_channel, "reduce_range": args.reduce_range}
+    return {"dynamic": quantize(path, stem + ".int8-dynamic.onnx", "dynamic", **options),
+            "static QDQ": quantize(path, stem + ".int8-static.onnx", "static QDQ",
+                                   calibration.numpy(), **options)}
 
 
 def fp32_accuracy(path, args):
@@ -52,14 +58,15 @@ def fp32_accuracy(path, args):
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    measure.add_common_args(parser, "model.onnx", "fp32 ONNX model from export_onnx.py")
+    sessions.add_model_args(parser, "fp32 ONNX model from export_onnx.py")
     parser.add_argument("--calibration-images", type=positive_int, default=1000,
                         help="training images used to calibrate static quantization (default 1000)")
     parser.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
     parser.add_argument("--reduce-range", action="store_true",
                         help="7-bit weights: avoids int16 overflow on CPUs without VNNI")
-    args = parser.parse_args(argv)
+    args = sessions.parse_args(parser, argv)
     sessions.require_onnx_file(args.model)
+    netron, args.netron = args.netron, False  # show the static QDQ graph once, after both runs
     baseline = fp32_accuracy(args.model, args)
     fp32_size = os.path.getsize(args.model)
     results = {}
@@ -73,6 +80,8 @@ def main(argv=None):
             "vs fp32": f"fp32 accuracy {baseline:.2f}%"})
         print(f"   change        {record['accuracy'] - baseline:+.2f} points of accuracy against fp32")
         results[method] = record
+    if netron:
+        viewer.serve(results["static QDQ"]["model"], args)
     return results
 
 

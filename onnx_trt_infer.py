@@ -3,7 +3,6 @@ import os
 
 import onnx
 
-import measure
 import sessions
 from cli import ArgumentParser, UserError, atomic_path, run
 
@@ -23,11 +22,11 @@ def shape_inferred_copy(path):
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    measure.add_common_args(parser, "model.onnx", "ONNX model from export_onnx.py")
+    sessions.add_model_args(parser, "ONNX model from export_onnx.py")
     parser.add_argument("--engine-cache", default="trt_cache", help="TensorRT engine cache directory")
     parser.add_argument("--fp16", action="store_true", help="let TensorRT build fp16 kernels")
     parser.add_argument("--device-id", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = sessions.parse_args(parser, argv)
     trt_options = {"device_id": args.device_id, "trt_fp16_enable": args.fp16,
                    "trt_engine_cache_enable": True, "trt_engine_cache_path": args.engine_cache}
     providers = [("TensorrtExecutionProvider", trt_options),

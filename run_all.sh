@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The main job, end to end: fetch MNIST if needed, train, export to ONNX, run every backend this
-# machine has. Each backend appends its result to results.jsonl. Extra arguments go to train.py.
+# The main job, end to end: fetch MNIST if needed, train, export both routings to ONNX, run every
+# backend this machine has (each appends its result to results.jsonl), then benchmark.py, which
+# writes results/benchmark.{md,json,png}. Extra arguments go to train.py.
 set -euo pipefail
 cd "$(dirname "$0")"
 rm -f results.jsonl
 python train.py "$@"
 python export_onnx.py
+python export_onnx.py --routing loop
 python torch_infer.py --json results.jsonl
 python onnx_cpu_infer.py --json results.jsonl
 python onnx_fp16_infer.py --json results.jsonl
@@ -20,3 +22,4 @@ for pair in CUDAExecutionProvider:onnx_cuda_infer.py TensorrtExecutionProvider:o
     echo "skipped ${pair#*:}: onnxruntime here has no ${pair%%:*} (see requirements-gpu.txt)"
   fi
 done
+python benchmark.py

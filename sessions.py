@@ -6,11 +6,28 @@ import os
 import numpy as np
 import onnx
 
+import config
 import measure
+import viewer
 from cli import UserError
 
 GPU_INSTALL = ("on a CUDA machine: pip uninstall -y onnxruntime && "
                "pip install -r requirements-gpu.txt (see README)")
+
+
+def add_model_args(parser, what="ONNX model"):
+    parser.add_argument("--model", help=f"{what} from export_onnx.py (default: the --routing graph)")
+    parser.add_argument("--routing", choices=config.ROUTINGS, default=config.ROUTING,
+                        help=f"which exported graph to run when --model is not given: "
+                             f"{', '.join(f'{r} = {config.onnx_path(r)}' for r in config.ROUTINGS)}")
+    measure.add_common_args(parser)
+    viewer.add_netron_args(parser)
+
+
+def parse_args(parser, argv):
+    args = parser.parse_args(argv)
+    args.model = args.model or config.onnx_path(args.routing)
+    return args
 
 
 def require_onnx_file(path):
@@ -29,6 +46,14 @@ def load_onnx(path):
     if not model.graph.node:
         raise UserError(f"{path} is not an ONNX model (no graph); run export_onnx.py to write it again")
     return model
+
+
+def stored_structure(path):
+    """The structure export_onnx.py wrote into the model's metadata, under config.py's names."""
+    metadata = {p.key: p.value for p in load_onnx(path).metadata_props}
+    if "structure_json" not in metadata:
+        raise UserError(f"{path} carries no structure metadata; export it with export_onnx.py")
+    return json.loads(metadata["structure_json"])
 
 
 def session_options(opt_level="all", threads=0, profile_prefix=None):
@@ -124,4 +149,7 @@ def run_backend(args, backend_label, providers, options_kwargs=None, details=Non
     kernels = provider_kernels(args.model, providers, options_kwargs, images[:1])
     backend = f"{backend_label} [providers: {', '.join(session.get_providers())}]"
     details = {**(details or {}), "kernels on": ", ".join(f"{p} {n}" for p, n in kernels.items())}
-    return measure.report(args, backend, result, setup_s, versions(), details), result
+    record = measure.report(args, backend, result, setup_s, versions(), details)
+    if args.netron:
+        viewer.serve(args.model, args)
+    return record, result

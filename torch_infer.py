@@ -5,6 +5,7 @@ import torch
 import checkpoint
 import config
 import measure
+import viewer
 from cli import ArgumentParser, UserError, run
 
 
@@ -24,24 +25,34 @@ def devices(choice):
     return [choice]
 
 
+def frozen_script(model):
+    """torch.jit.script, then freeze: weights become constants and the dense routing's folded
+    weight products are computed once, as a deployment would do."""
+    return torch.jit.freeze(torch.jit.script(model.eval()))
+
+
 def device_name(device):
     return torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
 
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    measure.add_common_args(parser, checkpoint.DEFAULT_PATH, "checkpoint from train.py")
+    parser.add_argument("--model", default=checkpoint.DEFAULT_PATH, help="checkpoint from train.py")
+    measure.add_common_args(parser)
     parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
                         help="all: CPU, and CUDA when PyTorch sees a GPU (default)")
     parser.add_argument("--variant", choices=("both", "eager", "torchscript"), default="both")
+    parser.add_argument("--scripted", default=checkpoint.SCRIPTED_PATH,
+                        help="TorchScript file train.py wrote; what --netron shows")
     config.add_structure_args(parser)
+    viewer.add_netron_args(parser)
     args = parser.parse_args(argv)
     chosen_devices = devices(args.device)
     (model, _, _), load_s = measure.timed(lambda: checkpoint.load_model(args.model, config.overrides(args)))
     images, labels = measure.load_test_set(args)
     records = []
     for device in chosen_devices:
-        variants = {"eager": lambda: model.to(device), "TorchScript": lambda: torch.jit.script(model.to(device))}
+        variants = {"eager": lambda: model.to(device), "TorchScript": lambda: frozen_script(model.to(device))}
         for variant, make in variants.items():
             if args.variant not in ("both", variant.lower()):
                 continue
@@ -49,8 +60,10 @@ def main(argv=None):
             result = measure.measure(predictor(ready, device), images, labels, args.batch_size,
                                      args.latency_runs, not args.quiet)
             records.append(measure.report(
-                args, f"PyTorch {variant} on {device.upper()} ({device_name(device)})", result,
+                args, f"PyTorch {variant}{' (frozen)' if variant == 'TorchScript' else ''} on {device.upper()} ({device_name(device)})", result,
                 load_s + setup_s, measure.library_versions(torch)))
+    if args.netron:
+        viewer.serve(args.scripted, args)
     return records
 
 

@@ -76,7 +76,7 @@ def train_epoch(model, optimizer, images, labels, batch_size, generator, show_pr
     model.train()
     order = torch.randperm(len(images), generator=generator).to(images.device)
     batches = range(0, len(images), batch_size)
-    bar = tqdm(batches, leave=False, disable=not show_progress, unit="batch")
+    bar = tqdm(batches, leave=False, disable=None if show_progress else True, unit="batch")
     total_loss = total_balance = correct = seen = 0.0
     for start in bar:
         idx = order[start:start + batch_size]

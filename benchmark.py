@@ -1,0 +1,353 @@
+"""Every backend and variant this machine has, side by side on the same test images, each timed in
+blocks that alternate with the floor: the activated path of a perfect top-k MoE as a plain MLP
+(784 -> EMB -> TOP*HIDDEN -> EMB -> 10, random weights) in ONNX Runtime.
+
+Writes results/benchmark.md, results/benchmark.json and results/benchmark.png."""
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from tqdm import tqdm
+
+import checkpoint
+import config
+import export_onnx
+import measure
+import onnx_fp16_infer
+import onnx_quantize_infer
+import sessions
+import torch_infer
+from cli import ArgumentParser, UserError, atomic_path, positive_int, run
+from data import add_data_args, load_split
+
+FAST_PATH = "ONNX Runtime CPU, dense, torchscript"
+SEED_GRAPH = "ONNX Runtime CPU, loop, torchscript"
+SEED_WAY = "seed's way: per-image PIL Dataset, DataLoader b=64, loop graph"
+SEED_BATCH = 64
+INT8_VARIANTS = (("dynamic", False, False), ("dynamic", True, False), ("dynamic", False, True),
+                 ("static QDQ", False, False), ("static QDQ", True, False), ("static QDQ", False, True))
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", default=checkpoint.DEFAULT_PATH)
+    parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timing blocks per row; every figure is the median over them (default 5)")
+    parser.add_argument("--latency-runs", type=positive_int, default=400,
+                        help="single-image runs per block (default 400)")
+    parser.add_argument("--calibration-images", type=positive_int, default=1000)
+    parser.add_argument("--test-limit", type=positive_int, help="use only the first N test images")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 20 single-image runs per block, 2 INT8 variants")
+    add_data_args(parser)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.latency_runs = min(args.latency_runs, 20)
+    if args.repeats < 5 and not args.quick:  # a reportable run is a median of at least 5
+        parser.error("--repeats must be >= 5 for a reportable run (use --quick for a smoke run)")
+    return args
+
+
+# ---------------------------------------------------------------- the floor
+
+def build_floor(structure, path):
+    """784 -> EMB -> TOP*HIDDEN -> EMB -> 10 with MatMul, Add, Relu: what the chosen experts cost
+    with no routing at all. Random weights: only its time matters."""
+    rng = np.random.default_rng(0)
+    sizes = [structure["INPUT_SIZE"], structure["EMB_SIZE"], structure["TOP"] * structure["HIDDEN_SIZE"],
+             structure["EMB_SIZE"], structure["CLASSES"]]
+    nodes = [helper.make_node("Flatten", ["pixels"], ["h0"])]
+    weights = []
+    for i, (rows, cols) in enumerate(zip(sizes[:-1], sizes[1:])):
+        weights += [numpy_helper.from_array((rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32), f"w{i}"),
+                    numpy_helper.from_array(np.zeros(cols, np.float32), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"])]
+        last = i == len(sizes) - 2
+        nodes.append(helper.make_node("Identity" if last else ("Relu" if i < 2 else "Identity"),
+                                      [f"a{i}"], ["logits" if last else f"h{i + 1}"]))
+    graph = helper.make_graph(
+        nodes, "floor", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", structure["CLASSES"]])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+# ---------------------------------------------------------------- the rows
+
+def onnx_row(path, providers=("CPUExecutionProvider",)):
+    session = sessions.create_session(path, list(providers))
+    return sessions.predictor(session), {"providers": session.get_providers(),
+                                         "nodes": len(onnx.load(path).graph.node)}
+
+
+def torch_row(model, device="cpu"):
+    def predict(batch):
+        with torch.no_grad():
+            return model(torch.from_numpy(batch).to(device))[0].cpu().numpy()
+    return predict, {"threads": torch.get_num_threads()}
+
+
+def exported_models(args, workdir, images, labels):
+    """Every ONNX file the rows need, written into workdir: {name: path}."""
+    paths = {}
+    for routing in config.ROUTINGS:
+        model, structure, _ = checkpoint.load_model(args.checkpoint, {"ROUTING": routing})
+        for exporter in ("torchscript", "dynamo"):
+            path = os.path.join(workdir, config.onnx_path(routing, exporter))
+            export_onnx.write_checked(model, structure, path, exporter, torch.from_numpy(images),
+                                      torch.from_numpy(labels))
+            paths[f"ONNX Runtime CPU, {routing}, {exporter}"] = path
+    fast = paths[FAST_PATH]
+    paths["ONNX Runtime FP16 on CPU, dense"] = onnx_fp16_infer.fp16_copy(fast, os.path.join(workdir, "fp16.onnx"))
+    calibration = load_split("train", args.data_dir, args.calibration_images)[0].numpy()
+    for method, per_channel, reduce_range in INT8_VARIANTS[::3] if args.quick else INT8_VARIANTS:
+        name = (f"ONNX Runtime INT8 {method}, dense" + (", per-channel" if per_channel else "")
+                + (", reduce-range" if reduce_range else ""))
+        target = os.path.join(workdir, f"int8-{len(paths)}.onnx")
+        paths[name] = onnx_quantize_infer.quantize(fast, target, method, calibration, per_channel, reduce_range)
+    return paths
+
+
+def row_makers(args, workdir, images, labels):
+    """[(row name, group, make)] where make() -> (predict, details); only what this machine has."""
+    import onnxruntime as ort
+    makers, skipped = [], []
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for routing in config.ROUTINGS:
+            model = checkpoint.load_model(args.checkpoint, {"ROUTING": routing})[0].to(device)
+            makers.append((f"PyTorch eager {device.upper()}, {routing}", "torch",
+                           lambda m=model, d=device: torch_row(m, d)))
+            makers.append((f"PyTorch TorchScript (frozen) {device.upper()}, {routing}", "torch",
+                           lambda m=model, d=device: torch_row(torch_infer.frozen_script(m), d)))
+    if "cuda" not in devices:
+        skipped.append("PyTorch CUDA: PyTorch sees no CUDA device")
+    for name, path in exported_models(args, workdir, images, labels).items():
+        group = "int8" if "INT8" in name else "fp16" if "FP16" in name else "onnx"
+        makers.append((name, group, lambda p=path: onnx_row(p)))
+    fast = os.path.join(workdir, config.onnx_path())
+    for provider, label in (("CUDAExecutionProvider", "CUDA"), ("TensorrtExecutionProvider", "TensorRT")):
+        if provider in ort.get_available_providers():
+            makers.append((f"ONNX Runtime {label}, dense", "gpu",
+                           lambda p=provider: onnx_row(fast, (p, "CPUExecutionProvider"))))
+        else:
+            skipped.append(f"ONNX Runtime {label}: onnxruntime here has no {provider}")
+    return makers, skipped
+
+
+# ---------------------------------------------------------------- timing
+
+def percentiles(seconds):
+    return {f"p{q}": 1e6 * float(np.percentile(seconds, q)) for q in (50, 90, 99)}
+
+
+def time_against_floor(predict, floor, images, args):
+    """Blocks alternate model and floor so that machine noise hits both alike."""
+    sizes = (64, 1024, len(images))
+    measure.warm_up(predict, images, (1,) + sizes)
+    latency = {"model": [], "floor": []}
+    full = {"model": {s: [] for s in sizes}, "floor": {s: [] for s in sizes}}
+    for block in range(args.repeats):
+        for who, fn in (("model", predict), ("floor", floor)):
+            latency[who] += measure.time_single_images(fn, images, args.latency_runs, block * args.latency_runs)
+            for size in sizes:
+                full[who][size].append(measure.time_full_pass(fn, images, size))
+    result = {}
+    for who in ("model", "floor"):
+        medians = {size: statistics.median(times) for size, times in full[who].items()}
+        best = min(medians, key=medians.get)
+        result[who] = {"latency_us": percentiles(latency[who]),
+                       "test_set_ms": {str(s): 1e3 * t for s, t in medians.items()},
+                       "best_batch": best, "best_test_set_ms": 1e3 * medians[best],
+                       "images_per_s": len(images) / medians[best]}
+    result["vs_floor_b1"] = result["model"]["latency_us"]["p50"] / result["floor"]["latency_us"]["p50"]
+    result["vs_floor_test_set"] = result["model"]["best_test_set_ms"] / result["floor"]["best_test_set_ms"]
+    return result
+
+
+def seed_way(session, pixels_uint8, labels, args, floor):
+    """The seed's measurement: a Dataset that makes a PIL image per item and converts it to a
+    tensor as torchvision's ToTensor does, a DataLoader at batch 64, session.run per batch; end to
+    end, alternating with the floor."""
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+
+    class PerImage(Dataset):
+        def __len__(self):
+            return len(pixels_uint8)
+
+        def __getitem__(self, i):
+            image = Image.fromarray(pixels_uint8[i], mode="L")
+            tensor = torch.from_numpy(np.array(image, np.uint8, copy=True)).view(28, 28, 1)
+            return tensor.permute(2, 0, 1).contiguous().to(torch.float32).div(255), int(labels[i])
+
+    def one_pass():
+        correct = 0
+        for batch, target in DataLoader(PerImage(), batch_size=SEED_BATCH, shuffle=False):
+            logits = session.run(["logits"], {"pixels": batch.numpy()})[0]
+            correct += int((logits.argmax(1) == target.numpy()).sum())
+        return correct
+
+    images = pixels_uint8.astype(np.float32)[:, None] / 255.0
+    times, floor_times, correct = [], [], one_pass()
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - started)
+        floor_times.append(measure.time_full_pass(floor, images, 1024))
+    seconds, floor_s = statistics.median(times), statistics.median(floor_times)
+    return {"accuracy": 100.0 * correct / len(labels), "model": {
+        "test_set_ms": {str(SEED_BATCH): 1e3 * seconds}, "best_batch": SEED_BATCH,
+        "best_test_set_ms": 1e3 * seconds, "images_per_s": len(labels) / seconds},
+        "floor": {"best_test_set_ms": 1e3 * floor_s}, "vs_floor_test_set": seconds / floor_s}
+
+
+# ---------------------------------------------------------------- reports
+
+def machine():
+    import onnxruntime as ort
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    return {"cpu": measure.cpu_name(), "cores": os.cpu_count(),
+            "simd": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags],
+            "python": platform.python_version(),
+            "versions": measure.library_versions(torch, ort, onnx, np),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def targets(rows, skipped):
+    by_name = {row["name"]: row for row in rows}
+    fast, graph, way = by_name[FAST_PATH], by_name[SEED_GRAPH], by_name[SEED_WAY]
+    fp32 = fast["accuracy"]
+    checks = [
+        ("ORT CPU fp32 fast path, batch-1 p50 vs floor", fast["vs_floor_b1"], "<=", 2.0),
+        ("ORT CPU fp32 fast path, test set at best batch vs floor", fast["vs_floor_test_set"], "<=", 2.0),
+        ("fast path vs seed routing graph, batch-1 p50 speed-up",
+         graph["model"]["latency_us"]["p50"] / fast["model"]["latency_us"]["p50"], ">=", 4.0),
+        ("fast path vs the seed's way, end-to-end test set speed-up",
+         way["model"]["best_test_set_ms"] / fast["model"]["best_test_set_ms"], ">=", 100.0),
+    ] + [(f"{row['name']}: accuracy change vs fp32 (points)", row["accuracy"] - fp32, ">=", -0.3)
+         for row in rows if "INT8" in row["name"]]
+    return [{"target": name, "value": value, "rule": f"{op} {bound}",
+             "met": value <= bound if op == "<=" else value >= bound} for name, value, op, bound in checks]
+
+
+def markdown(report):
+    m = report["machine"]
+    lines = [f"# Benchmark ({m['date']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, SIMD {', '.join(m['simd']) or 'none detected'}; "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f", python {m['python']}.", "",
+             f"{report['settings']['images']} test images. Every figure is the median of "
+             f"{report['settings']['repeats']} timing blocks; each row's blocks alternate with the floor "
+             f"({report['settings']['floor']}), so the ratio columns compare like with like. Batch-1 "
+             f"latency: {report['settings']['latency_runs']} single-image runs per block. 'test set' columns: "
+             "wall time for all test images at that batch size (the last one is the whole set as one batch).", "",
+             "| row | accuracy | b=1 p50 / p90 / p99 (us) | b=1 vs floor | test set b=64 / 1024 / all (ms) "
+             "| best images/s | best vs floor |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in report["rows"]:
+        model, lat = row["model"], row["model"].get("latency_us")
+        times = " / ".join(f"{model['test_set_ms'][k]:.1f}" if k in model["test_set_ms"] else "-"
+                           for k in ("64", "1024", str(report["settings"]["images"])))
+        latency = (f"{lat['p50']:.1f} / {lat['p90']:.1f} / {lat['p99']:.1f} | {row['vs_floor_b1']:.2f}x"
+                   if lat else "- | -")
+        lines.append(f"| {row['name']} | {row['accuracy']:.2f}% | {latency} | {times} | "
+                     f"{model['images_per_s']:,.0f} (b={model['best_batch']}) | {row['vs_floor_test_set']:.2f}x |")
+    floor = next(row["floor"] for row in report["rows"] if row["name"] == FAST_PATH)
+    lat = floor["latency_us"]
+    lines += [f"| floor (in the fast path's blocks) | - | {lat['p50']:.1f} / {lat['p90']:.1f} / {lat['p99']:.1f} | "
+              "1.00x | " + " / ".join(f"{v:.1f}" for v in floor["test_set_ms"].values())
+              + f" | {floor['images_per_s']:,.0f} (b={floor['best_batch']}) | 1.00x |", "", "## Targets", "",
+              "| target | measured | rule | met |", "| --- | --- | --- | --- |"]
+    lines += [f"| {t['target']} | {t['value']:.2f} | {t['rule']} | {'yes' if t['met'] else '**no**'} |"
+              for t in report["targets"]]
+    if report["skipped"]:
+        lines += ["", "Not measured here: " + "; ".join(report["skipped"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    rows = report["rows"]
+    names = [row["name"] for row in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(16, 0.42 * len(rows) + 2), sharey=True)
+    panels = (("batch-1 latency p50 (us)", [row["model"].get("latency_us", {}).get("p50", np.nan) for row in rows],
+               [row.get("floor", {}).get("latency_us", {}).get("p50", np.nan) for row in rows]),
+              ("test set at the best batch size (ms)", [row["model"]["best_test_set_ms"] for row in rows],
+               [row["floor"]["best_test_set_ms"] for row in rows]))
+    for ax, (title, values, floors) in zip(axes, panels):
+        ax.barh(names, values, color=["tab:green" if n == FAST_PATH else "tab:blue" for n in names])
+        ax.scatter(floors, names, marker="|", s=300, color="black", label="floor (same blocks)")
+        ax.set(xscale="log", title=title)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.invert_yaxis()
+        ax.grid(axis="x", which="both", alpha=0.3)
+    axes[1].legend(loc="lower right")
+    m = report["machine"]
+    fig.suptitle(f"MoE on MNIST, {report['settings']['images']} test images - {m['cpu']}, {m['cores']} cores, "
+                 + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def write_reports(report, out_dir):
+    with atomic_path(os.path.join(out_dir, "benchmark.json")) as tmp, open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    with atomic_path(os.path.join(out_dir, "benchmark.md")) as tmp, open(tmp, "w") as f:
+        f.write(markdown(report))
+    plot(report, os.path.join(out_dir, "benchmark.png"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    images_t, labels_t = load_split("test", args.data_dir, args.test_limit)
+    images, labels = np.ascontiguousarray(images_t.numpy()), labels_t.numpy()
+    structure = checkpoint.load_model(args.checkpoint)[1]
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        makers, skipped = row_makers(args, workdir, images, labels)
+        floor_path = build_floor(sessions.stored_structure(os.path.join(workdir, config.onnx_path())),
+                                 os.path.join(workdir, "floor.onnx"))
+        floor = onnx_row(floor_path)[0]
+        for name, group, make in tqdm(makers + [(SEED_WAY, "seed", None)], unit="row", desc="benchmark", disable=None):
+            if make is None:
+                session = sessions.create_session(os.path.join(workdir, config.onnx_path("loop")),
+                                                  ["CPUExecutionProvider"])
+                pixels = np.round(images[:, 0] * 255).astype(np.uint8)
+                rows.append({"name": name, "group": group, **seed_way(session, pixels, labels, args, floor)})
+                continue
+            predict, details = make()
+            accuracy = 100.0 * float((measure.full_pass(predict, images, 1024).argmax(1) == labels).mean())
+            rows.append({"name": name, "group": group, "accuracy": accuracy, "details": details,
+                         **time_against_floor(predict, floor, images, args)})
+    report = {"machine": machine(), "structure": structure, "rows": rows, "skipped": skipped,
+              "settings": {"images": len(images), "repeats": args.repeats, "latency_runs": args.latency_runs,
+                           "quick": args.quick, "floor": " -> ".join(str(s) for s in (
+                               784, structure["EMB_SIZE"], f"{structure['TOP']}x{structure['HIDDEN_SIZE']}",
+                               structure["EMB_SIZE"], 10)) + " MatMul/Add/Relu"}}
+    report["targets"] = targets(rows, skipped)
+    write_reports(report, args.out_dir)
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,129 @@
+"""The two routings compute the same function; the dense graph is static; benchmark.py runs."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import benchmark
+import checkpoint
+import export_onnx
+import sessions
+import train
+from moe import build_model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir):
+    folder = tmp_path_factory.mktemp("routing")
+    train.main(["--data-dir", mnist_dir, "--train-limit", "3000", "--test-limit", "300", "--epochs", "2",
+                "--experts", "4", "--top", "2", "--emb-size", "32", "--hidden-size", "32", "--quiet",
+                "--checkpoint", str(folder / "checkpoint.pt"), "--scripted", str(folder / "model.pt"),
+                "--plot", str(folder / "training.png")])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def test_images(mnist_dir):
+    return train.load_split("test", mnist_dir, limit=2000)
+
+
+def both_routings(path):
+    return {routing: checkpoint.load_model(str(path), {"ROUTING": routing})[0] for routing in ("loop", "dense")}
+
+
+def test_routings_agree_eager_and_scripted(trained, test_images):
+    images, labels = test_images
+    models = both_routings(trained / "checkpoint.pt")
+    outputs = {}
+    with torch.no_grad():
+        for routing, model in models.items():
+            eager, scripted = model(images), torch.jit.script(model)(images)
+            torch.testing.assert_close(scripted[0], eager[0], rtol=1e-5, atol=1e-5)
+            outputs[routing] = eager
+    torch.testing.assert_close(outputs["dense"][0], outputs["loop"][0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(outputs["dense"][1], outputs["loop"][1])  # the same experts, the same weights
+    assert torch.equal(outputs["dense"][0].argmax(1), outputs["loop"][0].argmax(1))
+
+
+def test_routings_agree_in_training_mode_and_share_state_dicts(tiny_structure):
+    torch.manual_seed(0)
+    loop = build_model({**tiny_structure, "ROUTING": "loop"}).train()
+    dense = build_model({**tiny_structure, "ROUTING": "dense"})
+    dense.load_state_dict(loop.state_dict())
+    dense.train()
+    with torch.no_grad():
+        loop.moe.w_gate.normal_()
+        dense.moe.w_gate.copy_(loop.moe.w_gate)
+    images = torch.rand(64, 1, 28, 28)
+    torch.manual_seed(1)
+    a = loop.forward_with_loss(images)
+    torch.manual_seed(1)
+    b = dense.forward_with_loss(images)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_onnx_graphs_agree_and_dense_is_static(trained, test_images, exporter, tmp_path):
+    images, labels = test_images
+    outputs = {}
+    for routing, model in both_routings(trained / "checkpoint.pt").items():
+        path = str(tmp_path / f"{routing}.onnx")
+        graph = export_onnx.write_checked(model, checkpoint.load(str(trained / "checkpoint.pt"))["structure"],
+                                          path, exporter, images, labels).graph
+        ops = {node.op_type for node in graph.node}
+        if routing == "dense":
+            assert not ops & {"NonZero", "Loop", "If", "Scan", "Where"}, ops
+            top_k = next(node for node in graph.node if node.op_type == "TopK")
+            initializers = {init.name: init for init in graph.initializer}
+            assert top_k.input[1] in initializers  # K is a constant TensorRT can read
+            assert onnx.numpy_helper.to_array(initializers[top_k.input[1]]).tolist() == [2]
+        else:
+            assert "NonZero" in ops
+        session = sessions.create_session(path, ["CPUExecutionProvider"])
+        outputs[routing] = session.run(None, {"pixels": images.numpy()})
+    np.testing.assert_allclose(outputs["dense"][0], outputs["loop"][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(outputs["dense"][1], outputs["loop"][1])
+
+
+def test_structure_is_in_the_metadata_and_rebuilds_the_floor(trained, test_images, tmp_path):
+    images, labels = test_images
+    model, structure, _ = checkpoint.load_model(str(trained / "checkpoint.pt"), {"ROUTING": "dense"})
+    path = str(tmp_path / "model.onnx")
+    metadata = {p.key: p.value for p in export_onnx.write_checked(
+        model, structure, path, "torchscript", images, labels).metadata_props}
+    for name in ("EXPERTS", "TOP", "EMB_SIZE", "HIDDEN_SIZE", "ROUTING"):
+        assert metadata[name] == str(structure[name])
+    floor = onnx.load(benchmark.build_floor(sessions.stored_structure(path), str(tmp_path / "floor.onnx")))
+    shapes = [tuple(init.dims) for init in floor.graph.initializer if init.name.startswith("w")]
+    assert shapes == [(784, 32), (32, 2 * 32), (2 * 32, 32), (32, 10)]
+    assert {node.op_type for node in floor.graph.node} == {"Flatten", "MatMul", "Add", "Relu", "Identity"}
+
+
+def test_benchmark_quick_run_writes_every_file_and_field(trained, mnist_dir, tmp_path):
+    out = tmp_path / "results"
+    report = benchmark.main(["--checkpoint", str(trained / "checkpoint.pt"), "--data-dir", mnist_dir,
+                             "--test-limit", "200", "--quick", "--repeats", "2", "--calibration-images", "100",
+                             "--out-dir", str(out)])
+    saved = json.loads((out / "benchmark.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+    names = [row["name"] for row in saved["rows"]]
+    for expected in (benchmark.FAST_PATH, benchmark.SEED_GRAPH, benchmark.SEED_WAY, "PyTorch eager CPU, dense",
+                     "PyTorch TorchScript (frozen) CPU, loop", "ONNX Runtime CPU, dense, dynamo",
+                     "ONNX Runtime FP16 on CPU, dense", "ONNX Runtime INT8 static QDQ, dense"):
+        assert expected in names
+    for row in saved["rows"]:
+        assert 0 <= row["accuracy"] <= 100 and row["vs_floor_test_set"] > 0
+        assert row["model"]["images_per_s"] > 0 and row["floor"]["best_test_set_ms"] > 0
+        if row["name"] != benchmark.SEED_WAY:
+            assert set(row["model"]["latency_us"]) == {"p50", "p90", "p99"}
+            assert set(row["model"]["test_set_ms"]) == {"64", "1024", "200"}
+            assert row["vs_floor_b1"] > 0
+    assert {t["target"] for t in saved["targets"]} >= {
+        "ORT CPU fp32 fast path, batch-1 p50 vs floor", "ORT CPU fp32 fast path, test set at best batch vs floor"}
+    assert saved["machine"]["cores"] and saved["machine"]["versions"]["onnxruntime"]
+    markdown = (out / "benchmark.md").read_text()
+    assert all(name in markdown for name in names) and "## Targets" in markdown
+    assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,33 @@
+"""Netron: serve a model file on localhost, open it in a browser or print the URL to open."""
+import os
+
+from cli import UserError
+
+
+def add_netron_args(parser):
+    group = parser.add_argument_group("Netron")
+    group.add_argument("--netron", action="store_true",
+                       help="afterwards, serve the model in Netron until Ctrl-C")
+    group.add_argument("--netron-host", default="localhost",
+                       help="address to serve on (default localhost; 0.0.0.0 to reach it from elsewhere)")
+    group.add_argument("--netron-port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    group.add_argument("--no-browser", action="store_true",
+                       help="do not start a browser, only print the URL (headless servers)")
+
+
+def serve(path, args):
+    """Serve `path` until Ctrl-C; netron.wait() stops the server cleanly on KeyboardInterrupt."""
+    import netron
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; nothing to show in Netron")
+    if not 0 <= args.netron_port <= 65535:
+        raise UserError(f"--netron-port {args.netron_port}: must be between 0 and 65535")
+    try:
+        host, port = netron.start(path, address=(args.netron_host, args.netron_port),
+                                  browse=not args.no_browser)
+    except OSError as error:
+        raise UserError(f"--netron-host {args.netron_host} --netron-port {args.netron_port}: "
+                        f"cannot serve there ({error.strerror or error}); choose another port")
+    print(f"Netron is serving {path}: open http://{host}:{port} (Ctrl-C stops)", flush=True)
+    netron.wait()
+    print("Netron stopped", flush=True)
