@@ -1,7 +1,7 @@
 """Netron: serve a model file on localhost, open it in a browser or print the URL to open."""
 import os
 
-from cli import UserError
+from cli import UserError, port_number
 
 
 def add_netron_args(parser):
@@ -10,7 +10,7 @@ def add_netron_args(parser):
                        help="afterwards, serve the model in Netron until Ctrl-C")
     group.add_argument("--netron-host", default="localhost",
                        help="address to serve on (default localhost; 0.0.0.0 to reach it from elsewhere)")
-    group.add_argument("--netron-port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    group.add_argument("--netron-port", type=port_number, default=8080, help="port (default 8080; 0 picks a free one)")
     group.add_argument("--no-browser", action="store_true",
                        help="do not start a browser, only print the URL (headless servers)")
 
@@ -20,8 +20,6 @@ def serve(path, args):
     import netron
     if not os.path.isfile(path):
         raise UserError(f"{path} not found; nothing to show in Netron")
-    if not 0 <= args.netron_port <= 65535:
-        raise UserError(f"--netron-port {args.netron_port}: must be between 0 and 65535")
     try:
         host, port = netron.start(path, address=(args.netron_host, args.netron_port),
                                   browse=not args.no_browser)
