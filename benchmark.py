@@ -24,7 +24,7 @@ import onnx_fp16_infer
 import onnx_quantize_infer
 import sessions
 import torch_infer
-from cli import ArgumentParser, UserError, atomic_path, positive_int, run
+from cli import ArgumentParser, atomic_path, positive_int, run
 from data import add_data_args, load_split
 
 FAST_PATH = "ONNX Runtime CPU, dense, torchscript"

@@ -1,19 +1,13 @@
 """FP16 copy of the model (fp32 inputs and outputs kept); CUDA when present, else CPU, said so."""
-import os
-
-import onnx
-
 import sessions
-from cli import ArgumentParser, atomic_path, run
+from cli import ArgumentParser, run
 
 
 def fp16_copy(path, target=None):
+    """<model>.fp16.onnx (or target): fp16 weights and arithmetic, fp32 inputs and outputs."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
-    target = target or os.path.splitext(path)[0] + ".fp16.onnx"
-    converted = convert_float_to_float16(sessions.load_onnx(path), keep_io_types=True)
-    with atomic_path(target) as tmp:
-        onnx.save(converted, tmp)
-    return target
+    return sessions.derived_copy(path, ".fp16.onnx", lambda model: convert_float_to_float16(
+        model, keep_io_types=True), target)
 
 
 def main(argv=None):

@@ -3,12 +3,11 @@ training images (never test images); each compared with the fp32 model's accurac
 import logging
 import os
 
-import numpy as np
 
 import measure
 import sessions
 import viewer
-from cli import ArgumentParser, UserError, positive_int, run
+from cli import ArgumentParser, positive_int, run
 from data import load_split
 
 

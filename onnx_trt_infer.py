@@ -1,23 +1,20 @@
 """ONNX Runtime, TensorRT execution provider, on a symbolically shape-inferred copy of the model."""
 import os
 
-import onnx
-
 import sessions
-from cli import ArgumentParser, UserError, atomic_path, run
+from cli import ArgumentParser, UserError, run
 
 
 def shape_inferred_copy(path):
     """TensorRT needs every shape known: write <model>.trt.onnx with symbolic shape inference."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    target = os.path.splitext(path)[0] + ".trt.onnx"
-    try:
-        inferred = SymbolicShapeInference.infer_shapes(sessions.load_onnx(path), auto_merge=True)
-    except Exception as error:
-        raise UserError(f"{path}: symbolic shape inference failed ({error}); install sympy")
-    with atomic_path(target) as tmp:
-        onnx.save(inferred, tmp)
-    return target
+
+    def infer(model):
+        try:
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        except Exception as error:
+            raise UserError(f"{path}: symbolic shape inference failed ({error}); install sympy")
+    return sessions.derived_copy(path, ".trt.onnx", infer)
 
 
 def main(argv=None):

@@ -9,7 +9,7 @@ import onnx
 import config
 import measure
 import viewer
-from cli import UserError
+from cli import UserError, atomic_path
 
 GPU_INSTALL = ("on a CUDA machine: pip uninstall -y onnxruntime && "
                "pip install -r requirements-gpu.txt (see README)")
@@ -46,6 +46,15 @@ def load_onnx(path):
     if not model.graph.node:
         raise UserError(f"{path} is not an ONNX model (no graph); run export_onnx.py to write it again")
     return model
+
+
+def derived_copy(path, suffix, transform, target=None):
+    """Write transform(the ONNX model at path) to target, by default beside it as <stem><suffix>."""
+    target = target or os.path.splitext(path)[0] + suffix
+    converted = transform(load_onnx(path))
+    with atomic_path(target) as tmp:
+        onnx.save(converted, tmp)
+    return target
 
 
 def stored_structure(path):

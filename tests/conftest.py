@@ -26,6 +26,16 @@ def tiny_structure():
     return {**config.defaults(), "EXPERTS": 4, "TOP": 2, "EMB_SIZE": 16, "HIDDEN_SIZE": 32}
 
 
+def train_tiny(folder, mnist_dir, *extra, name="checkpoint.pt", train_images=3000, test_images=300,
+               epochs=2, experts=4, size=32, hidden=None):
+    """train.py on a small MNIST subset with a small model; returns its history."""
+    import train
+    return train.main(["--data-dir", mnist_dir, "--train-limit", str(train_images), "--test-limit", str(test_images),
+                       "--epochs", str(epochs), "--experts", str(experts), "--top", "2", "--emb-size", str(size),
+                       "--hidden-size", str(hidden or size), "--quiet", "--checkpoint", str(folder / name),
+                       "--scripted", str(folder / "model.pt"), "--plot", str(folder / "training.png"), *extra])
+
+
 def idx_bytes(array, magic):
     header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
     return header + array.astype(np.uint8).tobytes()

@@ -6,7 +6,6 @@ import sys
 
 import onnx
 import pytest
-import torch
 
 import checkpoint
 import export_onnx
@@ -16,7 +15,7 @@ import onnx_quantize_infer
 import torch_infer
 import train
 from cli import UserError
-from conftest import ROOT
+from conftest import ROOT, train_tiny
 
 SUBSET = "300"
 
@@ -24,10 +23,7 @@ SUBSET = "300"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mnist_dir):
     folder = tmp_path_factory.mktemp("tiny")
-    train.main(["--data-dir", mnist_dir, "--train-limit", "3000", "--test-limit", "300", "--epochs", "2",
-                "--experts", "4", "--top", "2", "--emb-size", "32", "--hidden-size", "32", "--quiet",
-                "--checkpoint", str(folder / "checkpoint.pt"), "--scripted", str(folder / "model.pt"),
-                "--plot", str(folder / "training.png")])
+    train_tiny(folder, mnist_dir)
     export_onnx.main(["--checkpoint", str(folder / "checkpoint.pt"), "--output", str(folder / "model.onnx"),
                       "--data-dir", mnist_dir, "--test-limit", SUBSET, "--dot", str(folder / "model.dot")])
     return folder

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, train_tiny
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (requirements-test.txt)")
@@ -35,17 +35,13 @@ def free_port():
 def netron_server(tmp_path, mnist_dir):
     """export_onnx.py --netron --no-browser on a tiny fresh checkpoint (or NETRON_MODEL's checkpoint);
     yields (process, url, model path); stops it with Ctrl-C (SIGINT) afterwards."""
-    import train
     model = os.environ.get("NETRON_MODEL")
     port = free_port()
     if model:
         command = [sys.executable, "onnx_cpu_infer.py", "--model", model, "--latency-runs", "10", "--quiet",
                    "--data-dir", mnist_dir]
     else:
-        train.main(["--data-dir", mnist_dir, "--train-limit", "1000", "--test-limit", "100", "--epochs", "1",
-                    "--experts", "4", "--emb-size", "16", "--hidden-size", "16", "--quiet",
-                    "--checkpoint", str(tmp_path / "ckpt.pt"), "--scripted", str(tmp_path / "model.pt"),
-                    "--plot", str(tmp_path / "training.png")])
+        train_tiny(tmp_path, mnist_dir, name="ckpt.pt", train_images=1000, test_images=100, epochs=1, size=16)
         model = str(tmp_path / "model.onnx")
         command = [sys.executable, "export_onnx.py", "--checkpoint", str(tmp_path / "ckpt.pt"), "--output", model,
                    "--data-dir", mnist_dir, "--test-limit", "100"]

@@ -11,16 +11,14 @@ import checkpoint
 import export_onnx
 import sessions
 import train
+from conftest import train_tiny
 from moe import build_model
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mnist_dir):
     folder = tmp_path_factory.mktemp("routing")
-    train.main(["--data-dir", mnist_dir, "--train-limit", "3000", "--test-limit", "300", "--epochs", "2",
-                "--experts", "4", "--top", "2", "--emb-size", "32", "--hidden-size", "32", "--quiet",
-                "--checkpoint", str(folder / "checkpoint.pt"), "--scripted", str(folder / "model.pt"),
-                "--plot", str(folder / "training.png")])
+    train_tiny(folder, mnist_dir)
     return folder
 
 

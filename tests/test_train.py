@@ -6,15 +6,12 @@ import torch
 import checkpoint
 import train
 from cli import UserError
+from conftest import train_tiny
 
 
 def train_small(tmp_path, mnist_dir, *extra, name="ckpt.pt", epochs=1):
-    argv = ["--data-dir", mnist_dir, "--train-limit", "2000", "--test-limit", "500",
-            "--experts", "4", "--top", "2", "--emb-size", "16", "--hidden-size", "32",
-            "--epochs", str(epochs), "--quiet", "--checkpoint", str(tmp_path / name),
-            "--scripted", str(tmp_path / "model.pt"), "--plot", str(tmp_path / "training.png"),
-            *extra]
-    return train.main(argv)
+    return train_tiny(tmp_path, mnist_dir, *extra, name=name, train_images=2000, test_images=500,
+                      epochs=epochs, size=16, hidden=32)
 
 
 def test_checkpoint_round_trip_and_scripted_model(tmp_path, mnist_dir):
@@ -88,8 +85,8 @@ def test_corrupt_or_missing_checkpoint(tmp_path, payload):
 def test_balance_loss_lowers_expert_load_variation(tmp_path, mnist_dir):
     """A real run on MNIST: with the loss a no-op, this fails."""
     common = ("--experts", "8", "--top", "1", "--w-importance", "0.5", "--w-load", "0.5")
-    off = train_small(tmp_path, mnist_dir, *common, "--balance-loss", "none", name="off.pt", epochs=2)
-    on = train_small(tmp_path, mnist_dir, *common, "--balance-loss", "shazeer", name="on.pt", epochs=2)
+    off = train_small(tmp_path, mnist_dir, *common, "--balance-loss", "none", name="off.pt", epochs=4)
+    on = train_small(tmp_path, mnist_dir, *common, "--balance-loss", "shazeer", name="on.pt", epochs=4)
     assert on[-1]["load_cv"] < 0.5 * off[-1]["load_cv"], (on[-1]["load_cv"], off[-1]["load_cv"])
 
 
