@@ -228,7 +228,7 @@ def machine():
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
-def targets(rows, skipped):
+def targets(rows):
     by_name = {row["name"]: row for row in rows}
     fast, graph, way = by_name[FAST_PATH], by_name[SEED_GRAPH], by_name[SEED_WAY]
     fp32 = fast["accuracy"]
@@ -343,7 +343,7 @@ def main(argv=None):
                            "quick": args.quick, "floor": " -> ".join(str(s) for s in (
                                784, structure["EMB_SIZE"], f"{structure['TOP']}x{structure['HIDDEN_SIZE']}",
                                structure["EMB_SIZE"], 10)) + " MatMul/Add/Relu"}}
-    report["targets"] = targets(rows, skipped)
+    report["targets"] = targets(rows)
     write_reports(report, args.out_dir)
     print(markdown(report))
     return report

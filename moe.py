@@ -110,7 +110,7 @@ class MoE(nn.Module):
     def mix_dense(self, x: Tensor, gates: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
         """Static shapes: every expert on every row as two wide matrix products, the hidden units
         of unchosen experts zeroed by their gate weight; no NonZero, no data-dependent shape.
-        Exact rewrites that make the exported graph small (the exporter folds the weight products):
+        Exact rewrites that make the exported graph small (export_onnx.py folds the weight products):
         a following linear layer is folded into each expert's output layer (nothing nonlinear lies
         between them), and each expert gets one extra hidden unit that is always 1 and carries the
         expert's output bias, so the gated sum needs no product of its own."""
