@@ -99,12 +99,13 @@ def create_session(path, providers, options=None):
     """An InferenceSession whose first provider really is providers[0], never a silent CPU one."""
     import onnxruntime as ort
     require_providers(providers)
+    require_onnx_file(path)
     wanted = provider_names(providers)
-    load_onnx(path)
     try:
         session = ort.InferenceSession(path, sess_options=options or session_options(),
                                        providers=providers)
     except Exception as error:
+        load_onnx(path)  # a file that is no ONNX model gets that said plainly; parsed only on failure
         raise UserError(f"{path}: onnxruntime could not load it with {wanted[0]} "
                         f"({str(error).strip().splitlines()[0][:300]})")
     if session.get_providers()[0] != wanted[0]:
