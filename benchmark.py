@@ -72,8 +72,7 @@ def build_floor(structure, path):
         nodes += [helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"m{i}"]),
                   helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"])]
         last = i == len(sizes) - 2
-        nodes.append(helper.make_node("Identity" if last else ("Relu" if i < 2 else "Identity"),
-                                      [f"a{i}"], ["logits" if last else f"h{i + 1}"]))
+        nodes.append(helper.make_node("Relu" if i < 2 else "Identity", [f"a{i}"], ["logits" if last else f"h{i + 1}"]))
     graph = helper.make_graph(
         nodes, "floor", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 1, 28, 28])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", structure["CLASSES"]])], weights)
@@ -92,10 +91,7 @@ def onnx_row(path, providers=("CPUExecutionProvider",)):
 
 
 def torch_row(model, device="cpu"):
-    def predict(batch):
-        with torch.no_grad():
-            return model(torch.from_numpy(batch).to(device))[0].cpu().numpy()
-    return predict, {"threads": torch.get_num_threads()}
+    return torch_infer.predictor(model, device), {"threads": torch.get_num_threads()}
 
 
 def exported_models(args, workdir, images, labels):

@@ -18,7 +18,7 @@ import checkpoint
 import config
 import sessions
 import viewer
-from cli import ArgumentParser, UserError, atomic_path, run
+from cli import ArgumentParser, UserError, atomic_path, positive_int, run
 from data import add_data_args, load_split
 
 OPSET = 17  # TorchScript exporter; the dynamo exporter picks its own
@@ -40,7 +40,7 @@ def parse_args(argv=None):
                              "dynamo: torch.export of the eager module")
     parser.add_argument("--output", help="default: model.onnx for the default routing and exporter, "
                                          "else e.g. model.loop.onnx, model.dynamo.onnx")
-    parser.add_argument("--test-limit", type=int, help="check parity on the first N test images only")
+    parser.add_argument("--test-limit", type=positive_int, help="check parity on the first N test images only")
     parser.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz source")
     parser.add_argument("--svg", metavar="FILE", help="also render the graph to SVG (needs graphviz's dot)")
     viewer.add_netron_args(parser)

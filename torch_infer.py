@@ -6,7 +6,8 @@ import checkpoint
 import config
 import measure
 import viewer
-from cli import ArgumentParser, UserError, run
+from cli import ArgumentParser, run
+from train import pick_device
 
 
 def predictor(model, device):
@@ -17,12 +18,9 @@ def predictor(model, device):
 
 
 def devices(choice):
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: PyTorch sees no CUDA device; install a CUDA build of torch "
-                        "(requirements-gpu.txt) on a CUDA machine, or use --device cpu")
     if choice == "all":
         return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return [choice]
+    return [pick_device(choice).type]
 
 
 def frozen_script(model):

@@ -42,7 +42,8 @@ def parse_args(argv=None):
 
 def pick_device(choice):
     if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
+        raise UserError("--device cuda: PyTorch sees no CUDA device; install a CUDA build of torch "
+                        "(requirements-gpu.txt) on a CUDA machine, or use --device cpu")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)

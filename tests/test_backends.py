@@ -145,6 +145,8 @@ def test_bad_inputs_fail_with_one_line(trained, mnist_dir, tmp_path):
     assert "junk.onnx is not an ONNX model" in line
     line = one_line_error(run_script("onnx_cpu_infer.py", "--batch-size", "0"))
     assert "--batch-size: must be a positive integer, got 0" in line
+    line = one_line_error(run_script("export_onnx.py", "--test-limit", "0"))
+    assert "--test-limit: must be a positive integer, got 0" in line
     line = one_line_error(run_script("export_onnx.py", "--checkpoint", str(tmp_path / "none.pt")))
     assert "none.pt not found; run train.py first" in line
     line = one_line_error(run_script("torch_infer.py", *common(trained, mnist_dir, "checkpoint.pt"),
