@@ -16,15 +16,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
-import checkpoint
 import config
 import export_onnx
-import measure
 import onnx_fp16_infer
 import onnx_quantize_infer
-import sessions
 import torch_infer
-from cli import ArgumentParser, atomic_path, positive_int, run
+from common import checkpoint, measure, sessions
+from common.cli import ArgumentParser, atomic_path, positive_int, run
 from data import add_data_args, load_split
 
 FAST_PATH = "ONNX Runtime CPU, dense, torchscript"

@@ -41,7 +41,7 @@ def _flag(name):
 
 def add_structure_args(parser):
     """One flag per structure name except the two the input contract fixes; None means 'keep'."""
-    from cli import non_negative_float, positive_int
+    from common.cli import non_negative_float, positive_int
     group = parser.add_argument_group("model structure (default: config.py, or the checkpoint's)")
     for name in ("EXPERTS", "TOP", "EMB_SIZE", "HIDDEN_SIZE"):
         group.add_argument(_flag(name), dest=name, type=positive_int, metavar="N")
@@ -62,7 +62,7 @@ def overrides(args):
 
 
 def validate(structure):
-    from cli import UserError
+    from common.cli import UserError
     if structure["TOP"] > structure["EXPERTS"]:
         raise UserError(f"--top {structure['TOP']} is larger than --experts {structure['EXPERTS']}; "
                         "choose TOP <= EXPERTS")

@@ -14,7 +14,7 @@ import urllib.request
 import numpy as np
 import torch
 
-from cli import ArgumentParser, UserError
+from common.cli import ArgumentParser, UserError
 
 FILES = {  # name -> (md5 of the uncompressed file, IDX magic number)
     "train-images-idx3-ubyte": ("6bbc9ace898e44ae57da46a324031adb", 2051),
@@ -190,5 +190,5 @@ def main():
 
 
 if __name__ == "__main__":
-    from cli import run
+    from common.cli import run
     run(main)

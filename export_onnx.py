@@ -14,11 +14,9 @@ import torch
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-import checkpoint
 import config
-import sessions
-import viewer
-from cli import ArgumentParser, UserError, atomic_path, positive_int, run
+from common import checkpoint, sessions, viewer
+from common.cli import ArgumentParser, UserError, atomic_path, positive_int, run
 from data import add_data_args, load_split
 
 OPSET = 17  # TorchScript exporter; the dynamo exporter picks its own

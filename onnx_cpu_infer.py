@@ -1,7 +1,7 @@
 """ONNX Runtime, CPU execution provider."""
 
-import sessions
-from cli import ArgumentParser, run
+from common import sessions
+from common.cli import ArgumentParser, run
 
 
 def main(argv=None):

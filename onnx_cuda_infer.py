@@ -1,7 +1,7 @@
 """ONNX Runtime, CUDA execution provider (needs requirements-gpu.txt on a CUDA machine)."""
 
-import sessions
-from cli import ArgumentParser, run
+from common import sessions
+from common.cli import ArgumentParser, run
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """FP16 copy of the model (fp32 inputs and outputs kept); CUDA when present, else CPU, said so."""
-import sessions
-from cli import ArgumentParser, run
+from common import sessions
+from common.cli import ArgumentParser, run
 
 
 def fp16_copy(path, target=None):

@@ -3,11 +3,8 @@ training images (never test images); each compared with the fp32 model's accurac
 import logging
 import os
 
-
-import measure
-import sessions
-import viewer
-from cli import ArgumentParser, positive_int, run
+from common import measure, sessions, viewer
+from common.cli import ArgumentParser, positive_int, run
 from data import load_split
 
 
@@ -28,14 +25,14 @@ def quantize(source, target, method, calibration=None, per_channel=False, reduce
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer dumps every unknown NonZero shape
     # Only the matrix ops, where all the arithmetic is: with QDQ also around the loop routing's
     # Gather/ScatterElements, onnxruntime 1.31.1 crashes (segfault) running the static model.
-    common = {"per_channel": per_channel, "reduce_range": reduce_range,
+    options = {"per_channel": per_channel, "reduce_range": reduce_range,
               "op_types_to_quantize": ["Gemm", "MatMul"]}
     sessions.load_onnx(source)
     if method == "dynamic":
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8, **common)
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, **options)
     else:
         quantize_static(source, target, TrainingImages(calibration), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, **common)
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, **options)
     return target
 
 

@@ -1,8 +1,8 @@
 """ONNX Runtime, TensorRT execution provider, on a symbolically shape-inferred copy of the model."""
 import os
 
-import sessions
-from cli import ArgumentParser, UserError, run
+from common import sessions
+from common.cli import ArgumentParser, UserError, run
 
 
 def shape_inferred_copy(path):

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import torch
 
-import checkpoint
-from cli import ArgumentParser, UserError, atomic_path, run
+from common import checkpoint
+from common.cli import ArgumentParser, UserError, atomic_path, run
 from data import add_data_args, load_split
 
 

@@ -2,11 +2,9 @@
 
 import torch
 
-import checkpoint
 import config
-import measure
-import viewer
-from cli import ArgumentParser, run
+from common import checkpoint, measure, viewer
+from common.cli import ArgumentParser, run
 from train import pick_device
 
 

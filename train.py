@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoint
 import config
-from cli import ArgumentParser, UserError, atomic_path, positive_int, run
+from common import checkpoint
+from common.cli import ArgumentParser, UserError, atomic_path, positive_int, run
 from data import add_data_args, load_split
 from moe import build_model
 

@@ -58,3 +58,23 @@ def write_idx_set(folder, n_train=20, n_test=10, compress=False, seed=0):
                 f.write(payload)
             arrays[f"{split}-{kind}"] = array
     return arrays
+
+
+
+def _forbid_skip(report):
+    """CI sets FORBID_SKIPS=1: a skip there means something CI should have installed is missing,
+    so it counts as a failure instead of passing quietly."""
+    if report.skipped and os.environ.get("FORBID_SKIPS") == "1":
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and FORBID_SKIPS=1 forbids skips: {report.longrepr}"
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    return _forbid_skip((yield))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    return _forbid_skip((yield))

@@ -7,14 +7,14 @@ import sys
 import onnx
 import pytest
 
-import checkpoint
 import export_onnx
 import onnx_cpu_infer
 import onnx_fp16_infer
 import onnx_quantize_infer
 import torch_infer
 import train
-from cli import UserError
+from common import checkpoint
+from common.cli import UserError
 from conftest import ROOT, train_tiny
 
 SUBSET = "300"
@@ -29,7 +29,7 @@ def trained(tmp_path_factory, mnist_dir):
     return folder
 
 
-def common(trained, mnist_dir, model="model.onnx", *extra):
+def backend_args(trained, mnist_dir, model="model.onnx", *extra):
     return ["--model", str(trained / model), "--data-dir", mnist_dir, "--test-limit", SUBSET,
             "--latency-runs", "20", "--batch-size", "128", "--quiet", *extra]
 
@@ -71,7 +71,7 @@ def torch_accuracy(trained, mnist_dir):
 
 
 def test_torch_script_reports_eager_and_torchscript(trained, mnist_dir):
-    records = torch_infer.main(common(trained, mnist_dir, "checkpoint.pt", "--device", "cpu"))
+    records = torch_infer.main(backend_args(trained, mnist_dir, "checkpoint.pt", "--device", "cpu"))
     assert [r["backend"].split(" on ")[0] for r in records] == ["PyTorch eager", "PyTorch TorchScript (frozen)"]
     expected = torch_accuracy(trained, mnist_dir)
     assert all(r["accuracy"] == pytest.approx(expected) for r in records)
@@ -80,7 +80,7 @@ def test_torch_script_reports_eager_and_torchscript(trained, mnist_dir):
 def test_onnx_cpu_accuracy_equals_torch_and_json_has_every_field(trained, mnist_dir, tmp_path):
     results = tmp_path / "results.jsonl"
     for level in ("disable", "all"):
-        record, _ = onnx_cpu_infer.main(common(trained, mnist_dir, "model.onnx", "--json", str(results),
+        record, _ = onnx_cpu_infer.main(backend_args(trained, mnist_dir, "model.onnx", "--json", str(results),
                                                "--opt-level", level, "--threads", "1"))
         assert record["accuracy"] == pytest.approx(torch_accuracy(trained, mnist_dir))
     lines = [json.loads(line) for line in results.read_text().splitlines()]
@@ -97,7 +97,7 @@ def test_onnx_cpu_accuracy_equals_torch_and_json_has_every_field(trained, mnist_
 
 
 def test_fp16_runs_on_cpu_and_says_so(trained, mnist_dir):
-    record, _ = onnx_fp16_infer.main(common(trained, mnist_dir))
+    record, _ = onnx_fp16_infer.main(backend_args(trained, mnist_dir))
     assert record["backend"].startswith("ONNX Runtime FP16 on CPU")
     assert abs(record["accuracy"] - torch_accuracy(trained, mnist_dir)) <= 1.0
     model = onnx.load(str(trained / "model.fp16.onnx"))
@@ -106,7 +106,7 @@ def test_fp16_runs_on_cpu_and_says_so(trained, mnist_dir):
 
 
 def test_int8_models_are_smaller_and_within_a_point(trained, mnist_dir):
-    results = onnx_quantize_infer.main(common(trained, mnist_dir, "model.onnx", "--calibration-images", "200"))
+    results = onnx_quantize_infer.main(backend_args(trained, mnist_dir, "model.onnx", "--calibration-images", "200"))
     assert set(results) == {"dynamic", "static QDQ"}
     fp32_size = os.path.getsize(trained / "model.onnx")
     expected = torch_accuracy(trained, mnist_dir)
@@ -132,7 +132,7 @@ def one_line_error(result):
 @pytest.mark.parametrize("script, provider", [("onnx_cuda_infer.py", "CUDAExecutionProvider"),
                                               ("onnx_trt_infer.py", "TensorrtExecutionProvider")])
 def test_gpu_scripts_without_their_provider_fail_clearly(trained, mnist_dir, script, provider):
-    line = one_line_error(run_script(script, *common(trained, mnist_dir)))
+    line = one_line_error(run_script(script, *backend_args(trained, mnist_dir)))
     assert provider in line and "requirements-gpu.txt" in line
 
 
@@ -140,7 +140,7 @@ def test_bad_inputs_fail_with_one_line(trained, mnist_dir, tmp_path):
     line = one_line_error(run_script("onnx_cpu_infer.py", "--model", str(tmp_path / "absent.onnx")))
     assert "absent.onnx not found; run train.py, then export_onnx.py first" in line
     (tmp_path / "junk.onnx").write_bytes(b"this is not a protobuf")
-    line = one_line_error(run_script("onnx_cpu_infer.py", *common(trained, mnist_dir), "--model",
+    line = one_line_error(run_script("onnx_cpu_infer.py", *backend_args(trained, mnist_dir), "--model",
                                      str(tmp_path / "junk.onnx")))
     assert "junk.onnx is not an ONNX model" in line
     line = one_line_error(run_script("onnx_cpu_infer.py", "--batch-size", "0"))
@@ -149,6 +149,6 @@ def test_bad_inputs_fail_with_one_line(trained, mnist_dir, tmp_path):
     assert "--test-limit: must be a positive integer, got 0" in line
     line = one_line_error(run_script("export_onnx.py", "--checkpoint", str(tmp_path / "none.pt")))
     assert "none.pt not found; run train.py first" in line
-    line = one_line_error(run_script("torch_infer.py", *common(trained, mnist_dir, "checkpoint.pt"),
+    line = one_line_error(run_script("torch_infer.py", *backend_args(trained, mnist_dir, "checkpoint.pt"),
                                      "--experts", "8"))
     assert "trained with EXPERTS=4, but the command line asks for 8" in line

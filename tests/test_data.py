@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data
-from cli import UserError
+from common.cli import UserError
 from conftest import ROOT, idx_bytes, write_idx_set
 
 

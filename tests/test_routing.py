@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import benchmark
-import checkpoint
 import export_onnx
-import sessions
 import train
+from common import checkpoint, sessions
 from conftest import train_tiny
 from moe import build_model
 

@@ -3,9 +3,9 @@ import os
 import pytest
 import torch
 
-import checkpoint
 import train
-from cli import UserError
+from common import checkpoint
+from common.cli import UserError
 from conftest import train_tiny
 
 

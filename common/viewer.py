@@ -1,7 +1,7 @@
 """Netron: serve a model file on localhost, open it in a browser or print the URL to open."""
 import os
 
-from cli import UserError, port_number
+from .cli import UserError, port_number
 
 
 def add_netron_args(parser):

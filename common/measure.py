@@ -13,8 +13,9 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from cli import positive_int
 from data import add_data_args, load_split
+
+from .cli import positive_int
 
 TEST_SET_REPEATS = 5  # full-set timings: the median of this many passes
 WARMUP_BATCHES = 3

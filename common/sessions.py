@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 
 import config
-import measure
-import viewer
-from cli import UserError, atomic_path
+
+from . import measure, viewer
+from .cli import UserError, atomic_path
 
 GPU_INSTALL = ("on a CUDA machine: pip uninstall -y onnxruntime && "
                "pip install -r requirements-gpu.txt (see README)")

@@ -4,8 +4,9 @@ import os
 import torch
 
 import config
-from cli import UserError, atomic_path
 from moe import build_model
+
+from .cli import UserError, atomic_path
 
 DEFAULT_PATH = "checkpoint.pt"
 SCRIPTED_PATH = "model.pt"

@@ -1,0 +1,1 @@
+"""What the entry scripts share: command-line edges, checkpoints, measuring, sessions, viewers."""
