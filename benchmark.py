@@ -21,7 +21,7 @@ import export_onnx
 import onnx_fp16_infer
 import onnx_quantize_infer
 import torch_infer
-from common import checkpoint, measure, sessions
+from common import checkpoint, measure, openvino_cpu, roofline, sessions
 from common.cli import ArgumentParser, atomic_path, positive_int, run
 from data import add_data_args, load_split
 
@@ -88,12 +88,25 @@ def onnx_row(path, providers=("CPUExecutionProvider",)):
                                          "nodes": len(onnx.load(path).graph.node)}
 
 
-def torch_row(model, device="cpu"):
-    return torch_infer.predictor(model, device), {"threads": torch.get_num_threads()}
+def torch_row(model, device="cpu", bf16=False):
+    return torch_infer.predictor(model, device, bf16), {"threads": torch.get_num_threads()}
+
+
+def openvino_row(path, precision, int8=False, calibration=None):
+    model = openvino_cpu.read(path)
+    if int8:
+        model = openvino_cpu.quantize_int8(model, calibration)[0]
+    compiled = openvino_cpu.compile_model(model, precision)
+    return openvino_cpu.runner(compiled), openvino_cpu.settings_used(compiled)
+
+
+def row(name, group, routing, precision, make):
+    """One benchmark row: make() -> (predict or measure.Runner, details), called when its turn comes."""
+    return {"name": name, "group": group, "routing": routing, "precision": precision, "make": make}
 
 
 def exported_models(args, workdir, images, labels):
-    """Every ONNX file the rows need, written into workdir: {name: path}."""
+    """Every ONNX file the rows need, written into workdir: {name: (path, routing)}."""
     paths = {}
     for routing in config.ROUTINGS:
         model, structure, _ = checkpoint.load_model(args.checkpoint, {"ROUTING": routing})
@@ -102,42 +115,63 @@ def exported_models(args, workdir, images, labels):
             export_onnx.write_checked(model, structure, path, exporter, torch.from_numpy(images),
                                       torch.from_numpy(labels))
             paths[f"ONNX Runtime CPU, {routing}, {exporter}"] = path
-    fast = paths[FAST_PATH]
-    paths["ONNX Runtime FP16 on CPU, dense"] = onnx_fp16_infer.fp16_copy(fast, os.path.join(workdir, "fp16.onnx"))
-    calibration = load_split("train", args.data_dir, args.calibration_images)[0].numpy()
-    for method, per_channel, reduce_range in INT8_VARIANTS[::3] if args.quick else INT8_VARIANTS:
-        name = (f"ONNX Runtime INT8 {method}, dense" + (", per-channel" if per_channel else "")
-                + (", reduce-range" if reduce_range else ""))
-        target = os.path.join(workdir, f"int8-{len(paths)}.onnx")
-        paths[name] = onnx_quantize_infer.quantize(fast, target, method, calibration, per_channel, reduce_range)
     return paths
 
 
+def onnx_rows(args, workdir, images, labels, calibration):
+    exported = exported_models(args, workdir, images, labels)
+    rows = [row(name, "onnx", name.split(", ")[1], "fp32", lambda p=path: onnx_row(p))
+            for name, path in exported.items()]
+    fast = exported[FAST_PATH]
+    fp16 = onnx_fp16_infer.fp16_copy(fast, os.path.join(workdir, "fp16.onnx"))
+    rows.append(row("ONNX Runtime FP16 on CPU, dense", "fp16", "dense", "fp32", lambda: onnx_row(fp16)))
+    for method, per_channel, reduce_range in INT8_VARIANTS[::3] if args.quick else INT8_VARIANTS:
+        name = (f"ONNX Runtime INT8 {method}, dense" + (", per-channel" if per_channel else "")
+                + (", reduce-range" if reduce_range else ""))
+        target = os.path.join(workdir, f"int8-{len(rows)}.onnx")
+        path = onnx_quantize_infer.quantize(fast, target, method, calibration, per_channel, reduce_range)
+        rows.append(row(name, "int8", "dense", "int8", lambda p=path: onnx_row(p)))
+    for routing in config.ROUTINGS:
+        path = exported[f"ONNX Runtime CPU, {routing}, torchscript"]
+        for precision in ("f32", "bf16"):
+            rows.append(row(f"OpenVINO CPU {precision}, {routing}", "openvino", routing,
+                            "fp32" if precision == "f32" else "bf16",
+                            lambda p=path, q=precision: openvino_row(p, q)))
+        rows.append(row(f"OpenVINO CPU INT8 (NNCF), {routing}", "openvino", routing, "int8",
+                        lambda p=path: openvino_row(p, "auto", True, calibration)))
+    return rows
+
+
+def torch_rows(args, bf16):
+    """Eager and frozen TorchScript for both routings; torch.compile, fp32 and bf16 autocast where
+    the CPU has bf16 (a smoke run compiles only the dense fp32 one)."""
+    rows = []
+    for routing in config.ROUTINGS:
+        model = checkpoint.load_model(args.checkpoint, {"ROUTING": routing})[0]
+        rows += [row(f"PyTorch eager CPU, {routing}", "torch", routing, "fp32", lambda m=model: torch_row(m)),
+                 row(f"PyTorch TorchScript (frozen) CPU, {routing}", "torch", routing, "fp32",
+                     lambda m=model: torch_row(torch_infer.frozen_script(m)))]
+        for half in (False, True) if bf16 else (False,):
+            if args.quick and (half or routing != "dense"):
+                continue
+            rows.append(row(f"PyTorch torch.compile CPU{', bf16 autocast' if half else ''}, {routing}", "torch",
+                            routing, "bf16" if half else "fp32", lambda m=model, h=half: torch_row(
+                                torch_infer.compiled(m, torch.device("cpu"), h), "cpu", h)))
+    return rows
+
+
 def row_makers(args, workdir, images, labels):
-    """[(row name, group, make)] where make() -> (predict, details); only what this machine has."""
+    """The rows this machine has, and what it lacks."""
     import onnxruntime as ort
-    makers, skipped = [], []
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        for routing in config.ROUTINGS:
-            model = checkpoint.load_model(args.checkpoint, {"ROUTING": routing})[0].to(device)
-            makers.append((f"PyTorch eager {device.upper()}, {routing}", "torch",
-                           lambda m=model, d=device: torch_row(m, d)))
-            makers.append((f"PyTorch TorchScript (frozen) {device.upper()}, {routing}", "torch",
-                           lambda m=model, d=device: torch_row(torch_infer.frozen_script(m), d)))
-    if "cuda" not in devices:
-        skipped.append("PyTorch CUDA: PyTorch sees no CUDA device")
-    for name, path in exported_models(args, workdir, images, labels).items():
-        group = "int8" if "INT8" in name else "fp16" if "FP16" in name else "onnx"
-        makers.append((name, group, lambda p=path: onnx_row(p)))
-    fast = os.path.join(workdir, config.onnx_path())
-    for provider, label in (("CUDAExecutionProvider", "CUDA"), ("TensorrtExecutionProvider", "TensorRT")):
-        if provider in ort.get_available_providers():
-            makers.append((f"ONNX Runtime {label}, dense", "gpu",
-                           lambda p=provider: onnx_row(fast, (p, "CPUExecutionProvider"))))
-        else:
-            skipped.append(f"ONNX Runtime {label}: onnxruntime here has no {provider}")
-    return makers, skipped
+    calibration = load_split("train", args.data_dir, args.calibration_images)[0].numpy()
+    rows = torch_rows(args, torch_infer.has_bf16("cpu")) + onnx_rows(args, workdir, images, labels, calibration)
+    skipped = [f"ONNX Runtime {label}: onnxruntime here has no {provider}" for provider, label in (
+        ("CUDAExecutionProvider", "CUDA"), ("TensorrtExecutionProvider", "TensorRT"))
+        if provider not in ort.get_available_providers()]
+    if not torch.cuda.is_available():
+        skipped.insert(0, "PyTorch CUDA: PyTorch sees no CUDA device")
+    skipped.append("GPU rows: run benchmark.py --device cuda on a CUDA machine")
+    return rows, skipped
 
 
 # ---------------------------------------------------------------- timing
@@ -211,15 +245,25 @@ def seed_way(session, pixels_uint8, labels, args, floor):
 
 def machine():
     import onnxruntime as ort
-    flags = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+    import openvino
+    flags = measure.cpu_flags()
     return {"cpu": measure.cpu_name(), "cores": os.cpu_count(),
-            "simd": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags],
+            "simd": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16")
+                     if f in flags],
             "python": platform.python_version(),
-            "versions": measure.library_versions(torch, ort, onnx, np),
+            "versions": {**measure.library_versions(torch, ort, onnx, np), "openvino": openvino_cpu.version()},
             "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def recommendation(rows):
+    """The fastest row for each use, among rows within 0.3 points of the fp32 fast path's accuracy."""
+    fp32 = next(r["accuracy"] for r in rows if r["name"] == FAST_PATH)
+    usable = [r for r in rows if r["accuracy"] >= fp32 - 0.3 and "latency_us" in r["model"]]
+    latency = min(usable, key=lambda r: r["model"]["latency_us"]["p50"])
+    bulk = min(usable, key=lambda r: r["model"]["best_test_set_ms"])
+    return {"batch-1 latency": {"row": latency["name"], "p50_us": latency["model"]["latency_us"]["p50"]},
+            "bulk throughput": {"row": bulk["name"], "test_set_ms": bulk["model"]["best_test_set_ms"],
+                                "batch": bulk["model"]["best_batch"]}}
 
 
 def targets(rows):
@@ -267,9 +311,39 @@ def markdown(report):
               "| target | measured | rule | met |", "| --- | --- | --- | --- |"]
     lines += [f"| {t['target']} | {t['value']:.2f} | {t['rule']} | {'yes' if t['met'] else '**no**'} |"
               for t in report["targets"]]
+    lines += roofline_lines(report) + recommendation_lines(report)
     if report["skipped"]:
         lines += ["", "Not measured here: " + "; ".join(report["skipped"]) + "."]
     return "\n".join(lines) + "\n"
+
+
+def roofline_lines(report):
+    peaks, s = report["peaks"], report["structure"]
+    lines = ["", "## Roofline", "",
+             "Peaks measured in this run (best of 5 square matrix products of size "
+             f"{peaks['fp32']['size']}, 2 FLOPs per multiply-add): "
+             + "; ".join(f"{p} {v['gflops']:.0f} GFLOP/s ({v['by']})" for p, v in peaks.items()) + ".",
+             f"The activated path costs {roofline.activated_macs(s):,} multiply-adds per image (embedding, gate, "
+             f"{s['TOP']} experts, head); the dense graph computes {roofline.graph_macs(s, 'dense'):,}, "
+             f"the loop graph {roofline.graph_macs(s, 'loop'):,}. 'best possible' is the activated path of "
+             f"all {report['settings']['images']} images at the row's precision peak; '% of peak' counts the "
+             "multiply-adds the row's graph really does.", "",
+             "| row | precision | best test set (ms) | best possible (ms) | x best possible | % of peak |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(report["rows"], key=lambda r: r["roofline"]["vs_roofline"]):
+        place = r["roofline"]
+        lines.append(f"| {r['name']} | {place['precision']} | {r['model']['best_test_set_ms']:.1f} | "
+                     f"{place['roofline_ms']:.1f} | {place['vs_roofline']:.2f}x | {100 * place['peak_fraction']:.0f}% |")
+    return lines
+
+
+def recommendation_lines(report):
+    pick = report["recommendation"]
+    latency, bulk = pick["batch-1 latency"], pick["bulk throughput"]
+    return ["", "## Fastest for each use", "", "Among rows within 0.3 points of the fp32 fast path's accuracy:",
+            f"- batch-1 latency: **{latency['row']}**, p50 {latency['p50_us']:.1f} us",
+            f"- bulk throughput: **{bulk['row']}**, {bulk['test_set_ms']:.1f} ms for the test set at batch "
+            f"{bulk['batch']}"]
 
 
 def plot(report, path):
@@ -310,34 +384,49 @@ def write_reports(report, out_dir):
     plot(report, os.path.join(out_dir, "benchmark.png"))
 
 
+def measure_row(spec, images, labels, floor, args):
+    predict, details = spec["make"]()
+    accuracy = 100.0 * float((measure.full_pass(predict, images, 1024).argmax(1) == labels).mean())
+    return {"name": spec["name"], "group": spec["group"], "routing": spec["routing"],
+            "precision": spec["precision"], "accuracy": accuracy, "details": details,
+            **time_against_floor(predict, floor, images, args)}
+
+
+def seed_row(workdir, images, labels, args, floor):
+    session = sessions.create_session(os.path.join(workdir, config.onnx_path("loop")), ["CPUExecutionProvider"])
+    pixels = np.round(images[:, 0] * 255).astype(np.uint8)
+    return {"name": SEED_WAY, "group": "seed", "routing": "loop", "precision": "fp32",
+            **seed_way(session, pixels, labels, args, floor)}
+
+
+def place_on_roofline(rows, structure, images, peaks):
+    for r in rows:
+        r["roofline"] = roofline.placement(r["model"]["best_test_set_ms"], images, structure, r["routing"],
+                                           r["precision"], peaks)
+
+
 def main(argv=None):
     args = parse_args(argv)
     images_t, labels_t = load_split("test", args.data_dir, args.test_limit)
     images, labels = np.ascontiguousarray(images_t.numpy()), labels_t.numpy()
     structure = checkpoint.load_model(args.checkpoint)[1]
-    rows = []
+    peaks = roofline.measure_peaks(512 if args.quick else 2048)
     with tempfile.TemporaryDirectory() as workdir:
-        makers, skipped = row_makers(args, workdir, images, labels)
+        specs, skipped = row_makers(args, workdir, images, labels)
         floor_path = build_floor(sessions.stored_structure(os.path.join(workdir, config.onnx_path())),
                                  os.path.join(workdir, "floor.onnx"))
         floor = onnx_row(floor_path)[0]
-        for name, group, make in tqdm(makers + [(SEED_WAY, "seed", None)], unit="row", desc="benchmark", disable=None):
-            if make is None:
-                session = sessions.create_session(os.path.join(workdir, config.onnx_path("loop")),
-                                                  ["CPUExecutionProvider"])
-                pixels = np.round(images[:, 0] * 255).astype(np.uint8)
-                rows.append({"name": name, "group": group, **seed_way(session, pixels, labels, args, floor)})
-                continue
-            predict, details = make()
-            accuracy = 100.0 * float((measure.full_pass(predict, images, 1024).argmax(1) == labels).mean())
-            rows.append({"name": name, "group": group, "accuracy": accuracy, "details": details,
-                         **time_against_floor(predict, floor, images, args)})
-    report = {"machine": machine(), "structure": structure, "rows": rows, "skipped": skipped,
+        rows = [measure_row(spec, images, labels, floor, args)
+                for spec in tqdm(specs, unit="row", desc="benchmark", disable=None)]
+        rows.append(seed_row(workdir, images, labels, args, floor))
+    place_on_roofline(rows, structure, len(images), peaks)
+    report = {"machine": machine(), "structure": structure, "rows": rows, "skipped": skipped, "peaks": peaks,
               "settings": {"images": len(images), "repeats": args.repeats, "latency_runs": args.latency_runs,
                            "quick": args.quick, "floor": " -> ".join(str(s) for s in (
                                784, structure["EMB_SIZE"], f"{structure['TOP']}x{structure['HIDDEN_SIZE']}",
                                structure["EMB_SIZE"], 10)) + " MatMul/Add/Relu"}}
     report["targets"] = targets(rows)
+    report["recommendation"] = recommendation(rows)
     write_reports(report, args.out_dir)
     print(markdown(report))
     return report

@@ -3,7 +3,7 @@ training images (never test images); each compared with the fp32 model's accurac
 import logging
 import os
 
-from common import measure, sessions, viewer
+from common import contract, measure, sessions, viewer
 from common.cli import ArgumentParser, positive_int, run
 from data import load_split
 
@@ -27,7 +27,7 @@ def quantize(source, target, method, calibration=None, per_channel=False, reduce
     # Gather/ScatterElements, onnxruntime 1.31.1 crashes (segfault) running the static model.
     options = {"per_channel": per_channel, "reduce_range": reduce_range,
               "op_types_to_quantize": ["Gemm", "MatMul"]}
-    sessions.load_onnx(source)
+    contract.check_onnx(source)
     if method == "dynamic":
         quantize_dynamic(source, target, weight_type=QuantType.QInt8, **options)
     else:
@@ -61,7 +61,7 @@ def main(argv=None):
     parser.add_argument("--reduce-range", action="store_true",
                         help="7-bit weights: avoids int16 overflow on CPUs without VNNI")
     args = sessions.parse_args(parser, argv)
-    sessions.require_onnx_file(args.model)
+    contract.require_file(args.model)
     netron, args.netron = args.netron, False  # show the static QDQ graph once, after both runs
     baseline = fp32_accuracy(args.model, args)
     fp32_size = os.path.getsize(args.model)

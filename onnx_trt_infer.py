@@ -1,7 +1,7 @@
 """ONNX Runtime, TensorRT execution provider, on a symbolically shape-inferred copy of the model."""
 import os
 
-from common import sessions
+from common import contract, sessions
 from common.cli import ArgumentParser, UserError, run
 
 
@@ -31,7 +31,7 @@ def main(argv=None):
     sessions.require_providers(providers)
     os.makedirs(args.engine_cache, exist_ok=True)
     args.model = shape_inferred_copy(args.model)
-    total = len(sessions.load_onnx(args.model).graph.node)
+    total = len(contract.check_onnx(args.model).graph.node)
     return sessions.run_backend(args, f"ONNX Runtime TensorRT{' fp16' if args.fp16 else ''}",
                                 providers, details={"graph": f"{total} ONNX nodes before partitioning; "
                                                     "TensorRT kernels are fused subgraphs, the rest fell back"})

@@ -1,5 +1,6 @@
 """Saving and loading trained models; the structure travels with the weights."""
 import os
+import warnings
 
 import torch
 
@@ -21,12 +22,22 @@ def load(path):
     if not os.path.isfile(path):
         raise UserError(f"{path} not found; run train.py first (or pass --checkpoint PATH)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "looks like a TorchScript archive": said below instead
+            state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
         raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}); "
                         "run train.py again to write a new one")
+    if isinstance(state, torch.jit.ScriptModule):
+        raise UserError(f"{path} is a TorchScript model, not a checkpoint; pass the checkpoint.pt "
+                        "train.py wrote (--checkpoint / --model)")
     if not isinstance(state, dict) or "structure" not in state or "state_dict" not in state:
         raise UserError(f"{path} is not a checkpoint written by train.py; run train.py again")
+    fixed = {name: state["structure"].get(name, getattr(config, name)) for name in ("INPUT_SIZE", "CLASSES")}
+    if fixed != {"INPUT_SIZE": config.INPUT_SIZE, "CLASSES": config.CLASSES}:
+        raise UserError(f"{path} breaks the model contract: expected INPUT_SIZE={config.INPUT_SIZE} "
+                        f"(28x28 pixels) and CLASSES={config.CLASSES}, found "
+                        + ", ".join(f"{k}={v}" for k, v in fixed.items()))
     return state
 
 

@@ -1,7 +1,8 @@
 """One way to measure every backend: same test images, warm-up excluded, same printed block.
 
-A backend script builds a `predict(batch: np.ndarray) -> logits np.ndarray` and hands it to
-`measure()`; `report()` prints the block and appends the JSON line.
+A backend script builds a `predict(batch: np.ndarray) -> logits np.ndarray` (or a Runner, to time
+with inputs already on a device) and hands it to `measure()`; `report()` prints the block and
+appends the JSON line.
 """
 import json
 import os
@@ -45,23 +46,56 @@ def timed(make):
     return result, time.perf_counter() - started
 
 
+class Runner:
+    """How one backend is timed. prepare() puts a batch where the backend reads it, before any
+    clock starts; run() is what the clock times; sync() waits for the device before the clock is
+    read; fetch() brings outputs back as numpy logits, after the clock. `timing` says which mode
+    this is, for the printed block."""
+
+    def __init__(self, run, prepare=None, sync=None, fetch=None, run_all=None,
+                 timing="end to end from host numpy arrays"):
+        self.run, self.timing = run, timing
+        self.prepare = prepare or (lambda batch: batch)
+        self.sync = sync or (lambda: None)
+        self.fetch = fetch or (lambda output: output)
+        self.run_all = run_all or (lambda batches: [run(batch) for batch in batches])
+
+
+def as_runner(predict):
+    """A plain predict(numpy batch) -> numpy logits, timed end to end from host arrays."""
+    return predict if isinstance(predict, Runner) else Runner(predict)
+
+
+def batches_of(runner, images, batch_size):
+    return [runner.prepare(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+
+
 def full_pass(predict, images, batch_size):
-    return np.concatenate([predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    """Logits for every image, as numpy."""
+    runner = as_runner(predict)
+    outputs = runner.run_all(batches_of(runner, images, batch_size))
+    runner.sync()
+    return np.concatenate([runner.fetch(output) for output in outputs])
 
 
 def time_full_pass(predict, images, batch_size):
+    runner = as_runner(predict)
+    batches = batches_of(runner, images, batch_size)
     started = time.perf_counter()
-    full_pass(predict, images, batch_size)
+    runner.run_all(batches)
+    runner.sync()
     return time.perf_counter() - started
 
 
 def time_single_images(predict, images, runs, start=0):
     """Seconds of each of `runs` single-image calls, cycling through the images."""
+    runner = as_runner(predict)
+    singles = [runner.prepare(images[i % len(images)][None]) for i in range(start, start + runs)]
     latencies = []
-    for i in range(start, start + runs):
-        single = images[i % len(images)][None]
+    for single in singles:
         started = time.perf_counter()
-        predict(single)
+        runner.run(single)
+        runner.sync()
         latencies.append(time.perf_counter() - started)
     return latencies
 
@@ -69,12 +103,12 @@ def time_single_images(predict, images, runs, start=0):
 def warm_up(predict, images, batch_sizes):
     for _ in range(WARMUP_BATCHES):
         for size in batch_sizes:
-            predict(images[:size])
+            full_pass(predict, images[:size], size)
 
 
 def measure(predict, images, labels, batch_size, latency_runs, show_progress=True):
     """Accuracy on `images`, median full-set wall time at `batch_size`, batch-1 latency percentiles.
-    Every timing follows a warm-up of the same shapes."""
+    Every timing follows a warm-up of the same shapes. `predict` is a Runner or a plain function."""
     batch_size = min(batch_size, len(images))
     warm_up(predict, images, (batch_size, 1))
     logits = full_pass(predict, images, batch_size)
@@ -92,7 +126,7 @@ def measure(predict, images, labels, batch_size, latency_runs, show_progress=Tru
             "images_per_s": len(images) / total,
             "latency_p50_us": 1e6 * float(np.percentile(latencies, 50)),
             "latency_p99_us": 1e6 * float(np.percentile(latencies, 99)),
-            "latency_runs": latency_runs, "logits": logits}
+            "latency_runs": latency_runs, "timing": as_runner(predict).timing, "logits": logits}
 
 
 def cpu_name():
@@ -104,6 +138,16 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_flags():
+    """The CPU's feature flags (avx512f, avx512_bf16, ...) from /proc/cpuinfo; empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.split(":", 1)[-1].split())
 
 
 def library_versions(*modules):
@@ -119,8 +163,9 @@ def report(args, backend, result, setup_s, versions, details=None):
              + f"; python {platform.python_version()}",
              f"   machine       {cpu_name()}, {os.cpu_count()} cores",
              *(f"   {key:<13} {value}" for key, value in details.items()),
-             f"   setup         {1e3 * setup_s:.1f} ms (model load / session creation, not in the times below)",
+             f"   setup         {1e3 * setup_s:.1f} ms (model load, session creation or compilation; not in the times below)",
              f"   accuracy      {result['accuracy']:.2f}% on {result['images']} test images",
+             f"   timing        {result['timing']}",
              f"   test set      {1e3 * result['test_set_s']:.1f} ms at batch {result['batch_size']} "
              f"({result['images_per_s']:,.0f} images/s), median of {result['test_set_runs']} passes after warm-up",
              f"   latency b=1   p50 {result['latency_p50_us']:.1f} us, p99 {result['latency_p99_us']:.1f} us "

@@ -8,7 +8,7 @@ import onnx
 
 import config
 
-from . import measure, viewer
+from . import contract, measure, viewer
 from .cli import UserError, atomic_path
 
 GPU_INSTALL = ("on a CUDA machine: pip uninstall -y onnxruntime && "
@@ -30,28 +30,10 @@ def parse_args(parser, argv):
     return args
 
 
-def require_onnx_file(path):
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found; run train.py, then export_onnx.py first (or pass --model PATH)")
-
-
-def load_onnx(path):
-    """The ONNX ModelProto at path, or a one-line error if the file is not one."""
-    require_onnx_file(path)
-    try:
-        model = onnx.load(path)
-    except Exception as error:
-        raise UserError(f"{path} is not an ONNX model ({type(error).__name__}); "
-                        "run export_onnx.py to write it again")
-    if not model.graph.node:
-        raise UserError(f"{path} is not an ONNX model (no graph); run export_onnx.py to write it again")
-    return model
-
-
 def derived_copy(path, suffix, transform, target=None):
     """Write transform(the ONNX model at path) to target, by default beside it as <stem><suffix>."""
     target = target or os.path.splitext(path)[0] + suffix
-    converted = transform(load_onnx(path))
+    converted = transform(contract.load_onnx(path))
     with atomic_path(target) as tmp:
         onnx.save(converted, tmp)
     return target
@@ -59,7 +41,7 @@ def derived_copy(path, suffix, transform, target=None):
 
 def stored_structure(path):
     """The structure export_onnx.py wrote into the model's metadata, under config.py's names."""
-    metadata = {p.key: p.value for p in load_onnx(path).metadata_props}
+    metadata = {p.key: p.value for p in contract.load_onnx(path).metadata_props}
     if "structure_json" not in metadata:
         raise UserError(f"{path} carries no structure metadata; export it with export_onnx.py")
     return json.loads(metadata["structure_json"])
@@ -99,20 +81,33 @@ def create_session(path, providers, options=None):
     """An InferenceSession whose first provider really is providers[0], never a silent CPU one."""
     import onnxruntime as ort
     require_providers(providers)
-    require_onnx_file(path)
+    contract.require_file(path)
     wanted = provider_names(providers)
     try:
         session = ort.InferenceSession(path, sess_options=options or session_options(),
                                        providers=providers)
     except Exception as error:
-        load_onnx(path)  # a file that is no ONNX model gets that said plainly; parsed only on failure
+        contract.load_onnx(path)  # a file that is no ONNX model gets that said plainly; parsed only on failure
         raise UserError(f"{path}: onnxruntime could not load it with {wanted[0]} "
                         f"({str(error).strip().splitlines()[0][:300]})")
     if session.get_providers()[0] != wanted[0]:
         raise UserError(f"{wanted[0]} failed to start (onnxruntime fell back to "
                         f"{session.get_providers()[0]}); check the CUDA/cuDNN/TensorRT libraries; "
                         + GPU_INSTALL)
+    contract.check(path, *session_io(session))
     return session
+
+
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+             "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(int64)": "int64"}
+
+
+def session_io(session):
+    """[(name, dtype, shape)] of a session's inputs and outputs, for contract.check()."""
+    def entries(args):
+        return [(a.name, ORT_TYPES.get(a.type, a.type), [d if isinstance(d, int) else None for d in a.shape])
+                for a in args]
+    return entries(session.get_inputs()), entries(session.get_outputs())
 
 
 def predictor(session):
@@ -150,7 +145,7 @@ def run_backend(args, backend_label, providers, options_kwargs=None, details=Non
     """Everything an ONNX backend script does once it has chosen its providers and model file."""
     options_kwargs = options_kwargs or {}
     require_providers(providers)
-    require_onnx_file(args.model)
+    contract.require_file(args.model)
     images, labels = measure.load_test_set(args)
     session, setup_s = measure.timed(
         lambda: create_session(args.model, providers, session_options(**options_kwargs)))

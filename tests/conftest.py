@@ -36,6 +36,19 @@ def train_tiny(folder, mnist_dir, *extra, name="checkpoint.pt", train_images=300
                        "--scripted", str(folder / "model.pt"), "--plot", str(folder / "training.png"), *extra])
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, mnist_dir):
+    """A tiny trained model shared by the test modules that only read it: its folder holds
+    checkpoint.pt, model.onnx (dense) and model.loop.onnx."""
+    import export_onnx
+    folder = tmp_path_factory.mktemp("tiny-shared")
+    train_tiny(folder, mnist_dir)
+    for routing, name in (("dense", "model.onnx"), ("loop", "model.loop.onnx")):
+        export_onnx.main(["--checkpoint", str(folder / "checkpoint.pt"), "--routing", routing,
+                          "--output", str(folder / name), "--data-dir", mnist_dir, "--test-limit", "300"])
+    return folder
+
+
 def idx_bytes(array, magic):
     header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
     return header + array.astype(np.uint8).tobytes()

@@ -71,7 +71,8 @@ def torch_accuracy(trained, mnist_dir):
 
 
 def test_torch_script_reports_eager_and_torchscript(trained, mnist_dir):
-    records = torch_infer.main(backend_args(trained, mnist_dir, "checkpoint.pt", "--device", "cpu"))
+    records = torch_infer.main(backend_args(trained, mnist_dir, "checkpoint.pt", "--device", "cpu",
+                                             "--variant", "eager", "torchscript"))
     assert [r["backend"].split(" on ")[0] for r in records] == ["PyTorch eager", "PyTorch TorchScript (frozen)"]
     expected = torch_accuracy(trained, mnist_dir)
     assert all(r["accuracy"] == pytest.approx(expected) for r in records)
