@@ -2,7 +2,10 @@
 blocks that alternate with the floor: the activated path of a perfect top-k MoE as a plain MLP
 (784 -> EMB -> TOP*HIDDEN -> EMB -> 10, random weights) in ONNX Runtime.
 
-Writes results/benchmark.md, results/benchmark.json and results/benchmark.png."""
+Writes results/benchmark.md, results/benchmark.json and results/benchmark.png. With --device cuda
+(a CUDA machine) it measures the GPU rows instead, each in both timing modes, against the same floor
+on the CUDA provider (device-resident), into results/benchmark-<gpu>.md/json/png."""
+import argparse
 import json
 import os
 import platform
@@ -22,7 +25,7 @@ import onnx_fp16_infer
 import onnx_quantize_infer
 import torch_infer
 from common import checkpoint, measure, openvino_cpu, roofline, sessions
-from common.cli import ArgumentParser, atomic_path, positive_int, run
+from common.cli import ArgumentParser, UserError, atomic_path, positive_int, run
 from data import add_data_args, load_split
 
 FAST_PATH = "ONNX Runtime CPU, dense, torchscript"
@@ -43,6 +46,8 @@ def parse_args(argv=None):
                         help="single-image runs per block (default 400)")
     parser.add_argument("--calibration-images", type=positive_int, default=1000)
     parser.add_argument("--test-limit", type=positive_int, help="use only the first N test images")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: every CPU row (default); cuda: every GPU row, on a CUDA machine")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 20 single-image runs per block, 2 INT8 variants")
     add_data_args(parser)
@@ -174,6 +179,71 @@ def row_makers(args, workdir, images, labels):
     return rows, skipped
 
 
+def gpu_rows(args, workdir, images, labels):
+    """Every GPU row, each twice: from host numpy arrays and device-resident. Only what this
+    machine has; PyTorch's CUDA graph row needs the dense routing."""
+    import onnxruntime as ort
+    rows, skipped = [], []
+    if torch.cuda.is_available():
+        for routing in config.ROUTINGS:
+            model, structure, _ = checkpoint.load_model(args.checkpoint, {"ROUTING": routing})
+            for variant in ("eager", "torchscript", "compile", "cuda-graph"):
+                if variant == "cuda-graph" and routing != "dense":
+                    continue
+                for timing in ("host", "resident"):
+                    rows.append(row(f"PyTorch {torch_infer.LABELS[variant]} CUDA, {routing}, {timing}", "torch",
+                                    routing, "fp32", lambda m=model, v=variant, t=timing, s=structure: torch_gpu_row(
+                                        torch_infer.ready_model(v, m, s, "cuda"), t)))
+    else:
+        skipped.append("PyTorch CUDA: PyTorch sees no CUDA device")
+    available = ort.get_available_providers()
+    exported = exported_models(args, workdir, images, labels)
+    files = {"ONNX Runtime CUDA, dense": exported[FAST_PATH],
+             "ONNX Runtime CUDA, loop": exported[SEED_GRAPH],
+             "ONNX Runtime FP16 on CUDA, dense": onnx_fp16_infer.fp16_copy(exported[FAST_PATH],
+                                                                          os.path.join(workdir, "fp16.onnx"))}
+    providers = {name: [("CUDAExecutionProvider", {}), "CPUExecutionProvider"] for name in files}
+    if "TensorrtExecutionProvider" in available:
+        import onnx_trt_infer
+        trt = onnx_trt_infer.shape_inferred_copy(exported[FAST_PATH])
+        for fp16 in (False, True):
+            options = onnx_trt_infer.tensorrt_options(argparse.Namespace(
+                device_id=0, fp16=fp16, batch_size=1024, max_batch=len(images),
+                engine_cache=os.path.join(workdir, "trt_cache")))
+            name = f"ONNX Runtime TensorRT{' fp16' if fp16 else ''}, dense"
+            files[name] = trt
+            providers[name] = [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", {}),
+                               "CPUExecutionProvider"]
+    else:
+        skipped.append("ONNX Runtime TensorRT: onnxruntime here has no TensorrtExecutionProvider")
+    if "CUDAExecutionProvider" not in available:
+        return rows, skipped + ["ONNX Runtime CUDA: onnxruntime here has no CUDAExecutionProvider"]
+    for name, path in files.items():
+        routing = "loop" if "loop" in name else "dense"
+        for timing in ("host", "resident"):
+            rows.append(row(f"{name}, {timing}", "gpu", routing, "fp16" if "FP16" in name or "fp16" in name else "fp32",
+                            lambda p=path, v=providers[name], t=timing: onnx_gpu_row(p, v, t)))
+    return rows, skipped
+
+
+def torch_gpu_row(model, timing):
+    runner = (measure.Runner(torch_infer.predictor(model, "cuda")) if timing == "host"
+              else torch_infer.resident_runner(model, torch.device("cuda")))
+    return runner, {"device": torch.cuda.get_device_name(0)}
+
+
+def onnx_gpu_row(path, providers, timing):
+    session = sessions.create_session(path, providers)
+    return sessions.runners(session, timing, "cuda")[0], {"providers": session.get_providers()}
+
+
+def gpu_floor(workdir):
+    path = build_floor(sessions.stored_structure(os.path.join(workdir, config.onnx_path())),
+                       os.path.join(workdir, "floor.onnx"))
+    session = sessions.create_session(path, [("CUDAExecutionProvider", {}), "CPUExecutionProvider"])
+    return sessions.resident_runner(session, "cuda")
+
+
 # ---------------------------------------------------------------- timing
 
 def percentiles(seconds):
@@ -255,13 +325,13 @@ def machine():
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
-def recommendation(rows):
-    """The fastest row for each use, among rows within 0.3 points of the fp32 fast path's accuracy."""
-    fp32 = next(r["accuracy"] for r in rows if r["name"] == FAST_PATH)
+def recommendation(rows, reference):
+    """The fastest row for each use, among rows within 0.3 points of the reference row's accuracy."""
+    fp32 = next(r["accuracy"] for r in rows if r["name"] == reference)
     usable = [r for r in rows if r["accuracy"] >= fp32 - 0.3 and "latency_us" in r["model"]]
     latency = min(usable, key=lambda r: r["model"]["latency_us"]["p50"])
     bulk = min(usable, key=lambda r: r["model"]["best_test_set_ms"])
-    return {"batch-1 latency": {"row": latency["name"], "p50_us": latency["model"]["latency_us"]["p50"]},
+    return {"reference": reference, "batch-1 latency": {"row": latency["name"], "p50_us": latency["model"]["latency_us"]["p50"]},
             "bulk throughput": {"row": bulk["name"], "test_set_ms": bulk["model"]["best_test_set_ms"],
                                 "batch": bulk["model"]["best_batch"]}}
 
@@ -286,7 +356,8 @@ def targets(rows):
 def markdown(report):
     m = report["machine"]
     lines = [f"# Benchmark ({m['date']})", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, SIMD {', '.join(m['simd']) or 'none detected'}; "
+             f"Machine: {m['cpu']}, {m['cores']} cores, SIMD {', '.join(m['simd']) or 'none detected'}"
+             + (f"; GPU {m['gpu']}" if m.get("gpu") else "") + "; "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f", python {m['python']}.", "",
              f"{report['settings']['images']} test images. Every figure is the median of "
              f"{report['settings']['repeats']} timing blocks; each row's blocks alternate with the floor "
@@ -303,15 +374,16 @@ def markdown(report):
                    if lat else "- | -")
         lines.append(f"| {row['name']} | {row['accuracy']:.2f}% | {latency} | {times} | "
                      f"{model['images_per_s']:,.0f} (b={model['best_batch']}) | {row['vs_floor_test_set']:.2f}x |")
-    floor = next(row["floor"] for row in report["rows"] if row["name"] == FAST_PATH)
-    lat = floor["latency_us"]
-    lines += [f"| floor (in the fast path's blocks) | - | {lat['p50']:.1f} / {lat['p90']:.1f} / {lat['p99']:.1f} | "
-              "1.00x | " + " / ".join(f"{v:.1f}" for v in floor["test_set_ms"].values())
-              + f" | {floor['images_per_s']:,.0f} (b={floor['best_batch']}) | 1.00x |", "", "## Targets", "",
-              "| target | measured | rule | met |", "| --- | --- | --- | --- |"]
-    lines += [f"| {t['target']} | {t['value']:.2f} | {t['rule']} | {'yes' if t['met'] else '**no**'} |"
-              for t in report["targets"]]
-    lines += roofline_lines(report) + recommendation_lines(report)
+    beside = next((row for row in report["rows"] if row["name"] == FAST_PATH), report["rows"][0])
+    floor, lat = beside["floor"], beside["floor"]["latency_us"]
+    lines.append(f"| floor (in the blocks of {beside['name']}) | - | {lat['p50']:.1f} / {lat['p90']:.1f} / "
+                 f"{lat['p99']:.1f} | 1.00x | " + " / ".join(f"{v:.1f}" for v in floor["test_set_ms"].values())
+                 + f" | {floor['images_per_s']:,.0f} (b={floor['best_batch']}) | 1.00x |")
+    if report["targets"]:
+        lines += ["", "## Targets", "", "| target | measured | rule | met |", "| --- | --- | --- | --- |"]
+        lines += [f"| {t['target']} | {t['value']:.2f} | {t['rule']} | {'yes' if t['met'] else '**no**'} |"
+                  for t in report["targets"]]
+    lines += (roofline_lines(report) if report["peaks"] else []) + recommendation_lines(report)
     if report["skipped"]:
         lines += ["", "Not measured here: " + "; ".join(report["skipped"]) + "."]
     return "\n".join(lines) + "\n"
@@ -340,7 +412,7 @@ def roofline_lines(report):
 def recommendation_lines(report):
     pick = report["recommendation"]
     latency, bulk = pick["batch-1 latency"], pick["bulk throughput"]
-    return ["", "## Fastest for each use", "", "Among rows within 0.3 points of the fp32 fast path's accuracy:",
+    return ["", "## Fastest for each use", "", f"Among rows within 0.3 points of the accuracy of {pick['reference']}:",
             f"- batch-1 latency: **{latency['row']}**, p50 {latency['p50_us']:.1f} us",
             f"- bulk throughput: **{bulk['row']}**, {bulk['test_set_ms']:.1f} ms for the test set at batch "
             f"{bulk['batch']}"]
@@ -376,12 +448,12 @@ def plot(report, path):
     plt.close(fig)
 
 
-def write_reports(report, out_dir):
-    with atomic_path(os.path.join(out_dir, "benchmark.json")) as tmp, open(tmp, "w") as f:
+def write_reports(report, out_dir, stem="benchmark"):
+    with atomic_path(os.path.join(out_dir, f"{stem}.json")) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
-    with atomic_path(os.path.join(out_dir, "benchmark.md")) as tmp, open(tmp, "w") as f:
+    with atomic_path(os.path.join(out_dir, f"{stem}.md")) as tmp, open(tmp, "w") as f:
         f.write(markdown(report))
-    plot(report, os.path.join(out_dir, "benchmark.png"))
+    plot(report, os.path.join(out_dir, f"{stem}.png"))
 
 
 def measure_row(spec, images, labels, floor, args):
@@ -405,31 +477,51 @@ def place_on_roofline(rows, structure, images, peaks):
                                            r["precision"], peaks)
 
 
+def gpu_slug():
+    return "".join(c if c.isalnum() else "-" for c in sessions.gpu_name().lower()).strip("-")
+
+
 def main(argv=None):
     args = parse_args(argv)
     images_t, labels_t = load_split("test", args.data_dir, args.test_limit)
     images, labels = np.ascontiguousarray(images_t.numpy()), labels_t.numpy()
     structure = checkpoint.load_model(args.checkpoint)[1]
-    peaks = roofline.measure_peaks(512 if args.quick else 2048)
+    on_gpu = args.device == "cuda"
+    if on_gpu:
+        require_gpu()
+    peaks = None if on_gpu else roofline.measure_peaks(512 if args.quick else 2048)
     with tempfile.TemporaryDirectory() as workdir:
-        specs, skipped = row_makers(args, workdir, images, labels)
-        floor_path = build_floor(sessions.stored_structure(os.path.join(workdir, config.onnx_path())),
-                                 os.path.join(workdir, "floor.onnx"))
-        floor = onnx_row(floor_path)[0]
+        specs, skipped = (gpu_rows if on_gpu else row_makers)(args, workdir, images, labels)
+        floor = gpu_floor(workdir) if on_gpu else onnx_row(build_floor(
+            sessions.stored_structure(os.path.join(workdir, config.onnx_path())), os.path.join(workdir, "floor.onnx")))[0]
         rows = [measure_row(spec, images, labels, floor, args)
                 for spec in tqdm(specs, unit="row", desc="benchmark", disable=None)]
-        rows.append(seed_row(workdir, images, labels, args, floor))
-    place_on_roofline(rows, structure, len(images), peaks)
+        if not on_gpu:
+            rows.append(seed_row(workdir, images, labels, args, floor))
     report = {"machine": machine(), "structure": structure, "rows": rows, "skipped": skipped, "peaks": peaks,
               "settings": {"images": len(images), "repeats": args.repeats, "latency_runs": args.latency_runs,
-                           "quick": args.quick, "floor": " -> ".join(str(s) for s in (
+                           "quick": args.quick, "device": args.device, "floor": " -> ".join(str(s) for s in (
                                784, structure["EMB_SIZE"], f"{structure['TOP']}x{structure['HIDDEN_SIZE']}",
-                               structure["EMB_SIZE"], 10)) + " MatMul/Add/Relu"}}
-    report["targets"] = targets(rows)
-    report["recommendation"] = recommendation(rows)
-    write_reports(report, args.out_dir)
+                               structure["EMB_SIZE"], 10)) + " MatMul/Add/Relu"
+                           + (" on the CUDA provider, device-resident" if on_gpu else "")}}
+    if on_gpu:
+        report["machine"]["gpu"] = sessions.gpu_name()
+        report["targets"] = []
+        report["recommendation"] = recommendation(rows, rows[0]["name"])
+    else:
+        place_on_roofline(rows, structure, len(images), peaks)
+        report["targets"] = targets(rows)
+        report["recommendation"] = recommendation(rows, FAST_PATH)
+    write_reports(report, args.out_dir, "benchmark" + (f"-{gpu_slug()}" if on_gpu else ""))
     print(markdown(report))
     return report
+
+
+def require_gpu():
+    import onnxruntime as ort
+    if not torch.cuda.is_available() and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise UserError("--device cuda: no CUDA device here (PyTorch sees none and onnxruntime has no "
+                        "CUDAExecutionProvider); " + sessions.GPU_INSTALL)
 
 
 if __name__ == "__main__":

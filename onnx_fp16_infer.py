@@ -14,14 +14,15 @@ def main(argv=None):
     import onnxruntime as ort
     parser = ArgumentParser(description=__doc__)
     sessions.add_model_args(parser, "fp32 ONNX model from export_onnx.py")
-    args = sessions.parse_args(parser, argv)
     on_gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+    args = sessions.parse_args(parser, argv, on_gpu)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_gpu else ["CPUExecutionProvider"]
     source = args.model
     args.model = fp16_copy(source)
     note = ("CUDA" if on_gpu else "CPU: no CUDAExecutionProvider here; fp16 pays off on GPUs, "
             "a CPU mostly converts it back to fp32")
-    return sessions.run_backend(args, f"ONNX Runtime FP16 on {'CUDA' if on_gpu else 'CPU'}", providers,
+    where = f"CUDA on {sessions.gpu_name()}" if on_gpu else "CPU"
+    return sessions.run_backend(args, f"ONNX Runtime FP16 on {where}", providers, device="cuda" if on_gpu else "cpu",
                                 details={"converted": f"{source} -> {args.model}", "note": note})
 
 

@@ -61,7 +61,7 @@ def main(argv=None):
     parser.add_argument("--reduce-range", action="store_true",
                         help="7-bit weights: avoids int16 overflow on CPUs without VNNI")
     args = sessions.parse_args(parser, argv)
-    contract.require_file(args.model)
+    contract.check_onnx(args.model)
     netron, args.netron = args.netron, False  # show the static QDQ graph once, after both runs
     baseline = fp32_accuracy(args.model, args)
     fp32_size = os.path.getsize(args.model)
@@ -69,13 +69,13 @@ def main(argv=None):
     for method, path in quantized_copies(args.model, args).items():
         args.model = path
         size = os.path.getsize(path)
-        record, result = sessions.run_backend(args, f"ONNX Runtime INT8 {method}", ["CPUExecutionProvider"], details={
+        records = sessions.run_backend(args, f"ONNX Runtime INT8 {method}", ["CPUExecutionProvider"], details={
             "quantized": f"per-channel {args.per_channel}, reduce-range {args.reduce_range}, "
                          f"{args.calibration_images if method != 'dynamic' else 0} training images for calibration",
             "size": f"{size / 1e6:.2f} MB vs {fp32_size / 1e6:.2f} MB fp32 ({size / fp32_size:.0%})",
             "vs fp32": f"fp32 accuracy {baseline:.2f}%"})
-        print(f"   change        {record['accuracy'] - baseline:+.2f} points of accuracy against fp32")
-        results[method] = record
+        print(f"   change        {records[0]['accuracy'] - baseline:+.2f} points of accuracy against fp32")
+        results[method] = records[0]
     if netron:
         viewer.serve(results["static QDQ"]["model"], args)
     return results

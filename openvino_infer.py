@@ -7,7 +7,7 @@ from data import load_split
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    sessions.add_model_args(parser, "ONNX model from export_onnx.py")
+    sessions.add_model_args(parser, "ONNX model from export_onnx.py", timing=False)
     parser.add_argument("--precision", choices=openvino_cpu.PRECISIONS, default="auto",
                         help="floating-point precision; auto lets OpenVINO choose (bf16 on CPUs that have "
                              "it); the block says which really ran (default auto)")

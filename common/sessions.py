@@ -15,8 +15,13 @@ GPU_INSTALL = ("on a CUDA machine: pip uninstall -y onnxruntime && "
                "pip install -r requirements-gpu.txt (see README)")
 
 
-def add_model_args(parser, what="ONNX model"):
+TIMINGS = ("host", "resident", "both")
+
+
+def add_model_args(parser, what="ONNX model", timing=True):
     parser.add_argument("--model", help=f"{what} from export_onnx.py (default: the --routing graph)")
+    if timing:
+        add_timing_arg(parser)
     parser.add_argument("--routing", choices=config.ROUTINGS, default=config.ROUTING,
                         help=f"which exported graph to run when --model is not given: "
                              f"{', '.join(f'{r} = {config.onnx_path(r)}' for r in config.ROUTINGS)}")
@@ -24,9 +29,18 @@ def add_model_args(parser, what="ONNX model"):
     viewer.add_netron_args(parser)
 
 
-def parse_args(parser, argv):
+def add_timing_arg(parser):
+    parser.add_argument("--timing", choices=TIMINGS,
+                        help="host: session.run from host numpy arrays, as most users call it; resident: "
+                             "IOBinding with inputs and outputs already on the provider's device; both "
+                             "(default: host on CPU, both on CUDA)")
+
+
+def parse_args(parser, argv, on_gpu=False):
     args = parser.parse_args(argv)
     args.model = args.model or config.onnx_path(args.routing)
+    if "timing" in vars(args):
+        args.timing = args.timing or ("both" if on_gpu else "host")
     return args
 
 
@@ -118,6 +132,67 @@ def predictor(session):
     return predict
 
 
+def resident_runner(session, device="cpu", device_id=0):
+    """IOBinding: each batch is copied to the device and bound, with its outputs, before the clock
+    starts; the clock covers the run and the wait for its outputs, nothing else."""
+    import onnxruntime as ort
+    outputs = [o.name for o in session.get_outputs()]
+
+    def prepare(batch):
+        binding = session.io_binding()
+        pixels = ort.OrtValue.ortvalue_from_numpy(batch, device, device_id)
+        binding.bind_ortvalue_input(contract.PIXELS, pixels)
+        for name in outputs:
+            binding.bind_output(name, device, device_id)
+        return binding, pixels  # the OrtValue must outlive the binding
+
+    def run(prepared):
+        session.run_with_iobinding(prepared[0])
+        prepared[0].synchronize_outputs()
+        return prepared[0]
+
+    return measure.Runner(run, prepare=prepare,
+                          fetch=lambda binding: binding.copy_outputs_to_cpu()[outputs.index(contract.LOGITS)],
+                          timing=f"device-resident: IOBinding, inputs and outputs on {device}:{device_id} "
+                                 "before the clock starts")
+
+
+def runners(session, timing, device="cpu", device_id=0):
+    chosen = {"host": ["host"], "resident": ["resident"], "both": ["host", "resident"]}[timing]
+    made = {"host": lambda: measure.Runner(predictor(session)),
+            "resident": lambda: resident_runner(session, device, device_id)}
+    return [made[name]() for name in chosen]
+
+
+def cuda_graph_latency(path, device_id, images, runs):
+    """Batch-1 latency with the CUDA provider replaying a captured CUDA graph: enable_cuda_graph
+    needs IOBinding with fixed buffers, so every run reuses one input and one output OrtValue.
+    Returns (accuracy inputs' logits, latencies in seconds): each image is copied into the fixed
+    input before its run, outside the clock."""
+    import time
+
+    import onnxruntime as ort
+    session = create_session(path, [("CUDAExecutionProvider", {"device_id": device_id, "enable_cuda_graph": "1"})])
+    pixels = ort.OrtValue.ortvalue_from_numpy(images[:1], "cuda", device_id)
+    outputs = {o.name: ort.OrtValue.ortvalue_from_shape_and_type([1] + o.shape[1:], np.float32, "cuda", device_id)
+               for o in session.get_outputs()}
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(contract.PIXELS, pixels)
+    for name, value in outputs.items():
+        binding.bind_ortvalue_output(name, value)
+    logits, latencies = [], []
+    for i in range(max(runs, len(images))):
+        pixels.update_inplace(images[i % len(images)][None])
+        started = time.perf_counter()
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        if i >= 3:  # the first runs capture the graph
+            latencies.append(time.perf_counter() - started)
+        if i < len(images):
+            logits.append(outputs[contract.LOGITS].numpy())
+    return np.concatenate(logits), latencies[:runs]
+
+
 def provider_kernels(path, providers, options_kwargs, sample):
     """Kernels per execution provider, from one profiled run: shows what fell back to CPU."""
     import onnxruntime as ort
@@ -136,25 +211,64 @@ def provider_kernels(path, providers, options_kwargs, sample):
     return dict(collections.Counter(nodes.values()).most_common())
 
 
+def gpu_name(device_id=0):
+    """The GPU's name, from torch when it sees one, else nvidia-smi; 'GPU <id>' if neither can say."""
+    import shutil
+    import subprocess
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(device_id)
+    except ImportError:
+        pass
+    if shutil.which("nvidia-smi"):
+        found = subprocess.run(["nvidia-smi", "-i", str(device_id), "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True)
+        if found.returncode == 0 and found.stdout.strip():
+            return found.stdout.strip()
+    return f"GPU {device_id}"
+
+
+def report_latency_only(args, backend, logits, labels, latencies, timing):
+    """A block for a mode that runs one batch size only (batch 1, as a CUDA graph captures it)."""
+    result = {"accuracy": 100.0 * float((logits.argmax(1) == labels[:len(logits)]).mean()), "images": len(logits),
+              "latency_p50_us": 1e6 * float(np.percentile(latencies, 50)),
+              "latency_p99_us": 1e6 * float(np.percentile(latencies, 99)), "latency_runs": len(latencies)}
+    lines = [f"== {backend}", f"   model         {args.model}",
+             f"   machine       {measure.cpu_name()}, {os.cpu_count()} cores",
+             f"   timing        {timing}",
+             f"   accuracy      {result['accuracy']:.2f}% on {result['images']} test images, one at a time",
+             f"   latency b=1   p50 {result['latency_p50_us']:.1f} us, p99 {result['latency_p99_us']:.1f} us "
+             f"over {result['latency_runs']} runs after warm-up (the graph's capture)"]
+    print("\n".join(lines), flush=True)
+    record = {"backend": backend, "model": args.model, "timing": timing, **result, "versions": versions()}
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record
+
+
 def versions():
     import onnxruntime as ort
     return measure.library_versions(ort, onnx, np)
 
 
-def run_backend(args, backend_label, providers, options_kwargs=None, details=None):
-    """Everything an ONNX backend script does once it has chosen its providers and model file."""
+def run_backend(args, backend_label, providers, options_kwargs=None, details=None, device="cpu", device_id=0):
+    """Everything an ONNX backend script does once it has chosen its providers and model file:
+    one printed block (and JSON line) per timing mode in args.timing; returns their records."""
     options_kwargs = options_kwargs or {}
     require_providers(providers)
     contract.require_file(args.model)
     images, labels = measure.load_test_set(args)
     session, setup_s = measure.timed(
         lambda: create_session(args.model, providers, session_options(**options_kwargs)))
-    result = measure.measure(predictor(session), images, labels, args.batch_size,
-                             args.latency_runs, not args.quiet)
     kernels = provider_kernels(args.model, providers, options_kwargs, images[:1])
     backend = f"{backend_label} [providers: {', '.join(session.get_providers())}]"
     details = {**(details or {}), "kernels on": ", ".join(f"{p} {n}" for p, n in kernels.items())}
-    record = measure.report(args, backend, result, setup_s, versions(), details)
+    records = []
+    for runner in runners(session, args.timing, device, device_id):
+        result = measure.measure(runner, images, labels, args.batch_size, args.latency_runs, not args.quiet)
+        records.append(measure.report(args, backend, result, setup_s, versions(), details))
     if args.netron:
         viewer.serve(args.model, args)
-    return record, result
+    return records

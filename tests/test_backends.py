@@ -81,8 +81,8 @@ def test_torch_script_reports_eager_and_torchscript(trained, mnist_dir):
 def test_onnx_cpu_accuracy_equals_torch_and_json_has_every_field(trained, mnist_dir, tmp_path):
     results = tmp_path / "results.jsonl"
     for level in ("disable", "all"):
-        record, _ = onnx_cpu_infer.main(backend_args(trained, mnist_dir, "model.onnx", "--json", str(results),
-                                               "--opt-level", level, "--threads", "1"))
+        record = onnx_cpu_infer.main(backend_args(trained, mnist_dir, "model.onnx", "--json", str(results),
+                                               "--opt-level", level, "--threads", "1"))[0]
         assert record["accuracy"] == pytest.approx(torch_accuracy(trained, mnist_dir))
     lines = [json.loads(line) for line in results.read_text().splitlines()]
     assert len(lines) == 2
@@ -98,7 +98,7 @@ def test_onnx_cpu_accuracy_equals_torch_and_json_has_every_field(trained, mnist_
 
 
 def test_fp16_runs_on_cpu_and_says_so(trained, mnist_dir):
-    record, _ = onnx_fp16_infer.main(backend_args(trained, mnist_dir))
+    record = onnx_fp16_infer.main(backend_args(trained, mnist_dir))[0]
     assert record["backend"].startswith("ONNX Runtime FP16 on CPU")
     assert abs(record["accuracy"] - torch_accuracy(trained, mnist_dir)) <= 1.0
     model = onnx.load(str(trained / "model.fp16.onnx"))
