@@ -1,0 +1,125 @@
+"""What a serving replica does with one HTTP body, independent of Ray: parse one or many 28x28
+images (raw uint8 bytes, or JSON), run the model, and answer with each image's class, logits and
+chosen experts. Bad requests become a RequestError with an HTTP status and a one-line message."""
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from . import contract
+
+PIXELS_PER_IMAGE = 28 * 28
+BACKENDS = ("onnxruntime", "onnxruntime-cuda", "openvino")
+
+
+class RequestError(Exception):
+    """A request the server refuses: `status` is the HTTP status, the message one line."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def images_from_bytes(body, max_images):
+    """Raw uint8 pixels, 784 bytes per image, row-major, any number of images up to max_images."""
+    if not body:
+        raise RequestError(400, "empty body: send 784 uint8 bytes per 28x28 image, or JSON {\"images\": [...]}")
+    if len(body) % PIXELS_PER_IMAGE:
+        raise RequestError(400, f"body of {len(body)} bytes is not a whole number of 28x28 uint8 images "
+                                f"({PIXELS_PER_IMAGE} bytes each)")
+    count = len(body) // PIXELS_PER_IMAGE
+    if count > max_images:
+        raise RequestError(413, f"{count} images in one request; at most {max_images}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(count, PIXELS_PER_IMAGE)
+
+
+def images_from_json(body, max_images):
+    """{"images": [image, ...]}, each image 784 numbers or 28 rows of 28, pixel values 0-255."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RequestError(400, f"bad JSON ({error}); send {{\"images\": [[784 pixel values 0-255], ...]}}")
+    images = document.get("images") if isinstance(document, dict) else None
+    if not isinstance(images, list) or not images:
+        raise RequestError(400, "JSON needs a non-empty list under \"images\"")
+    if len(images) > max_images:
+        raise RequestError(413, f"{len(images)} images in one request; at most {max_images}")
+    try:
+        array = np.asarray(images, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise RequestError(400, "every image must be 784 numbers or 28 rows of 28 numbers")
+    if array.shape[1:] not in ((PIXELS_PER_IMAGE,), (28, 28)):
+        raise RequestError(400, f"images of shape {array.shape[1:]}; each must be 784 numbers or 28x28")
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
+        raise RequestError(400, "pixel values must be numbers from 0 to 255")
+    return np.round(array).astype(np.uint8).reshape(len(images), PIXELS_PER_IMAGE)
+
+
+def parse(body, content_type, max_images):
+    """uint8 (N, 784) from a request body: JSON when the content type says so, else raw bytes."""
+    if "json" in (content_type or ""):
+        return images_from_json(body, max_images)
+    return images_from_bytes(body, max_images)
+
+
+def to_pixels(images_uint8):
+    """The model's input contract: float32 (N, 1, 28, 28) in [0, 1]."""
+    return (images_uint8.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+
+
+def answers(logits, gates):
+    """One JSON-ready answer per image: class, logits, and the chosen experts with their weights."""
+    results = []
+    for row_logits, row_gates in zip(logits, gates):
+        chosen = np.flatnonzero(row_gates)
+        chosen = chosen[np.argsort(-row_gates[chosen])]
+        results.append({"class": int(row_logits.argmax()), "logits": [round(float(v), 5) for v in row_logits],
+                        "experts": [{"expert": int(e), "weight": round(float(row_gates[e]), 5)} for e in chosen]})
+    return results
+
+
+class Engine:
+    """The exported model on one backend, returning (logits, gates) for float32 pixels."""
+
+    def __init__(self, model_bytes, backend="onnxruntime", threads=0, precision="auto"):
+        self.backend = backend
+        if backend == "openvino":
+            self.run = self._openvino(model_bytes, precision)
+        else:
+            self.run = self._onnxruntime(model_bytes, backend, threads)
+
+    @staticmethod
+    def _onnxruntime(model_bytes, backend, threads):
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if backend == "onnxruntime-cuda"
+                     else ["CPUExecutionProvider"])
+        session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
+        if session.get_providers()[0] != providers[0]:
+            raise RuntimeError(f"{providers[0]} did not start (got {session.get_providers()[0]})")
+        return lambda pixels: session.run([contract.LOGITS, contract.GATES], {contract.PIXELS: pixels})
+
+    @staticmethod
+    def _openvino(model_bytes, precision):
+        import openvino
+        with tempfile.TemporaryDirectory() as folder:  # OpenVINO reads ONNX from a file
+            path = os.path.join(folder, "model.onnx")
+            with open(path, "wb") as f:
+                f.write(model_bytes)
+            settings = {"PERFORMANCE_HINT": "LATENCY"}
+            if precision != "auto":
+                settings["INFERENCE_PRECISION_HINT"] = precision
+            compiled = openvino.Core().compile_model(path, "CPU", settings)
+        request = compiled.create_infer_request()
+        outputs = [compiled.output(contract.LOGITS), compiled.output(contract.GATES)]
+
+        def run(pixels):
+            result = request.infer({0: pixels}, share_inputs=True)
+            return [result[o] for o in outputs]
+        return run
+
+    def classify(self, images_uint8):
+        logits, gates = self.run(to_pixels(images_uint8))
+        return answers(logits, gates)
