@@ -17,6 +17,10 @@ W_LOAD = 0.1
 W_SWITCH = 0.01
 ROUTING = "dense"  # "dense": static shapes, every expert masked by its gate; "loop": per-expert dispatch
 
+# --routing auto (ONNX Runtime CPU): the dense graph below this batch size, the loop graph from it on;
+# where the two cross on this project's CPU (sweep.py's batch curves).
+AUTO_LOOP_FROM = 128
+
 # Training defaults.
 EPOCHS = 15
 BATCH_SIZE = 128

@@ -57,6 +57,9 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.zeros(dim, experts))
         self.w_noise = nn.Parameter(torch.zeros(dim, experts))
         self.experts = nn.ModuleList([Expert(dim, hidden) for _ in range(experts)])
+        # Training in several processes (common/parallel.py) sets this to a sum over every rank's rows,
+        # so that the balance loss sees the global batch.
+        self.sum_across_ranks = None
         # gates (N, EXPERTS) @ this = each expert's gate repeated over its HIDDEN + 1 units
         self.register_buffer("gate_to_units", torch.eye(experts).repeat_interleave(hidden + 1, dim=1),
                              persistent=False)
@@ -102,10 +105,7 @@ class MoE(nn.Module):
         """sum_e gates[:, e] * expert_e(x), then the linear layer (weight, bias) if one is given."""
         if self.routing == "dense":
             return self.mix_dense(x, gates, weight, bias)
-        mixed = self.dispatch_loop(x, gates)
-        if weight is None:
-            return mixed
-        return F.linear(mixed, weight, bias)
+        return self.dispatch_loop(x, gates, weight, bias)
 
     def mix_dense(self, x: Tensor, gates: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
         """Static shapes: every expert on every row as two wide matrix products, the hidden units
@@ -127,22 +127,35 @@ class MoE(nn.Module):
         hidden = F.relu(F.linear(x, torch.cat(w1), torch.cat(b1)))  # (N, EXPERTS * (HIDDEN + 1))
         return F.linear(hidden * (gates @ self.gate_to_units), torch.cat(w2, 1), bias)
 
-    def dispatch_loop(self, x: Tensor, gates: Tensor) -> Tensor:
-        """Classic per-expert dispatch: each expert sees only the rows routed to it."""
-        out = torch.zeros_like(x)
+    def dispatch_loop(self, x: Tensor, gates: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+        """Classic per-expert dispatch: each expert sees only the rows routed to it. A following
+        linear layer (weight, bias) is folded into each expert's output layer, as in mix_dense, so
+        the rows scattered back are already that layer's outputs."""
+        width = self.dim if weight is None else weight.shape[0]
+        out = torch.zeros(x.shape[0], width, dtype=x.dtype, device=x.device)
         for i, expert in enumerate(self.experts):
             rows = torch.nonzero(gates[:, i] > 0).squeeze(1)
-            weighted = expert(x.index_select(0, rows)) * gates[:, i].index_select(0, rows).unsqueeze(1)
+            out_weight, out_bias = expert.fc2.weight, expert.fc2.bias
+            if weight is not None:
+                out_weight, out_bias = weight @ out_weight, weight @ out_bias
+            hidden = F.relu(expert.fc1(x.index_select(0, rows)))
+            weighted = F.linear(hidden, out_weight, out_bias) * gates[:, i].index_select(0, rows).unsqueeze(1)
             out = out.index_put((rows,), weighted, accumulate=True)
-        return out
+        return out if bias is None else out + bias
+
+    @torch.jit.unused
+    def global_sum(self, x: Tensor) -> Tensor:
+        """x summed over the rows of every rank (x itself in one process)."""
+        return x if self.sum_across_ranks is None else self.sum_across_ranks(x)
 
     def balance_loss(self, clean: Tensor, logits: Tensor, noise_std: Tensor, top_logits: Tensor,
                      gates: Tensor) -> Tensor:
+        """Computed from per-expert sums over the whole (global) batch."""
         if self.balance_loss_kind == "switch":
             return self.w_switch * self.switch_loss(logits, gates)
         if self.balance_loss_kind == "shazeer":
-            importance = gates.sum(0)
-            load = self.smooth_load(clean, logits, noise_std, top_logits, gates)
+            importance = self.global_sum(gates.sum(0))
+            load = self.global_sum(self.smooth_load(clean, logits, noise_std, top_logits, gates))
             return self.w_importance * cv_squared(importance) + self.w_load * cv_squared(load)
         return torch.zeros((), dtype=clean.dtype, device=clean.device)
 
@@ -163,8 +176,9 @@ class MoE(nn.Module):
 
     def switch_loss(self, logits: Tensor, gates: Tensor) -> Tensor:
         """Switch Transformer auxiliary loss: E * sum_i (share of routed slots to i) * (mean prob of i)."""
-        share = (gates > 0).to(logits.dtype).mean(0) / self.top
-        mean_prob = F.softmax(logits, dim=1).mean(0)
+        rows = self.global_sum(torch.full((1,), float(logits.shape[0]), dtype=logits.dtype, device=logits.device))
+        share = self.global_sum((gates > 0).to(logits.dtype).sum(0)) / (rows * self.top)
+        mean_prob = self.global_sum(F.softmax(logits, dim=1).sum(0)) / rows
         return self.num_experts * (share * mean_prob).sum()
 
 

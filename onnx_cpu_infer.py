@@ -1,4 +1,5 @@
-"""ONNX Runtime, CPU execution provider."""
+"""ONNX Runtime, CPU execution provider. By default (--routing auto) each batch goes to the graph
+that is faster at its size: the dense graph for small batches, the loop graph for large ones."""
 
 from common import sessions
 from common.cli import ArgumentParser, run
@@ -6,7 +7,7 @@ from common.cli import ArgumentParser, run
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    sessions.add_model_args(parser, "ONNX model from export_onnx.py")
+    sessions.add_model_args(parser, "ONNX model from export_onnx.py", auto=True)
     parser.add_argument("--opt-level", choices=("disable", "basic", "extended", "all"), default="all",
                         help="ONNX Runtime graph optimisation level (default all)")
     parser.add_argument("--threads", type=int, default=0,

@@ -1,16 +1,18 @@
 """PyTorch from the trained checkpoint: eager, TorchScript (frozen), torch.compile (fp32, and bf16
-autocast where the device has bf16), and on CUDA a CUDA-graph replay; CPU, and CUDA when present.
+autocast where the device has bf16), the fused INT8 custom operator on CPUs with AVX-512 VNNI, and
+on CUDA a CUDA-graph replay; CPU, and CUDA when present.
 On CUDA every variant is timed twice: end to end from host numpy arrays, and device-resident."""
 import torch
 
 import config
-from common import checkpoint, measure, viewer
+from common import checkpoint, fused, measure, viewer
 from common.cli import ArgumentParser, UserError, run
 from train import pick_device
 
-VARIANTS = ("eager", "torchscript", "compile", "compile-bf16", "cuda-graph")
+VARIANTS = ("eager", "torchscript", "compile", "compile-bf16", "fused-int8", "cuda-graph")
 LABELS = {"eager": "eager", "torchscript": "TorchScript (frozen)", "compile": "torch.compile (inductor)",
-          "compile-bf16": "torch.compile (inductor), bf16 autocast", "cuda-graph": "eager, CUDA graph replay"}
+          "compile-bf16": "torch.compile (inductor), bf16 autocast", "cuda-graph": "eager, CUDA graph replay",
+          "fused-int8": "custom op: fused MoE, INT8"}
 
 
 def forward_logits(model, device, bf16=False):
@@ -100,14 +102,15 @@ def has_bf16(device):
 def variants(chosen, device):
     """[variant names] to run on `device`: all of them that it has, or the ones asked for."""
     available = [v for v in VARIANTS if (v != "cuda-graph" or device == "cuda")
-                 and (v != "compile-bf16" or has_bf16(device))]
+                 and (v != "compile-bf16" or has_bf16(device))
+                 and (v != "fused-int8" or (device == "cpu" and not fused.missing_cpu_features()))]
     if "all" in chosen:
         return available
     for choice in chosen:
         if choice not in available:
-            raise UserError(f"--variant {choice} is not available on {device}"
-                            + (" (needs a CUDA device)" if choice == "cuda-graph" else
-                               " (the CPU has no avx512_bf16/amx_bf16)"))
+            raise UserError(f"--variant {choice} is not available on {device}" + {
+                "cuda-graph": " (needs a CUDA device)", "compile-bf16": " (the CPU has no avx512_bf16/amx_bf16)",
+                "fused-int8": " (a CPU with AVX-512 VNNI only)"}.get(choice, ""))
     return [v for v in VARIANTS if v in chosen]
 
 
@@ -119,6 +122,8 @@ def ready_model(variant, model, structure, device):
         return compiled(model, torch.device(device), variant == "compile-bf16")
     if variant == "cuda-graph":
         return cuda_graphed(model, structure)
+    if variant == "fused-int8":
+        return fused.FusedInt8(model, structure)
     return model
 
 
@@ -134,7 +139,7 @@ def device_name(device):
 
 def runners(model, device, bf16):
     """The timing modes for a device: host arrays everywhere, and device-resident on CUDA."""
-    host = measure.Runner(predictor(model, device, bf16))
+    host = measure.Runner(fused.predictor(model) if isinstance(model, fused.FusedInt8) else predictor(model, device, bf16))
     return [host] + ([resident_runner(model, torch.device(device), bf16)] if device == "cuda" else [])
 
 
@@ -163,8 +168,13 @@ def main(argv=None):
     for device, names in chosen.items():
         for variant in names:
             ready, setup_s = measure.timed(lambda: ready_model(variant, model, structure, device))
-            details = ({"setup holds": f"{'compilation' if 'compile' in variant else 'graph capture'}, "
-                                       f"{setup_s:.1f} s"} if variant not in ("eager", "torchscript") else {})
+            what = {"cuda-graph": "graph capture", "fused-int8": "the operator's build (cached after the first) "
+                    "and weight packing"}.get(variant, "compilation")
+            details = {"setup holds": f"{what}, {setup_s:.1f} s"} if variant not in ("eager", "torchscript") else {}
+            if variant == "fused-int8":
+                details["kernel"] = ("common/fused_moe.cpp as torch.ops.moe_fused.int8_forward: uint8 x int8 "
+                                     "embedding and expert products (vpdpbusd), gate and top-k in float32, "
+                                     "only the chosen experts")
             for runner in runners(ready, device, variant == "compile-bf16"):
                 result = measure.measure(runner, images, labels, args.batch_size, args.latency_runs, not args.quiet)
                 records.append(measure.report(

@@ -157,12 +157,13 @@ def library_versions(*modules):
 def report(args, backend, result, setup_s, versions, details=None):
     """Print the block every backend script shares; append it to --json if asked."""
     details = details or {}
+    model = args.model + (f" and {args.large_model}" if getattr(args, "large_model", None) else "")
     lines = [f"== {backend}",
-             f"   model         {args.model}",
+             f"   model         {model}",
              "   versions      " + ", ".join(f"{k} {v}" for k, v in versions.items())
              + f"; python {platform.python_version()}",
              f"   machine       {cpu_name()}, {os.cpu_count()} cores",
-             *(f"   {key:<13} {value}" for key, value in details.items()),
+             *(f"   {key:<13} {value}" if len(key) <= 13 else f"   {key} {value}" for key, value in details.items()),
              f"   setup         {1e3 * setup_s:.1f} ms (model load, session creation or compilation; not in the times below)",
              f"   accuracy      {result['accuracy']:.2f}% on {result['images']} test images",
              f"   timing        {result['timing']}",
@@ -171,7 +172,7 @@ def report(args, backend, result, setup_s, versions, details=None):
              f"   latency b=1   p50 {result['latency_p50_us']:.1f} us, p99 {result['latency_p99_us']:.1f} us "
              f"over {result['latency_runs']} runs after warm-up"]
     print("\n".join(lines), flush=True)
-    record = {"script": os.path.basename(sys.argv[0]), "backend": backend, "model": args.model,
+    record = {"script": os.path.basename(sys.argv[0]), "backend": backend, "model": model,
               "setup_s": setup_s, **{k: v for k, v in result.items() if k != "logits"},
               "details": details, "versions": versions, "python": platform.python_version(),
               "cpu": cpu_name(), "cores": os.cpu_count(),

@@ -18,9 +18,13 @@ def activated_macs(s):
 def graph_macs(s, routing):
     """Per image, what the exported graph of `routing` computes. dense: every expert's first layer
     on every image (with the always-1 bias unit), the gate spread over those units, and the head
-    folded into each expert's second layer; loop: only the chosen experts."""
+    folded into each expert's second layer; loop: only the chosen experts (counted unfolded, as the
+    activated path); fused: the chosen experts with the head folded in."""
     if routing == "loop":
         return activated_macs(s)
+    if routing == "fused":  # the chosen experts only, the head folded into their second layers
+        return (s["INPUT_SIZE"] * s["EMB_SIZE"] + s["EMB_SIZE"] * s["EXPERTS"]
+                + s["TOP"] * (s["EMB_SIZE"] * s["HIDDEN_SIZE"] + s["HIDDEN_SIZE"] * s["CLASSES"]))
     units = s["EXPERTS"] * (s["HIDDEN_SIZE"] + 1)
     return (s["INPUT_SIZE"] * s["EMB_SIZE"] + s["EMB_SIZE"] * s["EXPERTS"] + s["EXPERTS"] * units
             + s["EMB_SIZE"] * units + units * s["CLASSES"])

@@ -18,13 +18,16 @@ GPU_INSTALL = ("on a CUDA machine: pip uninstall -y onnxruntime && "
 TIMINGS = ("host", "resident", "both")
 
 
-def add_model_args(parser, what="ONNX model", timing=True):
+def add_model_args(parser, what="ONNX model", timing=True, auto=False):
     parser.add_argument("--model", help=f"{what} from export_onnx.py (default: the --routing graph)")
     if timing:
         add_timing_arg(parser)
-    parser.add_argument("--routing", choices=config.ROUTINGS, default=config.ROUTING,
+    parser.add_argument("--routing", choices=config.ROUTINGS + (("auto",) if auto else ()),
+                        default="auto" if auto else config.ROUTING,
                         help=f"which exported graph to run when --model is not given: "
-                             f"{', '.join(f'{r} = {config.onnx_path(r)}' for r in config.ROUTINGS)}")
+                             f"{', '.join(f'{r} = {config.onnx_path(r)}' for r in config.ROUTINGS)}"
+                             + (f"; auto (default): {config.onnx_path('dense')} below batch {config.AUTO_LOOP_FROM}, "
+                                f"{config.onnx_path('loop')} from there" if auto else ""))
     measure.add_common_args(parser)
     viewer.add_netron_args(parser)
 
@@ -38,6 +41,9 @@ def add_timing_arg(parser):
 
 def parse_args(parser, argv, on_gpu=False):
     args = parser.parse_args(argv)
+    args.large_model = None
+    if args.routing == "auto" and not args.model:
+        args.model, args.large_model = config.onnx_path("dense"), config.onnx_path("loop")
     args.model = args.model or config.onnx_path(args.routing)
     if "timing" in vars(args):
         args.timing = args.timing or ("both" if on_gpu else "host")
@@ -157,6 +163,19 @@ def resident_runner(session, device="cpu", device_id=0):
                                  "before the clock starts")
 
 
+def by_batch_size(small, large, threshold=config.AUTO_LOOP_FROM):
+    """A Runner that gives batches below `threshold` to `small` and the rest to `large`."""
+    def pick(batch):
+        return small if len(batch) < threshold else large
+
+    def sync():
+        small.sync()
+        large.sync()
+    return measure.Runner(lambda prepared: (prepared[0], prepared[0].run(prepared[1])),
+                          prepare=lambda batch: (pick(batch), pick(batch).prepare(batch)), sync=sync,
+                          fetch=lambda done: done[0].fetch(done[1]), timing=small.timing)
+
+
 def runners(session, timing, device="cpu", device_id=0):
     chosen = {"host": ["host"], "resident": ["resident"], "both": ["host", "resident"]}[timing]
     made = {"host": lambda: measure.Runner(predictor(session)),
@@ -260,13 +279,22 @@ def run_backend(args, backend_label, providers, options_kwargs=None, details=Non
     require_providers(providers)
     contract.require_file(args.model)
     images, labels = measure.load_test_set(args)
-    session, setup_s = measure.timed(
-        lambda: create_session(args.model, providers, session_options(**options_kwargs)))
-    kernels = provider_kernels(args.model, providers, options_kwargs, images[:1])
-    backend = f"{backend_label} [providers: {', '.join(session.get_providers())}]"
-    details = {**(details or {}), "kernels on": ", ".join(f"{p} {n}" for p, n in kernels.items())}
+    paths = [args.model] + ([args.large_model] if args.large_model else [])
+    made, setup_s = measure.timed(
+        lambda: [create_session(path, providers, session_options(**options_kwargs)) for path in paths])
+    backend = f"{backend_label} [providers: {', '.join(made[0].get_providers())}]"
+    details = dict(details or {})
+    for path, graph in zip(paths, ("", " (loop)") if args.large_model else ("",)):
+        kernels = provider_kernels(path, providers, options_kwargs, images[:1])
+        details[f"kernels on{' (dense)' if args.large_model and not graph else graph}"] = ", ".join(
+            f"{p} {n}" for p, n in kernels.items())
+    if args.large_model:
+        details["routing"] = (f"auto: {args.model} for batches below {config.AUTO_LOOP_FROM}, {args.large_model} "
+                              f"from {config.AUTO_LOOP_FROM} (here: batch 1 on the first, batch {args.batch_size} "
+                              f"on the {'second' if args.batch_size >= config.AUTO_LOOP_FROM else 'first'})")
     records = []
-    for runner in runners(session, args.timing, device, device_id):
+    for chosen in zip(*(runners(session, args.timing, device, device_id) for session in made)):
+        runner = chosen[0] if len(chosen) == 1 else by_batch_size(*chosen)
         result = measure.measure(runner, images, labels, args.batch_size, args.latency_runs, not args.quiet)
         records.append(measure.report(args, backend, result, setup_s, versions(), details))
     if args.netron:

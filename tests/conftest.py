@@ -49,6 +49,20 @@ def tiny_models(tmp_path_factory, mnist_dir):
     return folder
 
 
+@pytest.fixture(scope="session")
+def small_models(tmp_path_factory, mnist_dir):
+    """A small model trained well enough that its answers mean something (60k images, 2 epochs,
+    EMB_SIZE and HIDDEN_SIZE 64, which the fused kernel takes): for the tests that hold a faster
+    path to the fp32 model's answers. Its folder holds checkpoint.pt, model.onnx, model.loop.onnx."""
+    import export_onnx
+    folder = tmp_path_factory.mktemp("small-shared")
+    train_tiny(folder, mnist_dir, train_images=60000, test_images=500, epochs=2, experts=4, size=64)
+    for routing, name in (("dense", "model.onnx"), ("loop", "model.loop.onnx")):
+        export_onnx.main(["--checkpoint", str(folder / "checkpoint.pt"), "--routing", routing,
+                          "--output", str(folder / name), "--data-dir", mnist_dir, "--test-limit", "300"])
+    return folder
+
+
 def idx_bytes(array, magic):
     header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
     return header + array.astype(np.uint8).tobytes()

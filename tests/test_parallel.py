@@ -1,0 +1,132 @@
+"""Training in several processes, on CPU with gloo and torchrun's 2 processes: data parallel and
+expert parallel give the loss curve and weights of one process on the same global batch; the
+expert-parallel forward equals one process's on every row; resume works; a dying rank or Ctrl-C
+ends the whole run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import export_onnx
+import train
+from common import checkpoint
+from conftest import ROOT
+
+SMALL = ["--train-limit", "512", "--test-limit", "200", "--experts", "4", "--top", "2", "--emb-size", "32",
+         "--hidden-size", "32", "--noisy-gating", "off", "--quiet"]
+
+
+def torchrun(*args, timeout=180, processes=2):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--standalone", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def train_args(folder, name, mnist_dir, *extra, epochs=2):
+    return ["train.py", *SMALL, "--data-dir", mnist_dir, "--epochs", str(epochs), "--checkpoint", str(folder / name),
+            "--scripted", str(folder / f"{name}.scripted"), "--plot", str(folder / f"{name}.png"), *extra]
+
+
+def assert_same_training(a, b):
+    for x, y in zip(a["history"], b["history"]):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)
+        assert x["balance_loss"] == pytest.approx(y["balance_loss"], rel=1e-4, abs=1e-7)
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, mnist_dir):
+    folder = tmp_path_factory.mktemp("parallel")
+    train.main(train_args(folder, "single.pt", mnist_dir)[1:])
+    return folder, checkpoint.load(str(folder / "single.pt"))
+
+
+@pytest.mark.parametrize("mode", ["data", "expert"])
+def test_n_processes_train_as_one_process_on_the_same_global_batch(one_process, mnist_dir, mode):
+    folder, single = one_process
+    result = torchrun(*train_args(folder, f"{mode}.pt", mnist_dir, "--parallel", mode))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"2 processes, {mode} parallel" in result.stdout
+    assert result.stdout.count("epoch  2/2") == 1  # only rank 0 prints
+    parallel = checkpoint.load(str(folder / f"{mode}.pt"))
+    assert parallel["parallel"] == {"mode": mode, "processes": 2}
+    assert_same_training(parallel, single)
+    if mode == "expert":
+        assert "all_to_all" in result.stdout and "KiB/step" in result.stdout
+    # an ordinary checkpoint: the later scripts take it as they are
+    export_onnx.main(["--checkpoint", str(folder / f"{mode}.pt"), "--output", str(folder / f"{mode}.onnx"),
+                      "--data-dir", mnist_dir, "--test-limit", "100"])
+
+
+def test_expert_parallel_forward_equals_one_process_on_every_row(tiny_models, mnist_dir, tmp_path):
+    out = tmp_path / "forward.json"
+    result = torchrun("tests/parallel_forward.py", str(tiny_models / "checkpoint.pt"), mnist_dir, "301", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(out.read_text())
+    assert found["rows"] == 301 and found["argmax_equal"] and found["gates_equal"]
+    assert found["max_abs_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["data", "expert"])
+def test_resume_continues_where_it_stopped(tmp_path, mnist_dir, mode):
+    straight = torchrun(*train_args(tmp_path, "straight.pt", mnist_dir, "--parallel", mode))
+    first = torchrun(*train_args(tmp_path, "resumed.pt", mnist_dir, "--parallel", mode, epochs=1))
+    resumed = torchrun(*train_args(tmp_path, "resumed.pt", mnist_dir, "--parallel", mode, "--resume"))
+    assert straight.returncode == first.returncode == resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = checkpoint.load(str(tmp_path / "straight.pt")), checkpoint.load(str(tmp_path / "resumed.pt"))
+    assert [h["epoch"] for h in b["history"]] == [1, 2]
+    assert_same_training(a, b)
+
+
+def test_experts_that_do_not_divide_are_one_clear_error(tmp_path, mnist_dir):
+    result = torchrun(*train_args(tmp_path, "odd.pt", mnist_dir, "--parallel", "expert", "--experts", "3"))
+    assert result.returncode != 0
+    assert result.stderr.count("error: --parallel expert shards 3 experts over 2 processes") == 1
+    result = torchrun(*train_args(tmp_path, "none.pt", mnist_dir))
+    assert result.returncode != 0 and "choose --parallel data or --parallel expert" in result.stderr
+
+
+def long_run(tmp_path, mnist_dir, mode):
+    """torchrun in its own process group (as a terminal would run it), training long enough to be stopped."""
+    args = train_args(tmp_path, "long.pt", mnist_dir, "--parallel", mode, epochs=200)
+    args[args.index("--train-limit") + 1] = "8000"
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                "--standalone", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "long.pt").exists():
+        assert time.time() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.5)
+    return process
+
+
+def workers(launcher):
+    found = subprocess.run(["pgrep", "-f", f"train.py.*{launcher}"], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
+def test_a_dying_rank_ends_every_rank_without_a_hang(tmp_path, mnist_dir):
+    process = long_run(tmp_path, mnist_dir, "expert")
+    ranks = [pid for pid in workers(tmp_path / "long.pt") if pid != process.pid]
+    assert len(ranks) >= 2
+    os.kill(max(ranks), signal.SIGKILL)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert "lost contact with another process" in err or "stopped by torchrun" in err
+    assert not workers(tmp_path / "long.pt")
+    assert checkpoint.load(str(tmp_path / "long.pt"))["epoch"] >= 1  # whole, never half-written
+
+
+def test_ctrl_c_stops_every_rank(tmp_path, mnist_dir):
+    process = long_run(tmp_path, mnist_dir, "data")
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = process.communicate(timeout=60)
+    assert process.returncode != 0 and err.count("interrupted") == 1
+    assert not workers(tmp_path / "long.pt")
+    assert checkpoint.load(str(tmp_path / "long.pt"))["epoch"] >= 1
