@@ -15,7 +15,7 @@ from tqdm import tqdm
 import config
 import export_onnx
 import onnx_quantize_infer
-from common import checkpoint, measure, openvino_cpu, roofline, sessions
+from common import checkpoint, fused, measure, openvino_cpu, roofline, sessions
 from common.cli import ArgumentParser, atomic_path, positive_int, run
 from data import add_data_args, load_split
 from moe import build_model
@@ -180,14 +180,19 @@ def trained_engines(args, workdir, images, labels):
     model, structure, _ = checkpoint.load_model(args.checkpoint)
     paths = export_both(model, structure, workdir, images, labels, "trained")
     calibration = load_split("train", args.data_dir, 300)[0].numpy()
-    int8 = onnx_quantize_infer.quantize(paths["dense"], os.path.join(workdir, "int8.onnx"), "dynamic")
-    return structure, {
+    int8 = {routing: onnx_quantize_infer.quantize(paths[routing], os.path.join(workdir, f"int8.{routing}.onnx"),
+                                                  "dynamic") for routing in config.ROUTINGS}
+    engines = {
         "ONNX Runtime fp32, dense": lambda: onnx_engine(paths["dense"]),
         "ONNX Runtime fp32, loop": lambda: onnx_engine(paths["loop"]),
-        "ONNX Runtime INT8 dynamic, dense": lambda: onnx_engine(int8),
+        "ONNX Runtime INT8 dynamic, dense": lambda: onnx_engine(int8["dense"]),
+        "ONNX Runtime INT8 dynamic, loop": lambda: onnx_engine(int8["loop"]),
         "OpenVINO bf16, dense": lambda: openvino_engine(paths["dense"]),
         "OpenVINO bf16, loop": lambda: openvino_engine(paths["loop"]),
         "OpenVINO INT8 (NNCF), loop": lambda: openvino_engine(paths["loop"], "auto", calibration)}
+    if fused.takes(structure) and not fused.missing_cpu_features():
+        engines["PyTorch custom op, fused INT8"] = lambda: fused.predictor(fused.FusedInt8(model, structure))
+    return structure, engines
 
 
 def main(argv=None):
