@@ -44,7 +44,8 @@ inline void tile_u8s8(const uint8_t* a, int lda, const int8_t* b, int k_size, in
     for (int t = 0; t < 4; ++t) _mm512_storeu_si512(c + (size_t)r * ldc + n0 + 16 * t, acc[r][t]);
 }
 
-// rows x N int32 products of rows x K uint8 and packed K x N int8 (N a multiple of 64).
+// rows x N int32 products of rows x K uint8 and packed K x N int8 (N a multiple of 64), four rows at
+// a time (16 accumulators; six rows spill registers and run slower here).
 inline void gemm_u8s8(const uint8_t* a, int lda, int rows, const int8_t* b, int k_size, int n_size,
                       int32_t* c, int ldc) {
   int r = 0;
@@ -156,54 +157,68 @@ std::vector<at::Tensor> moe_int8_forward(const at::Tensor& pixels, at::TensorLis
     std::vector<int> fill(count.begin(), count.end() - 1);
     for (size_t s = 0; s < (size_t)n * top; ++s) order[fill[chosen[s]]++] = (int)(s / top);
   }
-  for (int x = 0; x < experts; ++x) {
-    const int first = count[x], rows_x = count[x + 1] - count[x];
-    if (rows_x == 0) continue;
-    const int8_t* w1 = f1 + (size_t)x * emb * hidden;
-    const float *s1 = f1s + (size_t)x * hidden, *b1 = f1b + (size_t)x * hidden;
-    const float *w2 = f2 + (size_t)x * hidden * c_pad, *b2 = f2b + (size_t)x * c_pad;
-#pragma omp parallel if (rows_x >= 2 * ROWS_PER_TASK)
-    {
-      const int task = std::min(ROWS_PER_TASK, rows_x);
-      std::unique_ptr<uint8_t[]> a(new uint8_t[(size_t)task * emb]);
-      std::unique_ptr<int32_t[]> acc(new int32_t[(size_t)task * hidden]);
-      std::unique_ptr<float[]> h(new float[(size_t)task * hidden]);
-#pragma omp for schedule(static)
-      for (int start = 0; start < rows_x; start += ROWS_PER_TASK) {
-        const int rows = std::min(ROWS_PER_TASK, rows_x - start);
-        for (int r = 0; r < rows; ++r)
-          std::copy_n(quantized.data() + (size_t)order[first + start + r] * emb, emb, a.get() + (size_t)r * emb);
-        gemm_u8s8(a.get(), emb, rows, w1, emb, hidden, acc.get(), hidden);
-        for (int r = 0; r < rows; ++r) {  // hidden = ReLU(dequantised products + bias)
-          const __m512 scale = _mm512_set1_ps(row_scale[order[first + start + r]]);
-          for (int j = 0; j < hidden; j += 16) {
-            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc.get() + (size_t)r * hidden + j)), scale);
-            v = _mm512_max_ps(_mm512_fmadd_ps(v, _mm512_loadu_ps(s1 + j), _mm512_loadu_ps(b1 + j)), _mm512_setzero_ps());
-            _mm512_storeu_ps(h.get() + (size_t)r * hidden + j, v);
-          }
+  // every (expert, block of its rows) is one task of one parallel loop; each slot's weighted output
+  // goes to its own place in `part`, so two experts of one row never write the same memory
+  std::vector<std::pair<int, int>> tasks;  // (expert, first position in order)
+  for (int x = 0; x < experts; ++x)
+    for (int start = count[x]; start < count[x + 1]; start += ROWS_PER_TASK) tasks.emplace_back(x, start);
+  std::vector<float> part((size_t)n * top * 16);
+  const int task_rows = std::min(ROWS_PER_TASK, n * (int)top);
+#pragma omp parallel if (tasks.size() >= 4)
+  {
+    std::unique_ptr<uint8_t[]> a(new uint8_t[(size_t)task_rows * emb]);
+    std::unique_ptr<int32_t[]> acc(new int32_t[(size_t)task_rows * hidden]);
+    std::unique_ptr<float[]> h(new float[(size_t)task_rows * hidden]);
+#pragma omp for schedule(dynamic, 1)
+    for (size_t t = 0; t < tasks.size(); ++t) {
+      const int x = tasks[t].first, start = tasks[t].second;
+      const int rows = std::min(ROWS_PER_TASK, count[x + 1] - start);
+      const int8_t* w1 = f1 + (size_t)x * emb * hidden;
+      const float *s1 = f1s + (size_t)x * hidden, *b1 = f1b + (size_t)x * hidden;
+      const float *w2 = f2 + (size_t)x * hidden * c_pad, *b2 = f2b + (size_t)x * c_pad;
+      for (int r = 0; r < rows; ++r)
+        std::copy_n(quantized.data() + (size_t)order[start + r] * emb, emb, a.get() + (size_t)r * emb);
+      gemm_u8s8(a.get(), emb, rows, w1, emb, hidden, acc.get(), hidden);
+      for (int r = 0; r < rows; ++r) {  // hidden = ReLU(dequantised products + bias)
+        const __m512 scale = _mm512_set1_ps(row_scale[order[start + r]]);
+        for (int j = 0; j < hidden; j += 16) {
+          __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc.get() + (size_t)r * hidden + j)), scale);
+          v = _mm512_max_ps(_mm512_fmadd_ps(v, _mm512_loadu_ps(s1 + j), _mm512_loadu_ps(b1 + j)), _mm512_setzero_ps());
+          _mm512_storeu_ps(h.get() + (size_t)r * hidden + j, v);
         }
-        for (int r0 = 0; r0 < rows; r0 += 4) {  // second layer, four rows sharing each weight row
-          const int group = std::min(4, rows - r0);
-          __m512 y[4][2];
-          for (int r = 0; r < 4; ++r) y[r][0] = _mm512_loadu_ps(b2), y[r][1] = _mm512_setzero_ps();
-          for (int j = 0; j < hidden; ++j) {
-            const __m512 w = _mm512_loadu_ps(w2 + (size_t)j * c_pad);
-            for (int r = 0; r < group; ++r)
-              y[r][j & 1] = _mm512_fmadd_ps(_mm512_set1_ps(h[(size_t)(r0 + r) * hidden + j]), w, y[r][j & 1]);
-          }
-          for (int r = 0; r < group; ++r) {
-            const int row = order[first + start + r0 + r];
-            alignas(64) float result[16];
-            _mm512_store_ps(result, _mm512_add_ps(y[r][0], y[r][1]));
-            const float weight = g[(size_t)row * experts + x];
-            for (int c = 0; c < classes; ++c) out[(size_t)row * classes + c] += weight * result[c];
-          }
+      }
+      for (int r0 = 0; r0 < rows; r0 += 4) {  // second layer, four rows sharing each weight row
+        const int group = std::min(4, rows - r0);
+        __m512 y[4][2];
+        for (int r = 0; r < 4; ++r) y[r][0] = _mm512_loadu_ps(b2), y[r][1] = _mm512_setzero_ps();
+        for (int j = 0; j < hidden; ++j) {
+          const __m512 w = _mm512_loadu_ps(w2 + (size_t)j * c_pad);
+          for (int r = 0; r < group; ++r)
+            y[r][j & 1] = _mm512_fmadd_ps(_mm512_set1_ps(h[(size_t)(r0 + r) * hidden + j]), w, y[r][j & 1]);
+        }
+        for (int r = 0; r < group; ++r) {
+          const float weight = g[(size_t)order[start + r0 + r] * experts + x];
+          _mm512_storeu_ps(part.data() + (size_t)(start + r0 + r) * 16,
+                           _mm512_mul_ps(_mm512_set1_ps(weight), _mm512_add_ps(y[r][0], y[r][1])));
         }
       }
     }
   }
-  for (int row = 0; row < n; ++row)
-    for (int c = 0; c < classes; ++c) out[(size_t)row * classes + c] += hb[c];
+  std::vector<int> slot_of((size_t)n * top);  // where each row's slots landed in order
+  {
+    std::vector<int> seen(n, 0);
+    for (int position = 0; position < n * (int)top; ++position) {
+      const int row = order[position];
+      slot_of[(size_t)row * top + seen[row]++] = position;
+    }
+  }
+  for (int row = 0; row < n; ++row) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int t = 0; t < top; ++t) sum = _mm512_add_ps(sum, _mm512_loadu_ps(part.data() + (size_t)slot_of[(size_t)row * top + t] * 16));
+    alignas(64) float result[16];
+    _mm512_store_ps(result, sum);
+    for (int c = 0; c < classes; ++c) out[(size_t)row * classes + c] = result[c] + hb[c];
+  }
   return {logits, gates};
 }
 

@@ -67,7 +67,7 @@ def stored_structure(path):
     return json.loads(metadata["structure_json"])
 
 
-def session_options(opt_level="all", threads=0, profile_prefix=None):
+def session_options(opt_level="all", threads=0, profile_prefix=None, spinning=True):
     import onnxruntime as ort
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -77,6 +77,8 @@ def session_options(opt_level="all", threads=0, profile_prefix=None):
     options.graph_optimization_level = levels[opt_level]
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only; fallbacks are reported by provider_kernels()
+    if not spinning:  # idle threads sleep at once instead of spinning, leaving the cores to another session
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
@@ -280,8 +282,9 @@ def run_backend(args, backend_label, providers, options_kwargs=None, details=Non
     contract.require_file(args.model)
     images, labels = measure.load_test_set(args)
     paths = [args.model] + ([args.large_model] if args.large_model else [])
-    made, setup_s = measure.timed(
-        lambda: [create_session(path, providers, session_options(**options_kwargs)) for path in paths])
+    # auto: the large-batch session does not spin, or its idle threads would slow the small-batch one
+    made, setup_s = measure.timed(lambda: [create_session(path, providers, session_options(
+        **options_kwargs, spinning=path != args.large_model)) for path in paths])
     backend = f"{backend_label} [providers: {', '.join(made[0].get_providers())}]"
     details = dict(details or {})
     for path, graph in zip(paths, ("", " (loop)") if args.large_model else ("",)):
