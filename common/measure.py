@@ -90,7 +90,7 @@ def time_full_pass(predict, images, batch_size):
 def time_single_images(predict, images, runs, start=0):
     """Seconds of each of `runs` single-image calls, cycling through the images."""
     runner = as_runner(predict)
-    singles = [runner.prepare(images[i % len(images)][None]) for i in range(start, start + runs)]
+    singles = [runner.prepare(images[i % len(images):i % len(images) + 1]) for i in range(start, start + runs)]
     latencies = []
     for single in singles:
         started = time.perf_counter()
