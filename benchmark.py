@@ -25,7 +25,7 @@ import onnx_fp16_infer
 import onnx_quantize_infer
 import torch_infer
 from common import checkpoint, fused, measure, openvino_cpu, roofline, sessions
-from common.cli import ArgumentParser, UserError, atomic_path, positive_int, run
+from common.cli import ArgumentParser, UserError, atomic_path, positive_int, run, save_figure
 from data import add_data_args, load_split
 
 FAST_PATH = "ONNX Runtime CPU, dense, torchscript"
@@ -258,6 +258,12 @@ def onnx_gpu_row(path, providers, timing):
     return sessions.runners(session, timing, "cuda")[0], {"providers": session.get_providers()}
 
 
+def cpu_floor(workdir):
+    path = build_floor(sessions.stored_structure(os.path.join(workdir, config.onnx_path())),
+                       os.path.join(workdir, "floor.onnx"))
+    return onnx_row(path)[0]
+
+
 def gpu_floor(workdir):
     path = build_floor(sessions.stored_structure(os.path.join(workdir, config.onnx_path())),
                        os.path.join(workdir, "floor.onnx"))
@@ -352,7 +358,8 @@ def recommendation(rows, reference):
     usable = [r for r in rows if r["accuracy"] >= fp32 - 0.3 and "latency_us" in r["model"]]
     latency = min(usable, key=lambda r: r["model"]["latency_us"]["p50"])
     bulk = min(usable, key=lambda r: r["model"]["best_test_set_ms"])
-    return {"reference": reference, "batch-1 latency": {"row": latency["name"], "p50_us": latency["model"]["latency_us"]["p50"]},
+    return {"reference": reference,
+            "batch-1 latency": {"row": latency["name"], "p50_us": latency["model"]["latency_us"]["p50"]},
             "bulk throughput": {"row": bulk["name"], "test_set_ms": bulk["model"]["best_test_set_ms"],
                                 "batch": bulk["model"]["best_batch"]}}
 
@@ -392,7 +399,8 @@ def frontier_targets(rows, fp32):
                     single["model"]["latency_us"]["p50"], "<=", 15.0)]
         both = min(keeps, key=lambda r: max(r["model"]["latency_us"]["p50"] / single["model"]["latency_us"]["p50"],
                                             r["model"]["best_test_set_ms"] / bulk["model"]["best_test_set_ms"]))
-        checks.append((f"one path within 1.3x of the fastest at both batch 1 and bulk ({both['name']}): its worse ratio",
+        checks.append((f"one path within 1.3x of the fastest at both batch 1 and bulk ({both['name']}): "
+                       "its worse ratio",
                        max(both["model"]["latency_us"]["p50"] / single["model"]["latency_us"]["p50"],
                            both["model"]["best_test_set_ms"] / bulk["model"]["best_test_set_ms"]), "<=", 1.3))
         for r in {bulk["name"]: bulk, single["name"]: single}.values():
@@ -464,7 +472,8 @@ def roofline_lines(report):
     for r in sorted(report["rows"], key=lambda r: r["roofline"]["vs_roofline"]):
         place = r["roofline"]
         lines.append(f"| {r['name']} | {place['precision']} | {r['model']['best_test_set_ms']:.1f} | "
-                     f"{place['roofline_ms']:.1f} | {place['vs_roofline']:.2f}x | {100 * place['peak_fraction']:.0f}% |")
+                     f"{place['roofline_ms']:.1f} | {place['vs_roofline']:.2f}x | "
+                     f"{100 * place['peak_fraction']:.0f}% |")
     return lines
 
 
@@ -501,10 +510,7 @@ def plot(report, path):
     m = report["machine"]
     fig.suptitle(f"MoE on MNIST, {report['settings']['images']} test images - {m['cpu']}, {m['cores']} cores, "
                  + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_reports(report, out_dir, stem="benchmark"):
@@ -560,8 +566,7 @@ def main(argv=None):
     peaks = None if on_gpu else roofline.measure_peaks(512 if args.quick else 2048)
     with tempfile.TemporaryDirectory() as workdir:
         specs, skipped = (gpu_rows if on_gpu else row_makers)(args, workdir, images, labels)
-        floor = gpu_floor(workdir) if on_gpu else onnx_row(build_floor(
-            sessions.stored_structure(os.path.join(workdir, config.onnx_path())), os.path.join(workdir, "floor.onnx")))[0]
+        floor = gpu_floor(workdir) if on_gpu else cpu_floor(workdir)
         rows = [measure_row(spec, images, labels, floor, args)
                 for spec in tqdm(specs, unit="row", desc="benchmark", disable=None)]
         add_agreement(rows, rows[0]["name"] if on_gpu else FAST_PATH)

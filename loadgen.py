@@ -20,7 +20,7 @@ import numpy as np
 import onnx_quantize_infer
 import torch_infer
 from common import checkpoint, contract, harness, measure, openvino_cpu, sessions
-from common.cli import ArgumentParser, UserError, atomic_path, non_negative_float, positive_int, run
+from common.cli import ArgumentParser, UserError, atomic_path, non_negative_float, positive_int, run, save_figure
 from data import add_data_args, load_split
 
 SERVE_SETTINGS = {"serve.py, batching off, 1 replica": ["--max-batch-size", "1", "--replicas", "1"],
@@ -244,10 +244,12 @@ def markdown(report):
         for name, row in report["in_process"].items():
             single, bulk = row["single_stream"], row["offline"]
             lines.append(f"| {name} | {single['p90_ns'] / 1e3:.1f} | {single['p50_ns'] / 1e3:.1f} | "
-                         f"{bulk['samples_per_s']:,.0f} | {row['loadgen']['accuracy']:.2f}% | {row['direct_accuracy']:.2f}% |")
+                         f"{bulk['samples_per_s']:,.0f} | {row['loadgen']['accuracy']:.2f}% | "
+                         f"{row['direct_accuracy']:.2f}% |")
     lines += ["", f"## Server: the highest offered QPS with p99 latency under {s['p99_ms']:g} ms", "",
               f"Poisson arrivals; offered QPS from {s['start_qps']:g} up by x{s['qps_step']:g} until a run's measured "
-              "p99 breaks the bound or a request is refused (503). 'LoadGen VALID' is LoadGen's own verdict, which also "
+              "p99 breaks the bound or a request is refused (503). 'LoadGen VALID' is LoadGen's own verdict, "
+              "which also "
               f"asks its early-stopping test to be sure of the percentile from at least {harness.SERVER_MIN_QUERIES} "
               "queries.", "",
               "| system | highest QPS under the bound | its p99 (ms) | its p50 (ms) | LoadGen VALID there | "
@@ -280,10 +282,7 @@ def plot(report, path):
            title=f"Server scenario, MLPerf LoadGen - {report['machine']} (client and server share it)")
     ax.grid(which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):

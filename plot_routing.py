@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from common import checkpoint
-from common.cli import ArgumentParser, UserError, atomic_path, run
+from common.cli import ArgumentParser, UserError, run, save_figure
 from data import add_data_args, load_split
 
 
@@ -67,10 +67,7 @@ def plot(main_gates, labels, structure, loads, path):
     ax_load.axhline(100 / len(share_e), color="grey", linestyle="--", label="balanced")
     ax_load.set(title="expert load: share of routed test images", xlabel="expert", ylabel="%")
     ax_load.legend(fontsize="small")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):

@@ -16,7 +16,7 @@ import config
 import export_onnx
 import onnx_quantize_infer
 from common import checkpoint, fused, measure, openvino_cpu, roofline, sessions
-from common.cli import ArgumentParser, atomic_path, positive_int, run
+from common.cli import ArgumentParser, atomic_path, positive_int, run, save_figure
 from data import add_data_args, load_split
 from moe import build_model
 
@@ -128,7 +128,7 @@ def plot_batches(report, path):
            title=f"Per-image cost against batch size (trained model, {report['machine']})")
     readable_log_axes(ax)
     ax.legend(fontsize="small")
-    save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_sizes(report, path):
@@ -154,7 +154,7 @@ def plot_sizes(report, path):
             readable_log_axes(ax)
             ax.legend(fontsize="small")
     fig.suptitle(f"Per-image cost as the model grows (random weights; {report['machine']})")
-    save(fig, path)
+    save_figure(fig, path)
 
 
 def readable_log_axes(ax):
@@ -163,14 +163,6 @@ def readable_log_axes(ax):
         axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(which="both", alpha=0.3)
-
-
-def save(fig, path):
-    import matplotlib.pyplot as plt
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- main

@@ -139,7 +139,8 @@ def device_name(device):
 
 def runners(model, device, bf16):
     """The timing modes for a device: host arrays everywhere, and device-resident on CUDA."""
-    host = measure.Runner(fused.predictor(model) if isinstance(model, fused.FusedInt8) else predictor(model, device, bf16))
+    predict = fused.predictor(model) if isinstance(model, fused.FusedInt8) else predictor(model, device, bf16)
+    host = measure.Runner(predict)
     return [host] + ([resident_runner(model, torch.device(device), bf16)] if device == "cuda" else [])
 
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 import config
 from common import checkpoint, parallel
-from common.cli import ArgumentParser, UserError, atomic_path, positive_int, run
+from common.cli import ArgumentParser, UserError, atomic_path, positive_int, run, save_figure
 from data import add_data_args, load_split
 from moe import build_model
 
@@ -157,10 +157,7 @@ def plot_history(history, path):
     ax_load.axhline(100 / shares.shape[1], color="grey", linestyle="--", label="balanced")
     ax_load.set(title="share of routed test images per expert", xlabel="epoch", ylabel="%")
     ax_load.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_scripted(model, path):

@@ -164,7 +164,8 @@ def report(args, backend, result, setup_s, versions, details=None):
              + f"; python {platform.python_version()}",
              f"   machine       {cpu_name()}, {os.cpu_count()} cores",
              *(f"   {key:<13} {value}" if len(key) <= 13 else f"   {key} {value}" for key, value in details.items()),
-             f"   setup         {1e3 * setup_s:.1f} ms (model load, session creation or compilation; not in the times below)",
+             f"   setup         {1e3 * setup_s:.1f} ms (model load, session creation or compilation; "
+             "not in the times below)",
              f"   accuracy      {result['accuracy']:.2f}% on {result['images']} test images",
              f"   timing        {result['timing']}",
              f"   test set      {1e3 * result['test_set_s']:.1f} ms at batch {result['batch_size']} "

@@ -76,7 +76,8 @@ def unsupported_nodes(model):
     rules, (low, high) = matrix["operators"], matrix["opsets"]
     types, known = tensor_types(model), constants(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    found = [] if opset is not None and low <= opset <= high else [("graph", "-", f"opset {opset} outside {low}-{high}")]
+    in_range = opset is not None and low <= opset <= high
+    found = [] if in_range else [("graph", "-", f"opset {opset} outside {low}-{high}")]
     for node in model.graph.node:
         for problem in node_problems(node, rules.get(node.op_type), types, known):
             found.append((node.name or node.output[0], node.op_type, problem))

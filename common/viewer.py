@@ -1,5 +1,6 @@
 """Netron: serve a model file on localhost, open it in a browser or print the URL to open."""
 import os
+import signal
 
 from .cli import UserError, port_number
 
@@ -18,6 +19,8 @@ def add_netron_args(parser):
 def serve(path, args):
     """Serve `path` until Ctrl-C; netron.wait() stops the server cleanly on KeyboardInterrupt."""
     import netron
+    # Ctrl-C stops it even where the shell that started us ignores SIGINT (a background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if not os.path.isfile(path):
         raise UserError(f"{path} not found; nothing to show in Netron")
     try:

@@ -69,7 +69,8 @@ def test_every_faster_path_keeps_the_fp32_answers(small_models, mnist_dir, path)
     graph = str(small_models / ("model.loop.onnx" if "loop" in path else "model.onnx"))
     fp32 = measure.full_pass(sessions.predictor(sessions.create_session(graph, ["CPUExecutionProvider"])), images, 500)
     if path.startswith("onnxruntime int8"):
-        quantized = onnx_quantize_infer.quantize(graph, str(small_models / f"{path[-5:].strip(', ')}.int8.onnx"), "dynamic")
+        target = str(small_models / f"{path[-5:].strip(', ')}.int8.onnx")
+        quantized = onnx_quantize_infer.quantize(graph, target, "dynamic")
         predict = sessions.predictor(sessions.create_session(quantized, ["CPUExecutionProvider"]))
     elif path.startswith("openvino"):
         calibration = load_split("train", mnist_dir, 300)[0].numpy()
