@@ -111,8 +111,10 @@ def train_epoch(model, step, optimizer, images, labels, order, batch_size, ctx, 
 
 
 def parameter_names(structure):
-    """The parameter names of the whole model, in the order a single process's optimizer holds them."""
-    return [name for name, _ in build_model(structure).named_parameters()]
+    """The parameter names of the whole model, in the order a single process's optimizer holds them.
+    Built on the meta device: no memory, and no draw from the random stream training uses."""
+    with torch.device("meta"):
+        return [name for name, _ in build_model(structure).named_parameters()]
 
 
 def start_state(args, structure, ctx):

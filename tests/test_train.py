@@ -96,3 +96,12 @@ def test_bad_flags_exit_non_zero(tmp_path, mnist_dir):
     assert exit_info.value.code != 0
     with pytest.raises(UserError, match="--top 5 is larger than --experts 4"):
         train_small(tmp_path, mnist_dir, "--top", "5")
+
+
+def test_checkpoint_bookkeeping_draws_nothing_from_the_training_random_stream(tiny_structure):
+    """Writing a checkpoint must not change what training draws next (gating noise)."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert train.parameter_names(tiny_structure)[:2] == ["embed.weight", "embed.bias"]
+    assert torch.equal(torch.rand(3), expected)
