@@ -63,8 +63,9 @@ def test_every_faster_path_keeps_the_fp32_answers(small_models, mnist_dir, path)
     """Accuracy within 0.3 points of the fp32 model, and argmax agreement >= 99.9% image by image;
     ONNX Runtime's dynamic INT8 quantizes each batch's activations with one scale for the whole
     batch, so an image's answer depends on its batch: it is held to 99.5% (benchmark.py reports
-    each row's agreement on the trained model)."""
-    args = type("Args", (), {"data_dir": mnist_dir, "test_limit": IMAGES})
+    each row's agreement on the trained model). All 10k test images: the criterion is a rate, and on
+    a 2000-image slice three near-tied images (logit margins under 0.06) decide it."""
+    args = type("Args", (), {"data_dir": mnist_dir, "test_limit": 10000})
     images, labels = measure.load_test_set(args)
     graph = str(small_models / ("model.loop.onnx" if "loop" in path else "model.onnx"))
     fp32 = measure.full_pass(sessions.predictor(sessions.create_session(graph, ["CPUExecutionProvider"])), images, 500)
