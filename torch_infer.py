@@ -173,7 +173,7 @@ def main(argv=None):
                     "and weight packing"}.get(variant, "compilation")
             details = {"setup holds": f"{what}, {setup_s:.1f} s"} if variant not in ("eager", "torchscript") else {}
             if variant == "fused-int8":
-                details["kernel"] = ("common/fused_moe.cpp as torch.ops.moe_fused.int8_forward: uint8 x int8 "
+                details["kernel"] = ("common/fused_moe.cpp (also torch.ops.moe_fused.int8_forward): uint8 x int8 "
                                      "embedding and expert products (vpdpbusd), gate and top-k in float32, "
                                      "only the chosen experts")
             for runner in runners(ready, device, variant == "compile-bf16"):

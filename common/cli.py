@@ -27,34 +27,27 @@ def run(main):
         sys.exit("interrupted")
 
 
-def positive_int(text):
+def checked_number(text, convert, expected, allowed, rule):
+    """A flag value converted by `convert` and held to `allowed`; anything else is one argparse line."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    if not allowed(value):
+        raise argparse.ArgumentTypeError(f"{rule}, got {value}")
     return value
+
+
+def positive_int(text):
+    return checked_number(text, int, "a positive integer", lambda v: v > 0, "must be a positive integer")
 
 
 def port_number(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}")
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {value}")
-    return value
+    return checked_number(text, int, "a port number", lambda v: 0 <= v <= 65535, "must be between 0 and 65535")
 
 
 def non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return checked_number(text, float, "a number", lambda v: v >= 0, "must be >= 0")
 
 
 @contextmanager

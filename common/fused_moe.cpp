@@ -82,7 +82,7 @@ std::vector<at::Tensor> moe_int8_forward(const at::Tensor& pixels, at::TensorLis
   const int emb = embed_bias.size(0), experts = fc1_bias.size(0), hidden = fc1_bias.size(1);
   const int classes = head_bias.size(0), c_pad = fc2_w.size(2);  // classes padded to 16 floats
   auto f32 = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor logits = at::zeros({n, classes}, f32), gates = at::zeros({n, experts}, f32);
+  at::Tensor logits = at::empty({n, classes}, f32), gates = at::zeros({n, experts}, f32);
   const float* px = pixels.contiguous().data_ptr<float>();
   const int8_t* eq = embed_q.data_ptr<int8_t>();
   const float *es = embed_scale.data_ptr<float>(), *eb = embed_bias.data_ptr<float>();
@@ -220,6 +220,12 @@ std::vector<at::Tensor> moe_int8_forward(const at::Tensor& pixels, at::TensorLis
     for (int c = 0; c < classes; ++c) out[(size_t)row * classes + c] = result[c] + hb[c];
   }
   return {logits, gates};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_forward", [](const at::Tensor& pixels, std::vector<at::Tensor> weights, int64_t top) {
+    return moe_int8_forward(pixels, weights, top);
+  });
 }
 
 TORCH_LIBRARY(moe_fused, m) {

@@ -60,6 +60,15 @@ def test_the_kernel_computes_what_its_quantization_says(trained, test_set):
     np.testing.assert_allclose(gates.numpy(), expected_gates, rtol=1e-5, atol=1e-6)
 
 
+def test_the_python_binding_and_the_registered_torch_op_are_one_operator(trained, test_set):
+    _, _, op = trained
+    pixels = test_set[0][:300]
+    through_binding = op(pixels)
+    through_torch_ops = torch.ops.moe_fused.int8_forward(pixels, op.tensors, op.top)
+    for got, expected in zip(through_torch_ops, through_binding):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 130, 700])
 def test_a_row_gets_the_same_answer_in_any_batch(trained, test_set, batch):
     _, _, op = trained
