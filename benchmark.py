@@ -258,16 +258,18 @@ def onnx_gpu_row(path, providers, timing):
     return sessions.runners(session, timing, "cuda")[0], {"providers": session.get_providers()}
 
 
-def cpu_floor(workdir):
-    path = build_floor(sessions.stored_structure(os.path.join(workdir, config.onnx_path())),
+def floor_file(workdir):
+    """The floor MLP for the structure of the model exported into workdir."""
+    return build_floor(sessions.stored_structure(os.path.join(workdir, config.onnx_path())),
                        os.path.join(workdir, "floor.onnx"))
-    return onnx_row(path)[0]
+
+
+def cpu_floor(workdir):
+    return onnx_row(floor_file(workdir))[0]
 
 
 def gpu_floor(workdir):
-    path = build_floor(sessions.stored_structure(os.path.join(workdir, config.onnx_path())),
-                       os.path.join(workdir, "floor.onnx"))
-    session = sessions.create_session(path, [("CUDAExecutionProvider", {}), "CPUExecutionProvider"])
+    session = sessions.create_session(floor_file(workdir), [("CUDAExecutionProvider", {}), "CPUExecutionProvider"])
     return sessions.resident_runner(session, "cuda")
 
 
@@ -397,12 +399,12 @@ def frontier_targets(rows, fp32):
                     bulk["model"]["best_test_set_ms"], "<=", round(10.0 * count / 10000, 3)),
                    (f"batch 1: p50 through Python, fastest path that keeps accuracy ({single['name']}), us",
                     single["model"]["latency_us"]["p50"], "<=", 15.0)]
-        both = min(keeps, key=lambda r: max(r["model"]["latency_us"]["p50"] / single["model"]["latency_us"]["p50"],
-                                            r["model"]["best_test_set_ms"] / bulk["model"]["best_test_set_ms"]))
+        def worse_ratio(r):
+            return max(r["model"]["latency_us"]["p50"] / single["model"]["latency_us"]["p50"],
+                       r["model"]["best_test_set_ms"] / bulk["model"]["best_test_set_ms"])
+        both = min(keeps, key=worse_ratio)
         checks.append((f"one path within 1.3x of the fastest at both batch 1 and bulk ({both['name']}): "
-                       "its worse ratio",
-                       max(both["model"]["latency_us"]["p50"] / single["model"]["latency_us"]["p50"],
-                           both["model"]["best_test_set_ms"] / bulk["model"]["best_test_set_ms"]), "<=", 1.3))
+                       "its worse ratio", worse_ratio(both), "<=", 1.3))
         for r in {bulk["name"]: bulk, single["name"]: single}.values():
             checks += [(f"{r['name']}: argmax agreement with fp32 (%)", r["agreement"], ">=", 99.9),
                        (f"{r['name']}: accuracy (%)", r["accuracy"], ">=", 98.0)]

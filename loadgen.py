@@ -249,9 +249,8 @@ def markdown(report):
     lines += ["", f"## Server: the highest offered QPS with p99 latency under {s['p99_ms']:g} ms", "",
               f"Poisson arrivals; offered QPS from {s['start_qps']:g} up by x{s['qps_step']:g} until a run's measured "
               "p99 breaks the bound or a request is refused (503). 'LoadGen VALID' is LoadGen's own verdict, "
-              "which also "
-              f"asks its early-stopping test to be sure of the percentile from at least {harness.SERVER_MIN_QUERIES} "
-              "queries.", "",
+              "which also asks its early-stopping test to be sure of the percentile from at least "
+              f"{harness.SERVER_MIN_QUERIES} queries.", "",
               "| system | highest QPS under the bound | its p99 (ms) | its p50 (ms) | LoadGen VALID there | "
               "first failing step | accuracy over HTTP | the backend alone |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
