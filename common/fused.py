@@ -23,8 +23,8 @@ def missing_cpu_features():
 @functools.cache
 def build():
     """Compile (or reuse the cached build of) the operator; returns its Python module, whose
-    int8_forward is the pybind11 binding (at batch 1 about 5 us less per call than going through
-    torch.ops' dispatcher); torch.ops.moe_fused.int8_forward is registered too."""
+    int8_forward is the pybind11 binding (it skips torch.ops' dispatcher, a large share of a batch-1
+    call); torch.ops.moe_fused.int8_forward is registered too."""
     missing = missing_cpu_features()
     if missing:
         raise UserError(f"the fused INT8 kernel needs AVX-512 VNNI; this CPU lacks {', '.join(missing)}")
