@@ -16,7 +16,7 @@ from onnx.reference import ReferenceEvaluator
 
 import config
 from common import checkpoint, sessions, viewer
-from common.cli import ArgumentParser, UserError, atomic_path, positive_int, run
+from common.cli import ArgumentParser, UserError, atomic_path, error_line, positive_int, run
 from data import add_data_args, load_split
 
 OPSET = 17  # TorchScript exporter; the dynamo exporter picks its own
@@ -31,20 +31,26 @@ INPUT_CONTRACT = ("Input 'pixels': float32 (N, 1, 28, 28), pixel values in [0, 1
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", default=checkpoint.DEFAULT_PATH)
-    parser.add_argument("--routing", choices=config.ROUTINGS, default=config.ROUTING,
-                        help=f"graph to export (default {config.ROUTING}); any checkpoint exports either way")
+    parser.add_argument("--routing", choices=config.ROUTINGS,
+                        help=f"export only this graph (default: both, {config.onnx_path('dense')} and "
+                             f"{config.onnx_path('loop')}, what the other scripts' defaults read); any "
+                             "checkpoint exports either way")
     parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                         help="torchscript: torch.jit.script then the TorchScript exporter (default); "
                              "dynamo: torch.export of the eager module")
     parser.add_argument("--output", help="default: model.onnx for the default routing and exporter, "
-                                         "else e.g. model.loop.onnx, model.dynamo.onnx")
+                                         "else e.g. model.loop.onnx, model.dynamo.onnx; one graph only "
+                                         f"(--routing, default {config.ROUTING})")
     parser.add_argument("--test-limit", type=positive_int, help="check parity on the first N test images only")
     parser.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz source")
     parser.add_argument("--svg", metavar="FILE", help="also render the graph to SVG (needs graphviz's dot)")
     viewer.add_netron_args(parser)
     add_data_args(parser)
     args = parser.parse_args(argv)
-    args.output = args.output or config.onnx_path(args.routing, args.exporter)
+    if args.routing is None:
+        args.routing = config.ROUTING if args.output else None
+    routings = [args.routing] if args.routing else [config.ROUTING] + [r for r in config.ROUTINGS if r != config.ROUTING]
+    args.outputs = {routing: args.output or config.onnx_path(routing, args.exporter) for routing in routings}
     return args
 
 
@@ -65,7 +71,7 @@ def export(model, path, exporter):
                                   dynamic_axes={n: {0: "batch"} for n in ("pixels", "logits", "gates")}, **names)
     except Exception as error:
         raise UserError(f"the {exporter} exporter failed on ROUTING={model.moe.routing} "
-                        f"({type(error).__name__}: {str(error).strip().splitlines()[0][:200]})")
+                        f"({error_line(error)})")
 
 
 def fold_constants(model):
@@ -179,16 +185,21 @@ def write_checked(model, structure, path, exporter, images, labels):
 
 def main(argv=None):
     args = parse_args(argv)
-    model, structure, state = checkpoint.load_model(args.checkpoint, {"ROUTING": args.routing})
     images, labels = load_split("test", args.data_dir, args.test_limit)
-    onnx_model = write_checked(model, structure, args.output, args.exporter, images, labels)
-    counts = op_counts(onnx_model)
-    opset = next(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx"))
-    print(f"wrote {args.output} (ROUTING={args.routing}, {args.exporter} exporter, opset {opset}): "
-          f"{len(onnx_model.graph.node)} nodes: " + ", ".join(f"{op} {n}" for op, n in counts.most_common()))
-    write_pictures(onnx_model, args.dot, args.svg)
+    written = []
+    for routing, output in args.outputs.items():
+        model, structure, _ = checkpoint.load_model(args.checkpoint, {"ROUTING": routing})
+        onnx_model = write_checked(model, structure, output, args.exporter, images, labels)
+        counts = op_counts(onnx_model)
+        opset = next(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx"))
+        print(f"wrote {output} (ROUTING={routing}, {args.exporter} exporter, opset {opset}): "
+              f"{len(onnx_model.graph.node)} nodes: " + ", ".join(f"{op} {n}" for op, n in counts.most_common()))
+        written.append((output, onnx_model))
+    first, first_model = written[0]  # pictures and Netron: the default routing's graph
+    write_pictures(first_model, args.dot, args.svg)
     if args.netron:
-        viewer.serve(args.output, args)
+        viewer.serve(first, args)
+    return [path for path, _ in written]
 
 
 if __name__ == "__main__":

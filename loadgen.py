@@ -20,7 +20,8 @@ import numpy as np
 import onnx_quantize_infer
 import torch_infer
 from common import checkpoint, contract, harness, measure, openvino_cpu, sessions
-from common.cli import ArgumentParser, UserError, atomic_path, non_negative_float, positive_int, run, save_figure
+from common.cli import (ArgumentParser, UserError, atomic_path, non_negative_float, positive_int, require_module,
+                        run, save_figure)
 from data import add_data_args, load_split
 
 SERVE_SETTINGS = {"serve.py, batching off, 1 replica": ["--max-batch-size", "1", "--replicas", "1"],
@@ -105,7 +106,7 @@ class ServeProcess:
     def __init__(self, model, extra):
         port = free_port()
         self.url = f"http://127.0.0.1:{port}/"
-        self.process = subprocess.Popen([sys.executable, "serve.py", "--model", model, "--port", str(port),
+        self.process = subprocess.Popen([sys.executable, "serve.py", "--model", os.path.abspath(model), "--port", str(port),
                                          "--threads", "1", *extra], cwd=os.path.dirname(os.path.abspath(__file__)),
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for line in self.process.stdout:
@@ -285,8 +286,8 @@ def plot(report, path):
 
 
 def main(argv=None):
-    import mlperf_loadgen
     args = parse_args(argv)
+    mlperf_loadgen = require_module("mlperf_loadgen", "loadgen.py")
     images_t, labels_t = load_split("test", args.data_dir, args.test_limit)
     images, labels = np.ascontiguousarray(images_t.numpy()), labels_t.numpy()
     logs = os.path.join(args.out_dir, "loadgen")

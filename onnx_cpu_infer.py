@@ -1,5 +1,5 @@
-"""ONNX Runtime, CPU execution provider. By default (--routing auto) each batch goes to the graph
-that is faster at its size: the dense graph for small batches, the loop graph for large ones."""
+"""ONNX Runtime, CPU execution provider, on the dense graph (model.onnx) by default: the faster one
+for single images and small batches; --routing loop (model.loop.onnx) for large batches."""
 
 from common import sessions
 from common.cli import ArgumentParser, run

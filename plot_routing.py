@@ -25,9 +25,11 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()
-def gates_of(path, images):
+def routed(path, images):
+    """(logits, gates) of the checkpoint at path on `images`, as numpy, and its structure."""
     model, structure, _ = checkpoint.load_model(path)
-    return torch.cat([model(images[i:i + 1000])[1] for i in range(0, len(images), 1000)]).numpy(), structure
+    logits, gates = zip(*(model(images[i:i + 1000]) for i in range(0, len(images), 1000)))
+    return torch.cat(logits).numpy(), torch.cat(gates).numpy(), structure
 
 
 def class_expert_share(gates, labels, classes=10):
@@ -73,16 +75,18 @@ def plot(main_gates, labels, structure, loads, path):
 def main(argv=None):
     args = parse_args(argv)
     images, labels = load_split("test", args.data_dir)
-    gates, structure = gates_of(args.checkpoint, images)
+    logits, gates, structure = routed(args.checkpoint, images)
     loads = {f"{os.path.basename(args.checkpoint)} (balance loss {structure['BALANCE_LOSS']})": load_share(gates)}
     for item in args.compare:
         label, path = item.split("=", 1)
-        other, other_structure = gates_of(path, images)
+        _, other, _ = routed(path, images)
         if other.shape[1] != gates.shape[1]:
             raise UserError(f"--compare {path}: {other.shape[1]} experts, {args.checkpoint} has {gates.shape[1]}")
         loads[label] = load_share(other)
     plot(gates, labels.numpy(), structure, loads, args.output)
     share = class_expert_share(gates, labels.numpy())
+    accuracy = 100.0 * float((logits.argmax(1) == labels.numpy()).mean())
+    print(f"{args.checkpoint}: accuracy {accuracy:.2f}% on {len(labels)} test images")
     print(f"wrote {args.output}: each digit's most used expert "
           + ", ".join(f"{c}->{int(share[c].argmax())} ({100 * share[c].max():.0f}%)" for c in range(10)))
 

@@ -1,52 +1,62 @@
 #!/usr/bin/env bash
 # The main job, end to end: fetch MNIST if needed, train, export both routings to ONNX, run every
-# backend script this machine has (each appends its result to results.jsonl), then benchmark.py,
-# sweep.py and loadgen.py, which write results/. Extra arguments go to train.py.
+# backend script this machine has (each appends its result to results/results.jsonl), then
+# benchmark.py, sweep.py and loadgen.py, which write results/. Extra arguments go to train.py.
 #
 # bash run_all.sh --quick: the same steps on little work (1 epoch on 5000 training images, 1000 test
-# images, short timings) as a smoke test; its reports go to results/quick/, results/ is left alone.
+# images, short timings) as a smoke test. It runs inside results/quick/: its checkpoint, models and
+# reports are written there, and the trained files in the repository root and results/ are left alone.
 set -euo pipefail
-cd "$(dirname "$0")"
-out=results
+repo="$(cd "$(dirname "$0")" && pwd)"
+work="$repo"
+out="$repo/results"
 train=()
 each=()
 smoke=()
 if [ "${1:-}" = "--quick" ]; then
   shift
-  out=results/quick
+  work="$repo/results/quick"
+  out="$work"
   train=(--epochs 1 --train-limit 5000 --quiet)
   each=(--test-limit 1000 --latency-runs 50 --quiet)
   smoke=(--quick --test-limit 1000)
 fi
 mkdir -p "$out"
+cd "$work"
+data=(--data-dir "${MNIST_DIR:-$repo/data}")
 jsonl="$out/results.jsonl"
 rm -f "$jsonl"
 has_provider() {
   python -c "import onnxruntime, sys; sys.exit('$1' not in onnxruntime.get_available_providers())"
 }
+script() {  # a repository script, run here in $work so that its default files are this run's own
+  local name="$1"
+  shift
+  python "$repo/$name" "${data[@]}" "$@"
+}
 
-python train.py ${train[@]+"${train[@]}"} "$@"
-python export_onnx.py
-python export_onnx.py --routing loop
-python plot_routing.py --output "$out/routing.png"
-python torch_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
-python onnx_cpu_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
-python openvino_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
-python openvino_infer.py --routing loop --int8 --json "$jsonl" ${each[@]+"${each[@]}"}
-python onnx_fp16_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
-python onnx_quantize_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
-python onnx_trt_infer.py --check-only
+script train.py ${train[@]+"${train[@]}"} "$@"
+script export_onnx.py
+script plot_routing.py --output "$out/routing.png"
+script torch_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
+script onnx_cpu_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
+script onnx_cpu_infer.py --routing loop --json "$jsonl" ${each[@]+"${each[@]}"}
+script openvino_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
+script openvino_infer.py --routing loop --int8 --json "$jsonl" ${each[@]+"${each[@]}"}
+script onnx_fp16_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
+script onnx_quantize_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
+python "$repo/onnx_trt_infer.py" --check-only
 for pair in CUDAExecutionProvider:onnx_cuda_infer.py TensorrtExecutionProvider:onnx_trt_infer.py; do
   if has_provider "${pair%%:*}"; then
-    python "${pair#*:}" --json "$jsonl" ${each[@]+"${each[@]}"}
+    script "${pair#*:}" --json "$jsonl" ${each[@]+"${each[@]}"}
   else
     echo "skipped ${pair#*:}: onnxruntime here has no ${pair%%:*} (see requirements-gpu.txt)"
   fi
 done
-python benchmark.py --out-dir "$out" ${smoke[@]+"${smoke[@]}"}
+script benchmark.py --out-dir "$out" ${smoke[@]+"${smoke[@]}"}
 if has_provider CUDAExecutionProvider; then
-  python benchmark.py --device cuda --out-dir "$out" ${smoke[@]+"${smoke[@]}"}
+  script benchmark.py --device cuda --out-dir "$out" ${smoke[@]+"${smoke[@]}"}
 fi
-python sweep.py --out-dir "$out" ${smoke[@]+"${smoke[@]}"}
-python loadgen.py --out-dir "$out" ${smoke[@]+"${smoke[@]}"}
-echo "done: checkpoint.pt, model.pt, training.png, model.onnx, model.loop.onnx and $out/"
+script sweep.py --out-dir "$out" ${smoke[@]+"${smoke[@]}"}
+script loadgen.py --out-dir "$out" ${smoke[@]+"${smoke[@]}"}
+echo "done: in $work: checkpoint.pt, model.pt, training.png, model.onnx, model.loop.onnx; reports in $out/"

@@ -10,7 +10,8 @@ import socket
 import time
 
 from common import contract, serving
-from common.cli import ArgumentParser, UserError, non_negative_float, port_number, positive_int, run
+from common.cli import (ArgumentParser, UserError, error_line, non_negative_float, port_number, positive_int,
+                        require_module, run)
 
 APP_NAME = "moe"
 COMMON_PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common")
@@ -130,14 +131,14 @@ def start_ray(address):
             ray.init(runtime_env=runtime_env, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except Exception as error:
         where = f"the Ray cluster at --address {address}" if address else "a local Ray instance"
-        raise UserError(f"cannot start or join {where} ({type(error).__name__}: "
-                        f"{str(error).strip().splitlines()[0][:200]})")
+        raise UserError(f"cannot start or join {where} ("
+                        f"{error_line(error)})")
 
 
 def start(args):
     """Start Ray (or join it) and the application; returns the URL it answers on."""
     import logging
-
+    require_module("ray.serve", "serve.py")
     from ray import serve
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own line says where it serves
     payload = model_bytes(args.model)
@@ -147,14 +148,17 @@ def start(args):
     try:
         serve.run(deployment(args, payload), name=APP_NAME, route_prefix="/")
     except Exception as error:
-        raise UserError(f"the application did not start ({type(error).__name__}: "
-                        f"{str(error).strip().splitlines()[-1][:300]})")
+        raise UserError(f"the application did not start ("
+                        f"{error_line(error, 300, last=True)})")
     return f"http://{args.host}:{args.port}/"
 
 
 def stop():
-    import ray
-    from ray import serve
+    try:
+        import ray
+        from ray import serve
+    except ImportError:  # said already by start()
+        return
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()

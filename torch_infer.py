@@ -1,12 +1,12 @@
 """PyTorch from the trained checkpoint: eager, TorchScript (frozen), torch.compile (fp32, and bf16
-autocast where the device has bf16), the fused INT8 custom operator on CPUs with AVX-512 VNNI, and
-on CUDA a CUDA-graph replay; CPU, and CUDA when present.
+autocast where the device has bf16), the fused INT8 custom operator on the CPU (its fastest path for
+this CPU, or MOE_FUSED_KERNEL's), and on CUDA a CUDA-graph replay; CPU, and CUDA when present.
 On CUDA every variant is timed twice: end to end from host numpy arrays, and device-resident."""
 import torch
 
 import config
 from common import checkpoint, fused, measure, viewer
-from common.cli import ArgumentParser, UserError, run
+from common.cli import ArgumentParser, UserError, error_line, run
 from train import pick_device
 
 VARIANTS = ("eager", "torchscript", "compile", "compile-bf16", "fused-int8", "cuda-graph")
@@ -103,14 +103,14 @@ def variants(chosen, device):
     """[variant names] to run on `device`: all of them that it has, or the ones asked for."""
     available = [v for v in VARIANTS if (v != "cuda-graph" or device == "cuda")
                  and (v != "compile-bf16" or has_bf16(device))
-                 and (v != "fused-int8" or (device == "cpu" and not fused.missing_cpu_features()))]
+                 and (v != "fused-int8" or device == "cpu")]
     if "all" in chosen:
         return available
     for choice in chosen:
         if choice not in available:
             raise UserError(f"--variant {choice} is not available on {device}" + {
                 "cuda-graph": " (needs a CUDA device)", "compile-bf16": " (the CPU has no avx512_bf16/amx_bf16)",
-                "fused-int8": " (a CPU with AVX-512 VNNI only)"}.get(choice, ""))
+                "fused-int8": " (CPU only)"}.get(choice, ""))
     return [v for v in VARIANTS if v in chosen]
 
 
@@ -168,14 +168,21 @@ def main(argv=None):
     records = []
     for device, names in chosen.items():
         for variant in names:
-            ready, setup_s = measure.timed(lambda: ready_model(variant, model, structure, device))
+            try:
+                ready, setup_s = measure.timed(lambda: ready_model(variant, model, structure, device))
+            except Exception as error:  # one variant that cannot be built here does not end the others
+                if args.variant != ["all"]:
+                    if isinstance(error, UserError):
+                        raise
+                    raise UserError(f"--variant {variant} on {device}: {error_line(error, 300)}")
+                print(f"skipped PyTorch {LABELS[variant]} on {device.upper()}: it could not be built here "
+                      f"({error_line(error, 300)})", flush=True)
+                continue
             what = {"cuda-graph": "graph capture", "fused-int8": "the operator's build (cached after the first) "
                     "and weight packing"}.get(variant, "compilation")
             details = {"setup holds": f"{what}, {setup_s:.1f} s"} if variant not in ("eager", "torchscript") else {}
             if variant == "fused-int8":
-                details["kernel"] = ("common/fused_moe.cpp (also torch.ops.moe_fused.int8_forward): uint8 x int8 "
-                                     "embedding and expert products (vpdpbusd), gate and top-k in float32, "
-                                     "only the chosen experts")
+                details["kernel"] = fused.describe(ready.kernel)
             for runner in runners(ready, device, variant == "compile-bf16"):
                 result = measure.measure(runner, images, labels, args.batch_size, args.latency_runs, not args.quiet)
                 records.append(measure.report(

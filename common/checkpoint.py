@@ -1,6 +1,8 @@
 """Saving and loading trained models; the structure travels with the weights."""
 import os
-import warnings
+import pickle
+import re
+import zipfile
 
 import torch
 
@@ -18,19 +20,34 @@ def save(state, path):
         torch.save(state, tmp)
 
 
+def is_torchscript_archive(path):
+    """TorchScript archives are zip files that carry their compiled code (code/ ... .py)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
+
+
 def load(path):
+    """The checkpoint dict at path, read with weights_only=True: tensors, numbers, strings and
+    containers only, so a crafted file cannot run code while it is read."""
     if not os.path.isfile(path):
         raise UserError(f"{path} not found; run train.py first (or pass --checkpoint PATH)")
+    if is_torchscript_archive(path):
+        raise UserError(f"{path} is a TorchScript model, not a checkpoint; pass the checkpoint.pt "
+                        "train.py wrote (--checkpoint / --model)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "looks like a TorchScript archive": said below instead
-            state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL (\S+)", str(error))
+        if refused:
+            raise UserError(f"{path} is refused: it asks to call {refused.group(1)} while it is read, which "
+                            "a checkpoint never does (nothing was run); pass a checkpoint train.py wrote")
+        raise UserError(f"{path} is not a readable checkpoint (not a PyTorch file of tensors and plain data); "
+                        "pass the checkpoint.pt train.py wrote")
     except Exception as error:
         raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}); "
                         "run train.py again to write a new one")
-    if isinstance(state, torch.jit.ScriptModule):
-        raise UserError(f"{path} is a TorchScript model, not a checkpoint; pass the checkpoint.pt "
-                        "train.py wrote (--checkpoint / --model)")
     if not isinstance(state, dict) or "structure" not in state or "state_dict" not in state:
         raise UserError(f"{path} is not a checkpoint written by train.py; run train.py again")
     fixed = {name: state["structure"].get(name, getattr(config, name)) for name in ("INPUT_SIZE", "CLASSES")}

@@ -1,5 +1,7 @@
 """What every script shares at its edges: one-line errors, flag types, atomic file writes."""
 import argparse
+import importlib
+import json
 import os
 import sys
 import tempfile
@@ -25,6 +27,50 @@ def run(main):
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit("interrupted")
+
+
+def error_line(error, limit=200, last=False):
+    """One line for any caught exception: its type and the first (or last) non-empty line of its
+    message, cut to `limit` characters; the type alone when the message is empty."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = (lines[-1] if last else lines[0])[:limit] if lines else ""
+    if isinstance(error, UserError) and text:  # already written for the user
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def require_module(name, purpose, install="pip install -r requirements.txt"):
+    """import `name`, or one line saying what needs it and how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise UserError(f"{purpose} needs the Python module {name}, which is not installed "
+                        f"({error_line(error)}); {install}")
+
+
+def writable_file(text):
+    """A flag naming a file to write: its folder is made if missing and must be writable, checked
+    when the flags are read, not after a long run."""
+    folder = os.path.dirname(os.path.abspath(text))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot make the folder {folder} ({error.strerror or error}); "
+                                         "choose a path in a writable folder")
+    if not os.access(folder, os.W_OK) or os.path.isdir(text) or (os.path.exists(text) and not os.access(text, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"cannot write {text} (its folder or the file is read-only, or it is "
+                                         "a folder); choose a path in a writable folder")
+    return text
+
+
+def append_json_line(path, record):
+    """One JSON line appended to path (a results log several scripts share)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as error:
+        raise UserError(f"cannot append to {path} ({error.strerror or error_line(error)}); "
+                        "choose a writable path for --json")
 
 
 def checked_number(text, convert, expected, allowed, rule):
@@ -56,16 +102,23 @@ def atomic_path(path):
     so an interrupted write never leaves a half-written file behind."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
+    except OSError as error:
+        raise UserError(f"cannot write {path} ({error.strerror or error_line(error)}); make {directory} "
+                        "writable or choose a path in a writable folder")
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it a normal file's mode
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as error:
+            raise UserError(f"cannot write {path} ({error.strerror or error_line(error)}); "
+                            "choose a path that is not a folder or a read-only file")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

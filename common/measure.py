@@ -4,7 +4,6 @@ A backend script builds a `predict(batch: np.ndarray) -> logits np.ndarray` (or 
 with inputs already on a device) and hands it to `measure()`; `report()` prints the block and
 appends the JSON line.
 """
-import json
 import os
 import platform
 import statistics
@@ -16,7 +15,7 @@ from tqdm import tqdm
 
 from data import add_data_args, load_split
 
-from .cli import positive_int
+from .cli import append_json_line, positive_int, writable_file
 
 TEST_SET_REPEATS = 5  # full-set timings: the median of this many passes
 WARMUP_BATCHES = 3
@@ -28,7 +27,8 @@ def add_common_args(parser):
     parser.add_argument("--latency-runs", type=positive_int, default=1000,
                         help="single-image runs for the batch-1 latency percentiles (default 1000)")
     parser.add_argument("--test-limit", type=positive_int, help="use only the first N test images")
-    parser.add_argument("--json", metavar="FILE", help="append the result as one JSON line to FILE")
+    parser.add_argument("--json", metavar="FILE", type=writable_file,
+                        help="append the result as one JSON line to FILE")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_data_args(parser)
 
@@ -179,6 +179,5 @@ def report(args, backend, result, setup_s, versions, details=None):
               "cpu": cpu_name(), "cores": os.cpu_count(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_json_line(args.json, record)
     return record

@@ -5,7 +5,7 @@ import logging
 import numpy as np
 
 from . import contract, measure
-from .cli import UserError
+from .cli import UserError, error_line
 
 PRECISIONS = ("auto", "f32", "bf16")  # auto: OpenVINO's own choice (bf16 where the CPU has it)
 HINTS = ("latency", "throughput")
@@ -36,7 +36,7 @@ def read(path):
         raise
     except Exception as error:
         contract.load_onnx(path)  # a file that is no ONNX model gets that said plainly
-        raise UserError(f"{path}: OpenVINO could not read it ({str(error).strip().splitlines()[0][:300]})")
+        raise UserError(f"{path}: OpenVINO could not read it ({error_line(error, 300)})")
     contract.check(path, *port_io(model))
     return model
 

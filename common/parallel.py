@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
-from .cli import UserError
+from .cli import UserError, error_line
 
 MODES = ("none", "data", "expert")
 
@@ -84,7 +84,7 @@ def stop_cleanly(ctx, checkpoint_path):
         if not lost_contact(error):
             raise
         raise SystemExit(f"rank {ctx.rank}: lost contact with another process of this run "
-                         f"({str(error).strip().splitlines()[0][:200]}); {checkpoint_path} holds the last "
+                         f"({error_line(error)}); {checkpoint_path} holds the last "
                          "finished epoch")
 
 

@@ -9,7 +9,7 @@ import onnx
 import config
 
 from . import contract, measure, viewer
-from .cli import UserError, atomic_path
+from .cli import UserError, append_json_line, atomic_path, error_line
 
 GPU_INSTALL = ("on a CUDA machine: pip uninstall -y onnxruntime && "
                "pip install -r requirements-gpu.txt (see README)")
@@ -22,12 +22,13 @@ def add_model_args(parser, what="ONNX model", timing=True, auto=False):
     parser.add_argument("--model", help=f"{what} from export_onnx.py (default: the --routing graph)")
     if timing:
         add_timing_arg(parser)
-    parser.add_argument("--routing", choices=config.ROUTINGS + (("auto",) if auto else ()),
-                        default="auto" if auto else config.ROUTING,
-                        help=f"which exported graph to run when --model is not given: "
-                             f"{', '.join(f'{r} = {config.onnx_path(r)}' for r in config.ROUTINGS)}"
-                             + (f"; auto (default): {config.onnx_path('dense')} below batch {config.AUTO_LOOP_FROM}, "
-                                f"{config.onnx_path('loop')} from there" if auto else ""))
+    parser.add_argument("--routing", choices=config.ROUTINGS + (("auto",) if auto else ()), default=config.ROUTING,
+                        help=f"which exported graph to run when --model is not given (default {config.ROUTING}): "
+                             f"{', '.join(f'{r} = {config.onnx_path(r)}' for r in config.ROUTINGS)}; dense is "
+                             "faster for single images and small batches, loop for large batches"
+                             + (f"; auto: {config.onnx_path('dense')} below batch {config.AUTO_LOOP_FROM}, "
+                                f"{config.onnx_path('loop')} from there, in two sessions (slower than "
+                                "either graph alone on a small machine)" if auto else ""))
     measure.add_common_args(parser)
     viewer.add_netron_args(parser)
 
@@ -111,7 +112,7 @@ def create_session(path, providers, options=None):
     except Exception as error:
         contract.load_onnx(path)  # a file that is no ONNX model gets that said plainly; parsed only on failure
         raise UserError(f"{path}: onnxruntime could not load it with {wanted[0]} "
-                        f"({str(error).strip().splitlines()[0][:300]})")
+                        f"({error_line(error, 300)})")
     if session.get_providers()[0] != wanted[0]:
         raise UserError(f"{wanted[0]} failed to start (onnxruntime fell back to "
                         f"{session.get_providers()[0]}); check the CUDA/cuDNN/TensorRT libraries; "
@@ -264,8 +265,7 @@ def report_latency_only(args, backend, logits, labels, latencies, timing):
     print("\n".join(lines), flush=True)
     record = {"backend": backend, "model": args.model, "timing": timing, **result, "versions": versions()}
     if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_json_line(args.json, record)
     return record
 
 

@@ -2,7 +2,7 @@
 import os
 import signal
 
-from .cli import UserError, port_number
+from .cli import UserError, port_number, require_module
 
 
 def add_netron_args(parser):
@@ -18,7 +18,7 @@ def add_netron_args(parser):
 
 def serve(path, args):
     """Serve `path` until Ctrl-C; netron.wait() stops the server cleanly on KeyboardInterrupt."""
-    import netron
+    netron = require_module("netron", "--netron")
     # Ctrl-C stops it even where the shell that started us ignores SIGINT (a background job)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if not os.path.isfile(path):

@@ -199,7 +199,7 @@ def test_every_onnx_script_refuses_a_foreign_model_in_one_line(tmp_path, mnist_d
 def test_checkpoint_scripts_refuse_foreign_checkpoints(tiny_models, tmp_path, mnist_dir):
     line = one_line_error(run_script("torch_infer.py", "--model", str(tiny_models / "model.pt"), "--test-limit", "5"))
     assert "is a TorchScript model, not a checkpoint" in line
-    state = torch.load(str(tiny_models / "checkpoint.pt"), weights_only=False)
+    state = torch.load(str(tiny_models / "checkpoint.pt"), weights_only=True)
     state["structure"] = {**state["structure"], "INPUT_SIZE": 3072}
     torch.save(state, str(tmp_path / "cifar.pt"))
     for script, flag in (("export_onnx.py", "--checkpoint"), ("torch_infer.py", "--model")):
