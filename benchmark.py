@@ -34,7 +34,6 @@ SEED_WAY = "seed's way: per-image PIL Dataset, DataLoader b=64, loop graph"
 SEED_BATCH = 64
 SETTLE_S = 0.05  # ONNX Runtime's and OpenMP's idle threads spin for a while after a run
 AUTO_ROW = "ONNX Runtime CPU, auto (dense for small batches, loop for large)"
-FUSED_ROW = "PyTorch custom op: fused MoE, INT8 (AVX-512 VNNI)"
 INT8_VARIANTS = (("dynamic", False, False), ("dynamic", True, False), ("dynamic", False, True),
                  ("static QDQ", False, False), ("static QDQ", True, False), ("static QDQ", False, True))
 
@@ -107,8 +106,8 @@ def auto_row(dense, loop):
     return runner, {"routing": f"dense below batch {config.AUTO_LOOP_FROM}, loop from it"}
 
 
-def fused_row(model, structure):
-    return fused.predictor(fused.FusedInt8(model, structure)), {"kernel": "common/fused_moe.cpp"}
+def fused_row(model, structure, kernel):
+    return fused.predictor(fused.FusedInt8(model, structure, kernel)), {"kernel": fused.describe(kernel)}
 
 
 def openvino_row(path, precision, int8=False, calibration=None):
@@ -175,8 +174,10 @@ def torch_rows(args, bf16):
                  row(f"PyTorch TorchScript (frozen) CPU, {routing}", "torch", routing, "fp32",
                      lambda m=model: torch_row(torch_infer.frozen_script(m)))]
         structure = checkpoint.load_model(args.checkpoint)[1]
-        if routing == "dense" and not fused.missing_cpu_features() and fused.takes(structure):
-            rows.append(row(FUSED_ROW, "int8", "fused", "int8", lambda m=model, s=structure: fused_row(m, s)))
+        if routing == "dense" and fused.takes(structure):
+            for kernel in fused.available_kernels():
+                rows.append(row(fused.label(kernel), "int8", "fused", "int8",
+                                lambda m=model, s=structure, k=kernel: fused_row(m, s, k)))
         for half in (False, True) if bf16 else (False,):
             if args.quick and (half or routing != "dense"):
                 continue
@@ -196,6 +197,11 @@ def row_makers(args, workdir, images, labels):
         if provider not in ort.get_available_providers()]
     if not torch.cuda.is_available():
         skipped.insert(0, "PyTorch CUDA: PyTorch sees no CUDA device")
+    structure = checkpoint.load_model(args.checkpoint)[1]
+    skipped += [f"{fused.label(kernel)}: {why}" for kernel, why in fused.unavailable_kernels().items()]
+    if not fused.takes(structure):
+        skipped.append("PyTorch custom op, fused INT8: it needs EMB_SIZE and HIDDEN_SIZE multiples of 64 and at "
+                       "most 16 experts")
     skipped.append("GPU rows: run benchmark.py --device cuda on a CUDA machine")
     return rows, skipped
 

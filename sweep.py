@@ -182,8 +182,10 @@ def trained_engines(args, workdir, images, labels):
         "OpenVINO bf16, dense": lambda: openvino_engine(paths["dense"]),
         "OpenVINO bf16, loop": lambda: openvino_engine(paths["loop"]),
         "OpenVINO INT8 (NNCF), loop": lambda: openvino_engine(paths["loop"], "auto", calibration)}
-    if fused.takes(structure) and not fused.missing_cpu_features():
-        engines["PyTorch custom op, fused INT8"] = lambda: fused.predictor(fused.FusedInt8(model, structure))
+    if fused.takes(structure):
+        kernel = fused.chosen_kernel()
+        engines[f"PyTorch custom op, fused INT8 ({fused.KERNELS[kernel][2]})"] = \
+            lambda: fused.predictor(fused.FusedInt8(model, structure, kernel))
     return structure, engines
 
 

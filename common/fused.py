@@ -1,41 +1,141 @@
-"""The optional fused path: the whole model in one PyTorch custom operator (common/fused_moe.cpp),
-INT8 on CPUs with AVX-512 VNNI, only the chosen experts computed. Built on first use with PyTorch's
-own extension builder (a C++ compiler and ninja); the portable ONNX graph stays the default, and the
-tests hold this path to it (argmax agreement, accuracy)."""
+"""The fused path: the whole model in one PyTorch custom operator (common/fused_moe.cpp), INT8, only
+the chosen experts computed. One C++ source, three builds, the best one for this CPU picked at run
+time: `vnni` (AVX-512 VNNI), `avx2` (AVX2 and FMA) or `portable` (plain C++, any CPU, ARM included);
+MOE_FUSED_KERNEL=vnni|avx2|portable forces one. Built on first use with PyTorch's own extension
+builder (a C++ compiler and ninja), once per path, and cached; the portable ONNX graph stays the
+default, and the tests hold every path to it (argmax agreement, accuracy)."""
 import functools
 import os
+import platform
+import shutil
+import time
 
 import numpy as np
 import torch
 
 from . import measure
-from .cli import UserError
+from .cli import UserError, atomic_path, error_line
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_moe.cpp")
-NEEDS = ("avx512f", "avx512bw", "avx512_vnni")
-LABEL = "PyTorch custom op: fused MoE, INT8 (AVX-512 VNNI)"
+ENV = "MOE_FUSED_KERNEL"
+# path -> (the CPU flags it needs, as /proc/cpuinfo names them; compiler flags; its name in reports)
+KERNELS = {"vnni": (("avx512f", "avx512bw", "avx512_vnni", "fma"), ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma"],
+                    "AVX-512 VNNI"),
+           "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"], "AVX2"),
+           "portable": ((), [], "portable C++")}
+LOCK_STALE_S = 600  # a build takes well under a minute; an older lock was left by a killed build
 
 
-def missing_cpu_features():
-    return [flag for flag in NEEDS if flag not in measure.cpu_flags()]
+def x86():
+    return platform.machine().lower() in ("x86_64", "amd64", "i686")
+
+
+def missing_cpu_features(kernel):
+    """The CPU flags this machine lacks for `kernel` (on a CPU that is not x86, every x86 path lacks all)."""
+    needs = KERNELS[kernel][0]
+    return list(needs) if needs and not x86() else [flag for flag in needs if flag not in measure.cpu_flags()]
+
+
+def available_kernels():
+    return [kernel for kernel in KERNELS if not missing_cpu_features(kernel)]
+
+
+def unavailable_kernels():
+    """{path: why it cannot run here}, for reports."""
+    return {kernel: f"this CPU lacks {', '.join(missing_cpu_features(kernel))}"
+            for kernel in KERNELS if missing_cpu_features(kernel)}
+
+
+def chosen_kernel():
+    """MOE_FUSED_KERNEL if set, else the fastest path this CPU has."""
+    forced = os.environ.get(ENV)
+    if forced:
+        if forced not in KERNELS:
+            raise UserError(f"{ENV}={forced}: expected one of {', '.join(KERNELS)}")
+        if missing_cpu_features(forced):
+            raise UserError(f"{ENV}={forced}: {unavailable_kernels()[forced]}; choose one of "
+                            f"{', '.join(available_kernels())}")
+        return forced
+    return available_kernels()[0]
+
+
+def describe(kernel):
+    """What ran, for a report's block."""
+    why = f"forced by {ENV}" if os.environ.get(ENV) else "the fastest this CPU has"
+    products = {"vnni": "vpdpbusd", "avx2": "vpmaddwd on int16-widened bytes", "portable": "plain C++ loops"}[kernel]
+    unavailable = "; ".join(f"{k} not available: {why_not}" for k, why_not in unavailable_kernels().items())
+    return (f"{kernel} path of common/fused_moe.cpp ({why}): uint8 x int8 embedding and expert products "
+            f"({products}), gate and top-k in float32, only the chosen experts"
+            + (f"; {unavailable}" if unavailable else ""))
+
+
+def label(kernel):
+    return f"PyTorch custom op: fused MoE, INT8 ({KERNELS[kernel][2]})"
+
+
+def build_directory(name):
+    from torch.utils.cpp_extension import get_default_build_root
+    folder = os.path.join(get_default_build_root(), f"{name}-torch{torch.__version__}")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def clear_stale_lock(folder):
+    """PyTorch's builder waits forever on the lock file of a build that was killed midway."""
+    lock = os.path.join(folder, "lock")
+    if os.path.exists(lock):
+        age = time.time() - os.path.getmtime(lock)
+        if age < LOCK_STALE_S:
+            print(f"waiting for another build of the fused operator ({lock}, {age:.0f} s old) ...", flush=True)
+            return
+        os.remove(lock)
+        print(f"removed a stale lock left by an interrupted build of the fused operator ({lock}, "
+              f"{age / 60:.0f} min old)", flush=True)
+
+
+def require_toolchain():
+    from torch.utils.cpp_extension import is_ninja_available
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise UserError(f"the fused operator is compiled on first use and needs a C++ compiler ({compiler} is not "
+                        "on the PATH): apt-get install g++ (or set CXX)")
+    if not is_ninja_available():
+        raise UserError("the fused operator is compiled on first use with ninja, which is not installed: "
+                        "pip install -r requirements.txt")
 
 
 @functools.cache
-def build():
-    """Compile (or reuse the cached build of) the operator; returns its Python module, whose
-    int8_forward is the pybind11 binding (it skips torch.ops' dispatcher, a large share of a batch-1
-    call); torch.ops.moe_fused.int8_forward is registered too."""
-    missing = missing_cpu_features()
-    if missing:
-        raise UserError(f"the fused INT8 kernel needs AVX-512 VNNI; this CPU lacks {', '.join(missing)}")
+def build(kernel=None):
+    """Compile (or reuse the cached build of) one path of the operator; returns its Python module,
+    whose int8_forward is the pybind11 binding (it skips torch.ops' dispatcher, a large share of a
+    batch-1 call); torch.ops.moe_fused_<path>.int8_forward is registered too."""
+    kernel = kernel or chosen_kernel()
+    if missing_cpu_features(kernel):
+        raise UserError(f"the fused operator's {kernel} path cannot run here: {unavailable_kernels()[kernel]}")
     from torch.utils.cpp_extension import load
+    name = f"moe_fused_{kernel}"
+    folder = build_directory(name)
+    cached = os.path.exists(os.path.join(folder, f"{name}.so")) and \
+        os.path.getmtime(os.path.join(folder, f"{name}.so")) > os.path.getmtime(SOURCE)
+    if not cached:
+        require_toolchain()
+        clear_stale_lock(folder)
+        print(f"building the fused INT8 operator, {kernel} path, into {folder} (once; 20-60 s) ...", flush=True)
+    started = time.perf_counter()
     try:
-        return load("moe_fused", [SOURCE], extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], is_python_module=True, verbose=False)
+        # -fopenmp compiles at::parallel_for's OpenMP loops; nothing links an OpenMP runtime of its own,
+        # so they run on PyTorch's, which torch.set_num_threads() sets
+        module = load(name, [SOURCE], extra_cflags=["-O3", "-fopenmp", *KERNELS[kernel][1]], build_directory=folder,
+                      is_python_module=True, verbose=False)
     except Exception as error:
-        raise UserError(f"building the fused kernel failed ({type(error).__name__}: "
-                        f"{str(error).strip().splitlines()[-1][:200]}); it needs a C++ compiler and ninja "
-                        "(pip install -r requirements.txt)")
+        log = os.path.join(folder, "build-error.log")
+        with atomic_path(log) as tmp, open(tmp, "w") as f:
+            f.write(str(error))
+        raise UserError(f"building the fused operator's {kernel} path failed ({error_line(error, last=True)}); "
+                        f"the compiler's full output is in {log}")
+    if not cached:
+        print(f"built the fused INT8 operator, {kernel} path, in {time.perf_counter() - started:.0f} s", flush=True)
+    return module
 
 
 def quantize_columns(weight):
@@ -45,10 +145,16 @@ def quantize_columns(weight):
     return np.clip(np.round(weight / scale), -127, 127).astype(np.int8), scale.astype(np.float32)
 
 
-def vnni_layout(quantized):
-    """(K, N) int8 -> (K/4, N, 4): four consecutive k of one column side by side, as vpdpbusd reads them."""
+# path -> (k values of one column stored side by side, the integer type they are stored in): what
+# the path's product instruction reads (vpdpbusd: 4 int8; vpmaddwd: 2 int16; plain loops: rows)
+LAYOUTS = {"vnni": (4, np.int8), "avx2": (2, np.int16), "portable": (1, np.int8)}
+
+
+def packed_layout(quantized, kernel):
+    """(K, N) int8 values -> (K/KPACK, N, KPACK) in the path's integer type."""
+    k_pack, dtype = LAYOUTS[kernel]
     k, n = quantized.shape
-    return np.ascontiguousarray(quantized.reshape(k // 4, 4, n).transpose(0, 2, 1))
+    return np.ascontiguousarray(quantized.reshape(k // k_pack, k_pack, n).transpose(0, 2, 1), dtype=dtype)
 
 
 def padded(matrix, width=16):
@@ -63,9 +169,10 @@ def takes(structure):
 
 
 @torch.no_grad()
-def pack(model, structure):
-    """The operator's tensors from a trained MoEClassifier: the normalisation folded into the
-    embedding, the head folded into each expert's second layer (as export_onnx.py does)."""
+def pack(model, structure, kernel):
+    """The operator's tensors from a trained MoEClassifier for one path: the normalisation folded
+    into the embedding, the head folded into each expert's second layer (as export_onnx.py does);
+    the same int8 values on every path, laid out as its product instruction reads them."""
     if not takes(structure):
         raise UserError("the fused kernel needs EMB_SIZE and HIDDEN_SIZE multiples of 64 and at most 16 experts")
     embed_w = (model.embed.weight / model.pixel_std).numpy().T  # (784, EMB)
@@ -73,9 +180,9 @@ def pack(model, structure):
     embed_q, embed_scale = quantize_columns(embed_w)
     head_w, head_b = model.head.weight.numpy(), model.head.bias.numpy()
     fc1 = [quantize_columns(e.fc1.weight.numpy().T) for e in model.moe.experts]  # (EMB, HIDDEN) each
-    tensors = {"embed_q": vnni_layout(embed_q), "embed_scale": embed_scale / 255.0, "embed_bias": embed_b,
+    tensors = {"embed_q": packed_layout(embed_q, kernel), "embed_scale": embed_scale / 255.0, "embed_bias": embed_b,
                "gate_w": padded(model.moe.w_gate.numpy()),
-               "fc1_q": np.stack([vnni_layout(q) for q, _ in fc1]), "fc1_scale": np.stack([s for _, s in fc1]),
+               "fc1_q": np.stack([packed_layout(q, kernel) for q, _ in fc1]), "fc1_scale": np.stack([s for _, s in fc1]),
                "fc1_bias": np.stack([e.fc1.bias.numpy() for e in model.moe.experts]),
                "fc2_w": np.stack([padded((head_w @ e.fc2.weight.numpy()).T) for e in model.moe.experts]),
                "fc2_b": np.stack([padded(head_w @ e.fc2.bias.numpy()) for e in model.moe.experts]),
@@ -86,11 +193,13 @@ def pack(model, structure):
 
 
 class FusedInt8:
-    """model(pixels tensor) -> (logits, gates), through the custom operator."""
+    """model(pixels tensor) -> (logits, gates), through the custom operator; `kernel` names the path
+    (default: chosen_kernel())."""
 
-    def __init__(self, model, structure):
-        self.op = build().int8_forward
-        self.tensors = [t.float() if t.dtype == torch.float64 else t for t in pack(model.eval(), structure)]
+    def __init__(self, model, structure, kernel=None):
+        self.kernel = kernel or chosen_kernel()
+        self.op = build(self.kernel).int8_forward
+        self.tensors = [t.float() if t.dtype == torch.float64 else t for t in pack(model.eval(), structure, self.kernel)]
         self.top = structure["TOP"]
 
     def __call__(self, pixels):
