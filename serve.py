@@ -9,7 +9,7 @@ import signal
 import socket
 import time
 
-from common import contract, serving
+from common import contract, ray_cluster, serving
 from common.cli import (ArgumentParser, UserError, error_line, non_negative_float, port_number, positive_int,
                         require_module, run)
 
@@ -81,8 +81,9 @@ def deployment(args, payload):
             self.batching, self.max_images = max_batch_size > 1, max_images
             self.classify_batch.set_max_batch_size(max_batch_size)
             self.classify_batch.set_batch_wait_timeout_s(batch_wait_s)
+            node, node_ip = ray_cluster.node_of_this_process()
             self.served_by = {"replica": serve.get_replica_context().replica_id.unique_id,
-                              "host": socket.gethostname(), "pid": os.getpid()}
+                              "host": socket.gethostname(), "pid": os.getpid(), "node": node, "node_ip": node_ip}
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
         async def classify_batch(self, requests):
@@ -119,48 +120,50 @@ def require_reachable(address):
                         "'ray start --head' on that machine, or leave --address out for a local one")
 
 
-def start_ray(address):
-    import ray
-    if address:
-        require_reachable(address)
-    runtime_env = {"py_modules": [COMMON_PACKAGE]}  # the replicas import common.serving, on every node
-    try:
-        if address:
-            ray.init(address=address, runtime_env=runtime_env, logging_level="ERROR", log_to_driver=False)
-        else:
-            ray.init(runtime_env=runtime_env, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    except Exception as error:
-        where = f"the Ray cluster at --address {address}" if address else "a local Ray instance"
-        raise UserError(f"cannot start or join {where} ("
-                        f"{error_line(error)})")
-
-
-def start(args):
-    """Start Ray (or join it) and the application; returns the URL it answers on."""
+def start(args, state):
+    """Start Ray (or join it) and the application; returns the URL it answers on. Sets
+    state["started_serve"] once it knows whether it starts Ray Serve (and so must stop it)."""
     import logging
+    if not args.address:
+        ray_cluster.keep_local_ray_on_loopback()
     require_module("ray.serve", "serve.py")
     from ray import serve
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own line says where it serves
     payload = model_bytes(args.model)
-    require_free_port(args.host, args.port)
-    start_ray(args.address)
+    if args.address:
+        require_reachable(args.address)
+    else:
+        require_free_port(args.host, args.port)
+    # the replicas import common.serving, on every node
+    ray_cluster.init(args.address, {"py_modules": [COMMON_PACKAGE]})
+    running = ray_cluster.running_serve_http()
+    ray_cluster.require_same_http(running, args.host, args.port, args.address)
+    state["started_serve"] = running is None
     serve.start(http_options={"host": args.host, "port": args.port})
     try:
         serve.run(deployment(args, payload), name=APP_NAME, route_prefix="/")
     except Exception as error:
-        raise UserError(f"the application did not start ("
-                        f"{error_line(error, 300, last=True)})")
-    return f"http://{args.host}:{args.port}/"
+        raise UserError(f"the application did not start ({error_line(error, 300, last=True)})")
+    host = ray_cluster.node_of_this_process()[1] if args.host in ("0.0.0.0", "::") else args.host
+    where = f"http://{host}:{args.port}/"
+    if args.address:
+        where += f" (and port {args.port} of every node)" if args.host in ("0.0.0.0", "::") else ""
+    return where
 
 
-def stop():
+def stop(started_serve):
+    """Leave Ray as it was found: shut Serve down if this process started it, else remove only
+    this application."""
     try:
         import ray
         from ray import serve
     except ImportError:  # said already by start()
         return
     if ray.is_initialized():
-        serve.shutdown()
+        if started_serve:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
         ray.shutdown()
 
 
@@ -175,8 +178,9 @@ def stop_on_signals():
 
 def main(argv=None):
     args = parse_args(argv)
+    state = {"started_serve": False}
     try:
-        url = start(args)
+        url = start(args, state)
         stop_on_signals()
         print(f"serving {args.model} on {args.backend} with {args.replicas} replica(s), batching "
               + (f"up to {args.max_batch_size} requests, {args.batch_wait_ms:g} ms wait" if args.max_batch_size > 1
@@ -186,7 +190,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
     finally:
-        stop()
+        stop(state["started_serve"])
     print("stopped", flush=True)
 
 

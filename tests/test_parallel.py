@@ -130,3 +130,25 @@ def test_ctrl_c_stops_every_rank(tmp_path, mnist_dir):
     assert process.returncode != 0 and err.count("interrupted") == 1
     assert not workers(tmp_path / "long.pt")
     assert checkpoint.load(str(tmp_path / "long.pt"))["epoch"] >= 1
+
+
+@pytest.mark.parametrize("mode", ["data", "expert"])
+def test_the_readme_s_two_node_recipe_trains_as_one_process(one_process, mnist_dir, mode):
+    """Two torchrun commands, node ranks 0 and 1, one process each, meeting at a c10d rendezvous
+    (README); on loopback here: --local-addr and GLOO_SOCKET_IFNAME keep every connection on lo."""
+    import loadgen
+    folder, single = one_process
+    endpoint = f"127.0.0.1:{loadgen.free_port()}"
+    env = {**os.environ, "PYTHONPATH": ROOT, "GLOO_SOCKET_IFNAME": "lo"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                               "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                               "--rdzv-id", f"moe-{mode}", "--local-addr", "127.0.0.1",
+                               *train_args(folder, f"two-nodes-{mode}.pt", mnist_dir, "--parallel", mode)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert f"2 processes, {mode} parallel" in outputs[0][0]
+    parallel = checkpoint.load(str(folder / f"two-nodes-{mode}.pt"))
+    assert parallel["parallel"] == {"mode": mode, "processes": 2}
+    assert_same_training(parallel, single)
