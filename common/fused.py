@@ -115,8 +115,11 @@ def build(kernel=None):
     from torch.utils.cpp_extension import load
     name = f"moe_fused_{kernel}"
     folder = build_directory(name)
-    cached = os.path.exists(os.path.join(folder, f"{name}.so")) and \
-        os.path.getmtime(os.path.join(folder, f"{name}.so")) > os.path.getmtime(SOURCE)
+    built_from = os.path.join(folder, "built-from.cpp")  # the source of the build in the folder
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    cached = os.path.exists(os.path.join(folder, f"{name}.so")) and os.path.exists(built_from) and \
+        open(built_from, "rb").read() == source
     if not cached:
         require_toolchain()
         clear_stale_lock(folder)
@@ -134,6 +137,8 @@ def build(kernel=None):
         raise UserError(f"building the fused operator's {kernel} path failed ({error_line(error, last=True)}); "
                         f"the compiler's full output is in {log}")
     if not cached:
+        with atomic_path(built_from) as tmp, open(tmp, "wb") as f:
+            f.write(source)
         print(f"built the fused INT8 operator, {kernel} path, in {time.perf_counter() - started:.0f} s", flush=True)
     return module
 
