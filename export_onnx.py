@@ -49,7 +49,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.routing is None:
         args.routing = config.ROUTING if args.output else None
-    routings = [args.routing] if args.routing else [config.ROUTING] + [r for r in config.ROUTINGS if r != config.ROUTING]
+    default_first = [config.ROUTING] + [r for r in config.ROUTINGS if r != config.ROUTING]
+    routings = [args.routing] if args.routing else default_first
     args.outputs = {routing: args.output or config.onnx_path(routing, args.exporter) for routing in routings}
     return args
 

@@ -106,8 +106,9 @@ class ServeProcess:
     def __init__(self, model, extra):
         port = free_port()
         self.url = f"http://127.0.0.1:{port}/"
-        self.process = subprocess.Popen([sys.executable, "serve.py", "--model", os.path.abspath(model), "--port", str(port),
-                                         "--threads", "1", *extra], cwd=os.path.dirname(os.path.abspath(__file__)),
+        self.process = subprocess.Popen([sys.executable, "serve.py", "--model", os.path.abspath(model),
+                                         "--port", str(port), "--threads", "1", *extra],
+                                        cwd=os.path.dirname(os.path.abspath(__file__)),
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for line in self.process.stdout:
             if line.startswith("serving "):

@@ -182,11 +182,14 @@ def trained_engines(args, workdir, images, labels):
         "OpenVINO bf16, dense": lambda: openvino_engine(paths["dense"]),
         "OpenVINO bf16, loop": lambda: openvino_engine(paths["loop"]),
         "OpenVINO INT8 (NNCF), loop": lambda: openvino_engine(paths["loop"], "auto", calibration)}
+    not_measured = [f"fused INT8 operator, {k} path: {why}" for k, why in fused.unavailable_kernels().items()]
     if fused.takes(structure):
         kernel = fused.chosen_kernel()
         engines[f"PyTorch custom op, fused INT8 ({fused.KERNELS[kernel][2]})"] = \
             lambda: fused.predictor(fused.FusedInt8(model, structure, kernel))
-    return structure, engines
+    else:
+        not_measured = ["fused INT8 operator: it needs EMB_SIZE and HIDDEN_SIZE multiples of 64 and at most 16 experts"]
+    return structure, engines, not_measured
 
 
 def main(argv=None):
@@ -197,11 +200,12 @@ def main(argv=None):
     experts, hidden = ((4, 8), (32,)) if args.quick else (EXPERTS, HIDDEN_SIZES)
     peaks = roofline.measure_peaks(512 if args.quick else 2048)
     with tempfile.TemporaryDirectory() as workdir:
-        structure, engines = trained_engines(args, workdir, images_t, labels_t)
+        structure, engines, not_measured = trained_engines(args, workdir, images_t, labels_t)
         batch = batch_sweep(engines, images, sizes, args.repeats)
         size = size_sweep(workdir, images_t[:SIZE_IMAGES], labels_t[:SIZE_IMAGES], experts, hidden, args.repeats)
     report = {"machine": f"{measure.cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
               "peaks": peaks, "activated_macs": roofline.activated_macs(structure), "batch": batch, "size": size,
+              "not_measured": not_measured,
               "settings": {"images": len(images), "repeats": args.repeats, "quick": args.quick}}
     with atomic_path(os.path.join(args.out_dir, "sweep.json")) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
@@ -219,6 +223,8 @@ def print_summary(report):
     for p in report["size"]:
         print(f"  EXPERTS {p['EXPERTS']:3d} HIDDEN {p['HIDDEN_SIZE']:5d} {p['engine']:26s} "
               f"bulk {p['bulk_us']:8.2f}  b=1 {p['b1_us']:8.1f}")
+    for line in report["not_measured"]:
+        print(f"not measured here: {line}")
 
 
 if __name__ == "__main__":

@@ -187,7 +187,8 @@ def pack(model, structure, kernel):
     fc1 = [quantize_columns(e.fc1.weight.numpy().T) for e in model.moe.experts]  # (EMB, HIDDEN) each
     tensors = {"embed_q": packed_layout(embed_q, kernel), "embed_scale": embed_scale / 255.0, "embed_bias": embed_b,
                "gate_w": padded(model.moe.w_gate.numpy()),
-               "fc1_q": np.stack([packed_layout(q, kernel) for q, _ in fc1]), "fc1_scale": np.stack([s for _, s in fc1]),
+               "fc1_q": np.stack([packed_layout(q, kernel) for q, _ in fc1]),
+               "fc1_scale": np.stack([s for _, s in fc1]),
                "fc1_bias": np.stack([e.fc1.bias.numpy() for e in model.moe.experts]),
                "fc2_w": np.stack([padded((head_w @ e.fc2.weight.numpy()).T) for e in model.moe.experts]),
                "fc2_b": np.stack([padded(head_w @ e.fc2.bias.numpy()) for e in model.moe.experts]),
@@ -204,7 +205,8 @@ class FusedInt8:
     def __init__(self, model, structure, kernel=None):
         self.kernel = kernel or chosen_kernel()
         self.op = build(self.kernel).int8_forward
-        self.tensors = [t.float() if t.dtype == torch.float64 else t for t in pack(model.eval(), structure, self.kernel)]
+        packed = pack(model.eval(), structure, self.kernel)
+        self.tensors = [t.float() if t.dtype == torch.float64 else t for t in packed]
         self.top = structure["TOP"]
 
     def __call__(self, pixels):

@@ -156,12 +156,13 @@ constexpr int TILE_ROWS = 1, TILE_COLS = 64;
 #endif
 
 inline void gemm(const Act* a, int lda, int rows, const Weight* b, int k_size, int n_size, int32_t* c, int ldc) {
-  int r = 0;
-  for (; r + TILE_ROWS <= rows; r += TILE_ROWS)
-    for (int n0 = 0; n0 < n_size; n0 += TILE_COLS)
+  const int whole = rows - rows % TILE_ROWS;
+  for (int n0 = 0; n0 < n_size; n0 += TILE_COLS)  // a column tile's weights stay in L1 across the rows
+    for (int r = 0; r < whole; r += TILE_ROWS)
       tile<TILE_ROWS>(a + (size_t)r * lda, lda, b, k_size, n_size, n0, c + (size_t)r * ldc, ldc);
-  for (; r < rows; ++r)
-    for (int n0 = 0; n0 < n_size; n0 += TILE_COLS) tile<1>(a + (size_t)r * lda, lda, b, k_size, n_size, n0, c + (size_t)r * ldc, ldc);
+  for (int r = whole; r < rows; ++r)
+    for (int n0 = 0; n0 < n_size; n0 += TILE_COLS)
+      tile<1>(a + (size_t)r * lda, lda, b, k_size, n_size, n0, c + (size_t)r * ldc, ldc);
 }
 
 // ---------------------------------------------------------------- float -> uint8 values
@@ -276,7 +277,8 @@ std::vector<at::Tensor> moe_int8_forward(const at::Tensor& pixels_in, at::Tensor
         const int row = start + r;
         F16 peak16 = splat16(0.0f), logit16 = splat16(0.0f);
         for (int j = 0; j < emb; j += 16) {
-          F16 v = max16(fma16(from_int32x16(acc.get() + (size_t)r * emb + j), load16(es + j), load16(eb + j)), splat16(0.0f));
+          F16 v = fma16(from_int32x16(acc.get() + (size_t)r * emb + j), load16(es + j), load16(eb + j));
+          v = max16(v, splat16(0.0f));
           store16(e.data() + j, v);
           peak16 = max16(peak16, v);
         }
@@ -349,7 +351,8 @@ std::vector<at::Tensor> moe_int8_forward(const at::Tensor& pixels_in, at::Tensor
         for (int r = 0; r < 4; ++r) y[r][0] = load16(b2), y[r][1] = splat16(0.0f);
         for (int j = 0; j < hidden; ++j) {
           const F16 w = load16(w2 + (size_t)j * c_pad);
-          for (int r = 0; r < group; ++r) y[r][j & 1] = fma16(splat16(h[(size_t)(r0 + r) * hidden + j]), w, y[r][j & 1]);
+          for (int r = 0; r < group; ++r)
+            y[r][j & 1] = fma16(splat16(h[(size_t)(r0 + r) * hidden + j]), w, y[r][j & 1]);
         }
         for (int r = 0; r < group; ++r) {
           const float weight = g[(size_t)order[start + r0 + r] * experts + x];

@@ -185,7 +185,8 @@ def test_a_non_contiguous_batch_gets_the_contiguous_batch_s_answers(trained, tes
     (lambda p, w, top: (p, w[:9], top), "expected 10 weight tensors, got 9"),
     (lambda p, w, top: (p, w, 0), "needs 1 <= TOP <= EXPERTS <= 16, got TOP 0"),
     (lambda p, w, top: (p, w, 5), "needs 1 <= TOP <= EXPERTS <= 16, got TOP 5, EXPERTS 4"),
-    (lambda p, w, top: (p, [w[0][:100]] + w[1:], top), r"weight embed_q must have shape \[(196, 64, 4|392, 64, 2|784, 64, 1)\]"),
+    (lambda p, w, top: (p, [w[0][:100]] + w[1:], top),
+     r"weight embed_q must have shape \[(196, 64, 4|392, 64, 2|784, 64, 1)\]"),
     (lambda p, w, top: (p, w[:1] + [w[1].double()] + w[2:], top), "weight embed_scale must be Float, got Double"),
 ])
 def test_the_operator_checks_its_inputs_at_the_c_boundary(trained, test_set, change, message):
