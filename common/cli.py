@@ -3,6 +3,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -122,6 +123,23 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextmanager
+def atomic_folder(path):
+    """Yield a temporary folder beside `path`; it replaces `path` (and everything in it) only if the
+    block succeeds, so a report's files never mix two runs, nor an interrupted run's leftovers."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
 
 
 def save_figure(fig, path):

@@ -159,3 +159,18 @@ def test_a_missing_optional_module_is_one_line(tiny_models, mnist_dir, tmp_path,
     (UserError("already a user's line"), "already a user's line"), (OSError(), "OSError")])
 def test_error_line_is_one_line_for_any_exception(error, expected):
     assert error_line(error) == expected
+
+
+def test_a_report_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    from common.cli import atomic_folder
+    logs = tmp_path / "loadgen"
+    (logs / "old-run").mkdir(parents=True)
+    with pytest.raises(RuntimeError):
+        with atomic_folder(logs) as folder:
+            (tmp_path / folder / "half").mkdir()
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in logs.iterdir()) == ["old-run"]
+    with atomic_folder(logs) as folder:
+        (tmp_path / folder / "new-run").mkdir()
+    assert sorted(p.name for p in logs.iterdir()) == ["new-run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loadgen"]  # no temporary folder left
