@@ -122,7 +122,8 @@ def require_reachable(address):
 
 def start(args, state):
     """Start Ray (or join it) and the application; returns the URL it answers on. Sets
-    state["started_serve"] once it knows whether it starts Ray Serve (and so must stop it)."""
+    state["started_serve"] once it knows whether it starts Ray Serve, and state["deployed"] once
+    its application runs: what stop() must undo."""
     import logging
     if not args.address:
         ray_cluster.keep_local_ray_on_loopback()
@@ -142,27 +143,27 @@ def start(args, state):
     serve.start(http_options={"host": args.host, "port": args.port})
     try:
         serve.run(deployment(args, payload), name=APP_NAME, route_prefix="/")
+        state["deployed"] = True
     except Exception as error:
         raise UserError(f"the application did not start ({error_line(error, 300, last=True)})")
-    host = ray_cluster.node_of_this_process()[1] if args.host in ("0.0.0.0", "::") else args.host
-    where = f"http://{host}:{args.port}/"
-    if args.address:
-        where += f" (and port {args.port} of every node)" if args.host in ("0.0.0.0", "::") else ""
-    return where
+    every_address = args.host in ("0.0.0.0", "::")
+    host = ray_cluster.node_of_this_process()[1] if every_address else args.host
+    return f"http://{host}:{args.port}/" + (f" (and port {args.port} of every node)" if every_address and args.address
+                                             else "")
 
 
-def stop(started_serve):
-    """Leave Ray as it was found: shut Serve down if this process started it, else remove only
-    this application."""
+def stop(state):
+    """Leave Ray as it was found: shut Serve down if this process started it, else remove only the
+    application it deployed (never one that was running before)."""
     try:
         import ray
         from ray import serve
     except ImportError:  # said already by start()
         return
     if ray.is_initialized():
-        if started_serve:
+        if state["started_serve"]:
             serve.shutdown()
-        else:
+        elif state["deployed"]:
             serve.delete(APP_NAME)
         ray.shutdown()
 
@@ -178,7 +179,7 @@ def stop_on_signals():
 
 def main(argv=None):
     args = parse_args(argv)
-    state = {"started_serve": False}
+    state = {"started_serve": False, "deployed": False}
     try:
         url = start(args, state)
         stop_on_signals()
@@ -190,7 +191,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
     finally:
-        stop(state["started_serve"])
+        stop(state)
     print("stopped", flush=True)
 
 

@@ -131,14 +131,18 @@ def test_serve_on_two_nodes_answers_from_a_replica_on_each(served, cluster, tiny
     assert answers[0]["served_by"]["node"] != answers[1]["served_by"]["node"]
 
 
-def test_a_second_serve_with_other_http_settings_is_refused_not_announced(served, cluster, tiny_models):
-    head, _, env = cluster
+def test_a_second_serve_with_other_http_settings_is_refused_not_announced(served, cluster, tiny_models, tmp_path):
+    head, worker, env = cluster
     result = subprocess.run(on(head, sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"),
                                "--address", f"{head[1]}:{PORT}", "--port", str(HTTP_PORT + 1)),
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     line = one_line_error(result)
     assert f"Ray Serve already runs on this cluster with its HTTP proxies on 0.0.0.0:{HTTP_PORT}" in line, line
     assert "serving" not in result.stdout
+    # the refused one leaves the running application alone
+    (tmp_path / "pixels").write_bytes(bytes(784))
+    answers = ask(head, env, tmp_path / "pixels", [f"http://{h[1]}:{HTTP_PORT}/" for h in (head, worker)])
+    assert [len(a["predictions"]) for a in answers] == [1, 1]
 
 
 @pytest.mark.parametrize("auth, expected", [
