@@ -104,6 +104,14 @@ def require_toolchain():
                         "pip install -r requirements.txt")
 
 
+def read_bytes(path):
+    """The file's bytes, or None where there is no file."""
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
 @functools.cache
 def build(kernel=None):
     """Compile (or reuse the cached build of) one path of the operator; returns its Python module,
@@ -116,10 +124,8 @@ def build(kernel=None):
     name = f"moe_fused_{kernel}"
     folder = build_directory(name)
     built_from = os.path.join(folder, "built-from.cpp")  # the source of the build in the folder
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    cached = os.path.exists(os.path.join(folder, f"{name}.so")) and os.path.exists(built_from) and \
-        open(built_from, "rb").read() == source
+    source = read_bytes(SOURCE)
+    cached = os.path.exists(os.path.join(folder, f"{name}.so")) and read_bytes(built_from) == source
     if not cached:
         require_toolchain()
         clear_stale_lock(folder)
