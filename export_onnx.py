@@ -47,10 +47,10 @@ def parse_args(argv=None):
     viewer.add_netron_args(parser)
     add_data_args(parser)
     args = parser.parse_args(argv)
-    if args.routing is None:
-        args.routing = config.ROUTING if args.output else None
-    default_first = [config.ROUTING] + [r for r in config.ROUTINGS if r != config.ROUTING]
-    routings = [args.routing] if args.routing else default_first
+    if args.routing or args.output:  # one graph
+        routings = [args.routing or config.ROUTING]
+    else:  # both, the default routing's first (model.onnx)
+        routings = [config.ROUTING] + [r for r in config.ROUTINGS if r != config.ROUTING]
     args.outputs = {routing: args.output or config.onnx_path(routing, args.exporter) for routing in routings}
     return args
 

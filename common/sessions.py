@@ -27,8 +27,8 @@ def add_model_args(parser, what="ONNX model", timing=True, auto=False):
                              f"{', '.join(f'{r} = {config.onnx_path(r)}' for r in config.ROUTINGS)}; dense is "
                              "faster for single images and small batches, loop for large batches"
                              + (f"; auto: {config.onnx_path('dense')} below batch {config.AUTO_LOOP_FROM}, "
-                                f"{config.onnx_path('loop')} from there, in two sessions (slower than "
-                                "either graph alone on a small machine)" if auto else ""))
+                                f"{config.onnx_path('loop')} from there, in two sessions (in bulk slower than "
+                                "the loop graph alone on a 2-core machine)" if auto else ""))
     measure.add_common_args(parser)
     viewer.add_netron_args(parser)
 
