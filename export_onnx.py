@@ -1,32 +1,12 @@
 """Export the trained checkpoint to ONNX and prove the exported graph still agrees with torch."""
-import collections
-import contextlib
-import io
-import json
-import logging
 import shutil
 import subprocess
-import warnings
-
-import numpy as np
-import onnx
-import torch
-from onnx import numpy_helper
-from onnx.reference import ReferenceEvaluator
 
 import config
-from common import checkpoint, sessions, viewer
-from common.cli import ArgumentParser, UserError, atomic_path, error_line, positive_int, run
 from data import add_data_args, load_split
-
-OPSET = 17  # TorchScript exporter; the dynamo exporter picks its own
-MAX_LOGIT_DIFF = 1e-3  # parity: ONNX Runtime vs torch on the whole test set; float32 sums differ ~1e-5
-MIN_ARGMAX_AGREEMENT = 1.0
-INPUT_CONTRACT = ("Input 'pixels': float32 (N, 1, 28, 28), pixel values in [0, 1] (uint8 / 255, "
-                  "what torchvision's ToTensor gives). Normalisation happens inside the graph: feed "
-                  "nothing else. Outputs: 'logits' (N, 10) class scores; 'gates' (N, EXPERTS) the "
-                  "renormalised top-k gate weights, zeros for experts not chosen.")
-
+from moebench import checkpoint, viewer
+from moebench.cli import ArgumentParser, UserError, atomic_path, positive_int, run
+from moebench.export import op_counts, to_dot, write_checked
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
@@ -55,98 +35,6 @@ def parse_args(argv=None):
     return args
 
 
-def export(model, path, exporter):
-    """Export with a dynamic batch axis, input 'pixels', outputs 'logits' and 'gates'."""
-    example = (torch.zeros(2, 1, 28, 28),)
-    names = {"input_names": ["pixels"], "output_names": ["logits", "gates"]}
-    chatter = io.StringIO()
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed": not needed
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
-            warnings.simplefilter("ignore")  # deprecation notices of the TorchScript path
-            if exporter == "dynamo":
-                torch.onnx.export(model, example, path, dynamo=True, verbose=False,
-                                  dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, **names)
-            else:
-                torch.onnx.export(torch.jit.script(model), example, path, dynamo=False, opset_version=OPSET,
-                                  dynamic_axes={n: {0: "batch"} for n in ("pixels", "logits", "gates")}, **names)
-    except Exception as error:
-        raise UserError(f"the {exporter} exporter failed on ROUTING={model.moe.routing} "
-                        f"({error_line(error)})")
-
-
-def fold_constants(model):
-    """Evaluate every node whose inputs are all known (Constant nodes, initializers, products of
-    weights such as the folded head) once, and store the results as initializers."""
-    graph = model.graph
-    known = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    opsets = {o.domain: o.version for o in model.opset_import}
-    kept = []
-    for node in graph.node:
-        if node.op_type == "Constant" or (node.input and all(name in known for name in node.input if name)):
-            inputs = {name: known[name] for name in node.input if name}
-            for name, value in zip(node.output, ReferenceEvaluator(node, opsets=opsets).run(None, inputs)):
-                known[name] = value
-        else:
-            kept.append(node)
-    used = {name for node in kept for name in node.input} | {o.name for o in graph.output}
-    graph.ClearField("node")
-    graph.node.extend(kept)
-    graph.ClearField("initializer")
-    graph.initializer.extend(numpy_helper.from_array(known[name], name) for name in sorted(used & set(known)))
-    return model
-
-
-def annotate(path, structure, torch_accuracy, images):
-    """Constant folding, doc string, metadata (the structure under config.py's names, the test
-    accuracy), checker, shape inference."""
-    model = fold_constants(onnx.load(path))
-    model.doc_string = INPUT_CONTRACT
-    model.producer_name = "moe-mnist export_onnx.py"
-    metadata = {**{name: str(structure[name]) for name in config.STRUCTURE},
-                "structure_json": json.dumps(structure), "input_contract": INPUT_CONTRACT,
-                "test_accuracy_torch": f"{torch_accuracy:.2f}", "test_images": str(images)}
-    onnx.helper.set_model_props(model, metadata)
-    onnx.checker.check_model(model, full_check=True)
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    onnx.save(model, path)
-    return model
-
-
-def parity(model, path, images):
-    """(max |logit difference|, share of images whose argmax agrees, ORT logits)."""
-    session = sessions.create_session(path, ["CPUExecutionProvider"])
-    with torch.no_grad():
-        expected = torch.cat([model(images[i:i + 1000])[0] for i in range(0, len(images), 1000)]).numpy()
-    got = np.concatenate([session.run(["logits"], {"pixels": images[i:i + 1000].numpy()})[0]
-                          for i in range(0, len(images), 1000)])
-    return float(np.abs(got - expected).max()), float((got.argmax(1) == expected.argmax(1)).mean()), got
-
-
-def op_counts(model):
-    return collections.Counter(node.op_type for node in model.graph.node)
-
-
-def to_dot(model):
-    """Graphviz source: one box per node, edges along the tensors they share."""
-    producers = {out: i for i, node in enumerate(model.graph.node) for out in node.output}
-    lines = ["digraph model {", "  rankdir=TB; node [shape=box, style=rounded, fontname=Helvetica];"]
-    for i, node in enumerate(model.graph.node):
-        lines.append(f'  n{i} [label="{node.op_type}"];')
-        for tensor in node.input:
-            if tensor in producers:
-                lines.append(f"  n{producers[tensor]} -> n{i};")
-    for graph_input in model.graph.input:
-        lines.append(f'  "{graph_input.name}" [shape=ellipse];')
-        for i, node in enumerate(model.graph.node):
-            if graph_input.name in node.input:
-                lines.append(f'  "{graph_input.name}" -> n{i};')
-    for graph_output in model.graph.output:
-        lines.append(f'  "{graph_output.name}" [shape=ellipse];')
-        lines.append(f'  n{producers[graph_output.name]} -> "{graph_output.name}";')
-    return "\n".join(lines + ["}"]) + "\n"
-
-
 def write_pictures(model, dot_path, svg_path):
     source = to_dot(model)
     if dot_path:
@@ -160,28 +48,6 @@ def write_pictures(model, dot_path, svg_path):
         with atomic_path(svg_path) as tmp:
             subprocess.run(["dot", "-Tsvg", "-o", tmp], input=source, text=True, check=True)
         print(f"wrote {svg_path}")
-
-
-def write_checked(model, structure, path, exporter, images, labels):
-    """Export, annotate and check parity; the file at `path` appears only if parity holds.
-    Returns (the ONNX model, max |logit difference|, argmax agreement, onnxruntime accuracy)."""
-    with atomic_path(path) as tmp:
-        export(model, tmp, exporter)
-        with torch.no_grad():
-            torch_accuracy = 100.0 * float((model(images)[0].argmax(1) == labels).float().mean())
-        onnx_model = annotate(tmp, structure, torch_accuracy, len(images))
-        max_diff, agreement, ort_logits = parity(model, tmp, images)
-        ort_accuracy = 100.0 * float((ort_logits.argmax(1) == labels.numpy()).mean())
-        print(f"parity on {len(images)} test images: max |logit difference| {max_diff:.2e}, "
-              f"argmax agrees on {100 * agreement:.2f}%; accuracy torch {torch_accuracy:.2f}%, "
-              f"onnxruntime {ort_accuracy:.2f}%")
-        if max_diff > MAX_LOGIT_DIFF or agreement < MIN_ARGMAX_AGREEMENT:
-            raise UserError(f"parity broken (max difference {max_diff:.2e} > {MAX_LOGIT_DIFF:.0e} or "
-                            f"argmax agreement {100 * agreement:.2f}% < 100%); {path} not written")
-        onnx.helper.set_model_props(onnx_model, {**{p.key: p.value for p in onnx_model.metadata_props},
-                                                 "test_accuracy_onnxruntime": f"{ort_accuracy:.2f}"})
-        onnx.save(onnx_model, tmp)
-    return onnx_model
 
 
 def main(argv=None):

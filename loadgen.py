@@ -5,7 +5,6 @@ baseline: for each, the highest offered QPS whose 99th-percentile latency stays 
 Accuracy mode checks LoadGen's accuracy log against the test labels for every system.
 
 Writes results/loadgen/ (LoadGen's summary and detail logs), results/loadgen.{md,json,png}."""
-import json
 import os
 import shutil
 import signal
@@ -17,12 +16,13 @@ import time
 
 import numpy as np
 
-import onnx_quantize_infer
-import torch_infer
-from common import checkpoint, contract, harness, measure, openvino_cpu, sessions
-from common.cli import (ArgumentParser, UserError, atomic_folder, atomic_path, non_negative_float, positive_int,
-                        require_module, run, save_figure)
 from data import add_data_args, load_split
+from moebench import checkpoint, contract, harness, measure
+from moebench.cli import (ArgumentParser, UserError, atomic_folder, non_negative_float, positive_int, require_module,
+                          run, save_figure)
+from moebench.compare import accuracy
+from moebench.report import write as write_report
+from moebench.runners import onnx_runtime, registry
 
 SERVE_SETTINGS = {"serve.py, batching off, 1 replica": ["--max-batch-size", "1", "--replicas", "1"],
                   "serve.py, batching on, 1 replica": ["--max-batch-size", "32", "--replicas", "1"],
@@ -63,35 +63,17 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- the systems
 
-def in_process_backends(args):
-    """{name: make() -> predict(float32 pixels) -> logits} for the CPU backends."""
+def in_process_backends(args, sources):
+    """{name: make() -> predict(float32 pixels) -> logits} for the CPU backends, from the registry."""
     contract.check_onnx(args.model)
-
-    def onnx(path):
-        return sessions.predictor(sessions.create_session(path, ["CPUExecutionProvider"]))
-
-    def openvino(path, int8=False):
-        model = openvino_cpu.read(path)
-        if int8:
-            model = openvino_cpu.quantize_int8(model, load_split("train", args.data_dir, 300)[0].numpy())[0]
-        return openvino_cpu.runner(openvino_cpu.compile_model(model, "auto")).run
-
-    def int8():
-        target = os.path.join(args.workdir, "int8-dynamic.onnx")
-        return onnx(onnx_quantize_infer.quantize(args.model, target, "dynamic"))
-
-    def torchscript():
-        model = checkpoint.load_model(args.checkpoint, {"ROUTING": "dense"})[0]
-        return torch_infer.predictor(torch_infer.frozen_script(model), "cpu")
-    backends = {"ONNX Runtime CPU, dense": lambda: onnx(args.model)}
-    if args.quick:
-        return backends
-    contract.check_onnx(args.loop_model)
-    return {**backends, "ONNX Runtime CPU, loop": lambda: onnx(args.loop_model),
-            "ONNX Runtime INT8 dynamic, dense": int8,
-            "OpenVINO CPU (auto precision), loop": lambda: openvino(args.loop_model),
-            "OpenVINO CPU INT8 (NNCF), loop": lambda: openvino(args.loop_model, True),
-            "PyTorch TorchScript (frozen), dense": torchscript}
+    names = [registry.REFERENCE]
+    if not args.quick:
+        contract.check_onnx(args.loop_model)
+        names += ["ONNX Runtime CPU, loop, torchscript", "ONNX Runtime INT8 dynamic, dense",
+                  f"OpenVINO CPU {registry.openvino_precision()}, loop", "OpenVINO CPU INT8 (NNCF), loop",
+                  "PyTorch TorchScript (frozen) CPU, dense"]
+    entries = registry.cpu_entries(sources.structure)[0]
+    return {name: lambda e=registry.entry(name, entries): e.runner(sources).logits for name in names}
 
 
 def free_port():
@@ -180,11 +162,12 @@ def ladder(sut, count, args, outdir):
             "best_p99_ms": best["p99_ns"] / 1e6 if best else None}
 
 
-def in_process_rows(args, images, labels, logs):
+def in_process_rows(args, sources, logs):
+    images, labels = sources.test_set
     rows = {}
-    for name, make in in_process_backends(args).items():
+    for name, make in in_process_backends(args, sources).items():
         predict = make()
-        direct = 100.0 * float((measure.full_pass(predict, images, 1024).argmax(1) == labels).mean())
+        direct = accuracy(measure.full_pass(predict, images, 1024), labels)
         sut = harness.InProcess(predict, images)
         folder = os.path.join(logs, slug(name))
         rows[name] = {"direct_accuracy": direct,
@@ -200,8 +183,8 @@ def in_process_rows(args, images, labels, logs):
 def server_rows(args, images, labels, logs):
     """{setting: {ladder, accuracy}}: the in-process baseline and each serve.py setting."""
     pixels = np.round(images[:, 0] * 255).astype(np.uint8)
-    baseline_predict = sessions.predictor(sessions.create_session(args.model, ["CPUExecutionProvider"]))
-    direct = 100.0 * float((measure.full_pass(baseline_predict, images, 1024).argmax(1) == labels).mean())
+    baseline_predict = onnx_runtime.runner(args.model).logits
+    direct = accuracy(measure.full_pass(baseline_predict, images, 1024), labels)
     sut = harness.InProcess(baseline_predict, images, worker=True)
     rows = {BASELINE: {"ladder": ladder(sut, len(images), args, os.path.join(logs, slug(BASELINE))),
                        "direct_accuracy": direct}}
@@ -214,10 +197,10 @@ def server_rows(args, images, labels, logs):
         try:
             folder = os.path.join(logs, slug(name))
             checked = harness.OverHttp(url, pixels, per_request=100, connections=1)  # never overloads it
-            accuracy = accuracy_run(checked, images, labels, os.path.join(folder, "accuracy"))
+            over_http = accuracy_run(checked, images, labels, os.path.join(folder, "accuracy"))
             checked.close()
             sut = harness.OverHttp(url, pixels)
-            rows[name] = {"ladder": ladder(sut, len(images), args, folder), "loadgen": accuracy,
+            rows[name] = {"ladder": ladder(sut, len(images), args, folder), "loadgen": over_http,
                           "direct_accuracy": direct}
             sut.close()
         finally:
@@ -296,20 +279,17 @@ def main(argv=None):
     mlperf_loadgen = require_module("mlperf_loadgen", "loadgen.py")
     images_t, labels_t = load_split("test", args.data_dir, args.test_limit)
     images, labels = np.ascontiguousarray(images_t.numpy()), labels_t.numpy()
-    with tempfile.TemporaryDirectory() as args.workdir, atomic_folder(os.path.join(args.out_dir, "loadgen")) as logs:
-        in_process = in_process_rows(args, images, labels, logs)
+    with tempfile.TemporaryDirectory() as workdir, atomic_folder(os.path.join(args.out_dir, "loadgen")) as logs:
+        sources = registry.Sources(args.checkpoint, workdir, (images, labels), args.data_dir,
+                                   {"dense": args.model, "loop": args.loop_model}, calibration_images=300)
+        in_process = in_process_rows(args, sources, logs)
         server = server_rows(args, images, labels, logs)
     report = {"machine": f"{measure.cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
               "loadgen_version": getattr(mlperf_loadgen, "__version__", "6.0.17"), "in_process": in_process,
               "server": server, "settings": {"images": len(images), "duration_s": args.duration_s,
                                              "p99_ms": args.p99_ms, "start_qps": args.start_qps,
                                              "qps_step": args.qps_step, "quick": args.quick}}
-    with atomic_path(os.path.join(args.out_dir, "loadgen.json")) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    with atomic_path(os.path.join(args.out_dir, "loadgen.md")) as tmp, open(tmp, "w") as f:
-        f.write(markdown(report))
-    plot(report, os.path.join(args.out_dir, "loadgen.png"))
-    print(markdown(report))
+    print(write_report(report, args.out_dir, "loadgen", markdown, {"loadgen.png": plot}))
     return report
 
 

@@ -57,7 +57,7 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.zeros(dim, experts))
         self.w_noise = nn.Parameter(torch.zeros(dim, experts))
         self.experts = nn.ModuleList([Expert(dim, hidden) for _ in range(experts)])
-        # Training in several processes (common/parallel.py) sets this to a sum over every rank's rows,
+        # Training in several processes (moebench/parallel.py) sets this to a sum over every rank's rows,
         # so that the balance loss sees the global batch.
         self.sum_across_ranks = None
         # gates (N, EXPERTS) @ this = each expert's gate repeated over its HIDDEN + 1 units

@@ -1,21 +1,21 @@
 """ONNX Runtime, CPU execution provider, on the dense graph (model.onnx) by default: the faster one
 for single images and small batches; --routing loop (model.loop.onnx) for large batches."""
 
-from common import sessions
-from common.cli import ArgumentParser, run
+from moebench import onnx_scripts
+from moebench.cli import ArgumentParser, run
 
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    sessions.add_model_args(parser, "ONNX model from export_onnx.py", auto=True)
+    onnx_scripts.add_model_args(parser, "ONNX model from export_onnx.py", auto=True)
     parser.add_argument("--opt-level", choices=("disable", "basic", "extended", "all"), default="all",
                         help="ONNX Runtime graph optimisation level (default all)")
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads; 0 lets ONNX Runtime pick one per physical core")
-    args = sessions.parse_args(parser, argv)
+    args = onnx_scripts.parse_args(parser, argv)
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
-    return sessions.run_backend(args, "ONNX Runtime CPU", ["CPUExecutionProvider"],
+    return onnx_scripts.run_backend(args, "ONNX Runtime CPU", ["CPUExecutionProvider"],
                                 {"opt_level": args.opt_level, "threads": args.threads},
                                 {"options": f"graph optimisation {args.opt_level}, "
                                             f"intra-op threads {args.threads or 'auto'}"})

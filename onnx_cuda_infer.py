@@ -1,23 +1,24 @@
 """ONNX Runtime, CUDA execution provider (needs requirements-gpu.txt on a CUDA machine): timed end to
 end from host numpy arrays and device-resident (IOBinding), and batch 1 replayed from a CUDA graph."""
-from common import measure, sessions
-from common.cli import ArgumentParser, run
+from moebench import measure, onnx_scripts
+from moebench.runners.onnx_runtime import cuda_graph_latency, gpu_name
+from moebench.cli import ArgumentParser, run
 
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    sessions.add_model_args(parser, "ONNX model from export_onnx.py")
+    onnx_scripts.add_model_args(parser, "ONNX model from export_onnx.py")
     parser.add_argument("--device-id", type=int, default=0)
     parser.add_argument("--no-cuda-graph", action="store_true", help="skip the CUDA-graph batch-1 run")
-    args = sessions.parse_args(parser, argv, on_gpu=True)
+    args = onnx_scripts.parse_args(parser, argv, on_gpu=True)
     providers = [("CUDAExecutionProvider", {"device_id": args.device_id}), "CPUExecutionProvider"]
-    records = sessions.run_backend(args, f"ONNX Runtime CUDA on {sessions.gpu_name(args.device_id)}", providers,
+    records = onnx_scripts.run_backend(args, f"ONNX Runtime CUDA on {gpu_name(args.device_id)}", providers,
                                    device="cuda", device_id=args.device_id)
     if not args.no_cuda_graph:
         images, labels = measure.load_test_set(args)
-        logits, latencies = sessions.cuda_graph_latency(args.model, args.device_id, images, args.latency_runs)
-        records.append(sessions.report_latency_only(
-            args, f"ONNX Runtime CUDA, CUDA graph on {sessions.gpu_name(args.device_id)}", logits, labels,
+        logits, latencies = cuda_graph_latency(args.model, args.device_id, images, args.latency_runs)
+        records.append(onnx_scripts.report_latency_only(
+            args, f"ONNX Runtime CUDA, CUDA graph on {gpu_name(args.device_id)}", logits, labels,
             latencies, "device-resident: IOBinding with fixed buffers, enable_cuda_graph; each image copied "
                        "into the fixed input before the clock starts"))
     return records

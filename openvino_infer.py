@@ -1,13 +1,14 @@
 """OpenVINO on CPU, reading the exported ONNX file as it is: fp32, bf16 or OpenVINO's own choice,
 a latency or throughput hint, and INT8 from NNCF post-training quantization on training images."""
-from common import measure, openvino_cpu, sessions, viewer
-from common.cli import ArgumentParser, positive_int, run
 from data import load_split
+from moebench import measure, onnx_scripts, viewer
+from moebench.cli import ArgumentParser, positive_int, run
+from moebench.runners import openvino_cpu
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    sessions.add_model_args(parser, "ONNX model from export_onnx.py", timing=False)
+    onnx_scripts.add_model_args(parser, "ONNX model from export_onnx.py", timing=False)
     parser.add_argument("--precision", choices=openvino_cpu.PRECISIONS, default="auto",
                         help="floating-point precision; auto lets OpenVINO choose (bf16 on CPUs that have "
                              "it); the block says which really ran (default auto)")
@@ -17,7 +18,7 @@ def parse_args(argv=None):
                         help="quantize the embedding and expert products to INT8 with NNCF first")
     parser.add_argument("--calibration-images", type=positive_int, default=300,
                         help="training images that calibrate --int8 (default 300)")
-    return sessions.parse_args(parser, argv)
+    return onnx_scripts.parse_args(parser, argv)
 
 
 def main(argv=None):
@@ -36,7 +37,7 @@ def main(argv=None):
     details["precision"] = (f"{'int8 products, the rest ' if args.int8 else ''}{used['precision']} "
                             f"(asked: {args.precision}; from the compiled model's INFERENCE_PRECISION_HINT)")
     details["settings"] = f"{used['hint']} hint, {used['streams']} streams, {used['threads']} threads"
-    result = measure.measure(openvino_cpu.runner(compiled), images, labels, args.batch_size,
+    result = measure.measure(openvino_cpu.clock(compiled), images, labels, args.batch_size,
                              args.latency_runs, not args.quiet)
     if args.int8:
         details["vs fp32"] = f"fp32 accuracy {fp32:.2f}%, change {result['accuracy'] - fp32:+.2f} points"

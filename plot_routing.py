@@ -5,8 +5,8 @@ import os
 import numpy as np
 import torch
 
-from common import checkpoint
-from common.cli import ArgumentParser, UserError, run, save_figure
+from moebench import checkpoint
+from moebench.cli import ArgumentParser, UserError, run, save_figure
 from data import add_data_args, load_split
 
 

@@ -9,19 +9,21 @@ import signal
 import socket
 import time
 
-from common import contract, ray_cluster, serving
-from common.cli import (ArgumentParser, UserError, error_line, non_negative_float, port_number, positive_int,
+from moebench import contract, ray_cluster, serving
+from moebench.runners import registry
+from moebench.cli import (ArgumentParser, UserError, error_line, non_negative_float, port_number, positive_int,
                         require_module, run)
 
 APP_NAME = "moe"
-COMMON_PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common")
+PACKAGE_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moebench")
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="model.onnx", help="ONNX model from export_onnx.py (default model.onnx)")
-    parser.add_argument("--backend", choices=serving.BACKENDS, default="onnxruntime",
-                        help="onnxruntime (CPU, default), onnxruntime-cuda (a CUDA machine), openvino (CPU)")
+    parser.add_argument("--backend", choices=tuple(registry.SERVED), default="onnxruntime",
+                        help="; ".join(f"{name}: {what}" for name, what in registry.SERVED.items())
+                        + " (default onnxruntime)")
     parser.add_argument("--precision", choices=("auto", "f32", "bf16"), default="auto",
                         help="OpenVINO's precision (default auto: bf16 where the CPU has it)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
@@ -95,7 +97,7 @@ def deployment(args, payload):
 
         async def __call__(self, request):
             if request.method == "GET":
-                return JSONResponse({"model": "MoE MNIST classifier", "backend": self.engine.backend,
+                return JSONResponse({"model": "MoE MNIST classifier", **self.engine.describe(),
                                      "batching": self.batching, "served_by": self.served_by})
             try:
                 images = serving.parse(await request.body(), request.headers.get("content-type"), self.max_images)
@@ -135,8 +137,8 @@ def start(args, state):
         require_reachable(args.address)
     else:
         require_free_port(args.host, args.port)
-    # the replicas import common.serving, on every node
-    ray_cluster.init(args.address, {"py_modules": [COMMON_PACKAGE]})
+    # the replicas import moebench.serving, on every node
+    ray_cluster.init(args.address, {"py_modules": [PACKAGE_FOLDER]})
     running = ray_cluster.running_serve_http()
     ray_cluster.require_same_http(running, args.host, args.port, args.address)
     state["started_serve"] = running is None

@@ -1,8 +1,7 @@
 """How cost grows with the work: (a) per-image cost against batch size for the trained model on the
 best rows of each engine; (b) per-image cost as the model grows (EXPERTS and HIDDEN_SIZE, TOP 2,
 random weights: only time matters), dense against loop routing against the best engine, beside
-the roofline of the activated path. Writes results/sweep.json, sweep_batch.png, sweep_size.png."""
-import json
+the roofline of the activated path. Writes results/sweep.md, sweep.json, sweep_batch.png, sweep_size.png."""
 import os
 import statistics
 import tempfile
@@ -13,12 +12,12 @@ import torch
 from tqdm import tqdm
 
 import config
-import export_onnx
-import onnx_quantize_infer
-from common import checkpoint, fused, measure, openvino_cpu, roofline, sessions
-from common.cli import ArgumentParser, atomic_path, positive_int, run, save_figure
 from data import add_data_args, load_split
 from moe import build_model
+from moebench import checkpoint, fused, measure, roofline
+from moebench.cli import ArgumentParser, positive_int, run, save_figure
+from moebench.report import write as write_report
+from moebench.runners import registry
 
 BATCH_SIZES = (1, 4, 16, 64, 256, 1024, 4096, 10000)
 EXPERTS = (8, 16, 32, 64)
@@ -35,30 +34,6 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="a smoke run: few batch sizes, small models")
     add_data_args(parser)
     return parser.parse_args(argv)
-
-
-# ---------------------------------------------------------------- engines
-
-def onnx_engine(path):
-    return sessions.predictor(sessions.create_session(path, ["CPUExecutionProvider"]))
-
-
-def openvino_engine(path, precision="bf16", int8_calibration=None):
-    model = openvino_cpu.read(path)
-    if int8_calibration is not None:
-        model = openvino_cpu.quantize_int8(model, int8_calibration)[0]
-    return openvino_cpu.runner(openvino_cpu.compile_model(model, precision))
-
-
-def export_both(model, structure, workdir, images, labels, tag):
-    """{routing: ONNX path} for one set of weights."""
-    paths = {}
-    for routing in config.ROUTINGS:
-        model.moe.routing = routing
-        path = os.path.join(workdir, f"{tag}.{routing}.onnx")
-        export_onnx.write_checked(model, {**structure, "ROUTING": routing}, path, "torchscript", images, labels)
-        paths[routing] = path
-    return paths
 
 
 # ---------------------------------------------------------------- timing
@@ -90,19 +65,21 @@ def random_model(structure, seed=0):
     return model
 
 
-def size_sweep(workdir, images, labels, experts, hidden_sizes, repeats):
+def size_sweep(workdir, test_set, experts, hidden_sizes, repeats):
     """[{EXPERTS, HIDDEN_SIZE, engine, bulk_us, b1_us, activated_macs, graph_macs}]."""
-    points, pixels = [], np.ascontiguousarray(images.numpy())
+    points, pixels = [], test_set[0]
     configs = [(e, h) for h in hidden_sizes for e in experts]
+    entries = registry.onnx_entries() + registry.openvino_entries()
+    names = [f"{engine}, {routing}" for engine in ("ONNX Runtime CPU", f"OpenVINO CPU {registry.openvino_precision()}")
+             for routing in config.ROUTINGS]
     for e, h in tqdm(configs, desc="size sweep", unit="model", disable=None):
         structure = {**config.defaults(), "EXPERTS": e, "HIDDEN_SIZE": h}
-        paths = export_both(random_model(structure), structure, workdir, images, labels, f"e{e}h{h}")
-        engines = {"ONNX Runtime fp32, dense": (lambda: onnx_engine(paths["dense"]), "dense"),
-                   "ONNX Runtime fp32, loop": (lambda: onnx_engine(paths["loop"]), "loop"),
-                   "OpenVINO bf16, dense": (lambda: openvino_engine(paths["dense"]), "dense"),
-                   "OpenVINO bf16, loop": (lambda: openvino_engine(paths["loop"]), "loop")}
-        for name, (make, routing) in engines.items():
-            predict = make()
+        folder = os.path.join(workdir, f"e{e}h{h}")
+        os.makedirs(folder)
+        sources = registry.Sources.of_model(random_model(structure), structure, folder, test_set)
+        for name in names:
+            found = registry.entry(name + (", torchscript" if name.startswith("ONNX") else ""), entries)
+            predict, routing = found.runner(sources).clock(), found.routing
             points.append({"EXPERTS": e, "HIDDEN_SIZE": h, "engine": name,
                            "bulk_us": per_image_us(predict, pixels, 1024, repeats),
                            "b1_us": per_image_us(predict, pixels[:200], 1, repeats),
@@ -167,29 +144,17 @@ def readable_log_axes(ax):
 
 # ---------------------------------------------------------------- main
 
-def trained_engines(args, workdir, images, labels):
-    """The best rows of each engine on the trained model (benchmark.py's frontier)."""
-    model, structure, _ = checkpoint.load_model(args.checkpoint)
-    paths = export_both(model, structure, workdir, images, labels, "trained")
-    calibration = load_split("train", args.data_dir, 300)[0].numpy()
-    int8 = {routing: onnx_quantize_infer.quantize(paths[routing], os.path.join(workdir, f"int8.{routing}.onnx"),
-                                                  "dynamic") for routing in config.ROUTINGS}
-    engines = {
-        "ONNX Runtime fp32, dense": lambda: onnx_engine(paths["dense"]),
-        "ONNX Runtime fp32, loop": lambda: onnx_engine(paths["loop"]),
-        "ONNX Runtime INT8 dynamic, dense": lambda: onnx_engine(int8["dense"]),
-        "ONNX Runtime INT8 dynamic, loop": lambda: onnx_engine(int8["loop"]),
-        "OpenVINO bf16, dense": lambda: openvino_engine(paths["dense"]),
-        "OpenVINO bf16, loop": lambda: openvino_engine(paths["loop"]),
-        "OpenVINO INT8 (NNCF), loop": lambda: openvino_engine(paths["loop"], "auto", calibration)}
-    not_measured = [f"fused INT8 operator, {k} path: {why}" for k, why in fused.unavailable_kernels().items()]
-    if fused.takes(structure):
-        kernel = fused.chosen_kernel()
-        engines[f"PyTorch custom op, fused INT8 ({fused.KERNELS[kernel][2]})"] = \
-            lambda: fused.predictor(fused.FusedInt8(model, structure, kernel))
-    else:
-        not_measured = ["fused INT8 operator: it needs EMB_SIZE and HIDDEN_SIZE multiples of 64 and at most 16 experts"]
-    return structure, engines, not_measured
+def trained_engines(sources):
+    """{name: make() -> Clock} of the best rows of each engine on the trained model (the benchmark's
+    fastest), from the registry; and what this machine lacks."""
+    structure = sources.structure
+    entries, lacking = registry.cpu_entries(structure)
+    names = [f"ONNX Runtime CPU, {r}, torchscript" for r in config.ROUTINGS]
+    names += [f"ONNX Runtime INT8 dynamic, {r}" for r in config.ROUTINGS]
+    names += [f"OpenVINO CPU {registry.openvino_precision()}, {r}" for r in config.ROUTINGS]
+    names += ["OpenVINO CPU INT8 (NNCF), loop"] + ([fused.label(fused.chosen_kernel())] if fused.takes(structure) else [])
+    engines = {name: lambda e=registry.entry(name, entries): e.runner(sources).clock() for name in names}
+    return structure, engines, [line for line in lacking if "fused" in line or "bf16" in line]
 
 
 def main(argv=None):
@@ -199,32 +164,36 @@ def main(argv=None):
     sizes = (1, 16, 256) if args.quick else BATCH_SIZES
     experts, hidden = ((4, 8), (32,)) if args.quick else (EXPERTS, HIDDEN_SIZES)
     peaks = roofline.measure_peaks(512 if args.quick else 2048)
+    test_set = (images, labels_t.numpy())
     with tempfile.TemporaryDirectory() as workdir:
-        structure, engines, not_measured = trained_engines(args, workdir, images_t, labels_t)
+        sources = registry.Sources(args.checkpoint, workdir, test_set, args.data_dir, calibration_images=300)
+        structure, engines, not_measured = trained_engines(sources)
         batch = batch_sweep(engines, images, sizes, args.repeats)
-        size = size_sweep(workdir, images_t[:SIZE_IMAGES], labels_t[:SIZE_IMAGES], experts, hidden, args.repeats)
+        size = size_sweep(workdir, (images[:SIZE_IMAGES], test_set[1][:SIZE_IMAGES]), experts, hidden, args.repeats)
     report = {"machine": f"{measure.cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
               "peaks": peaks, "activated_macs": roofline.activated_macs(structure), "batch": batch, "size": size,
               "not_measured": not_measured,
               "settings": {"images": len(images), "repeats": args.repeats, "quick": args.quick}}
-    with atomic_path(os.path.join(args.out_dir, "sweep.json")) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    plot_batches(report, os.path.join(args.out_dir, "sweep_batch.png"))
-    plot_sizes(report, os.path.join(args.out_dir, "sweep_size.png"))
-    print_summary(report)
+    print(write_report(report, args.out_dir, "sweep", markdown,
+                       {"sweep_batch.png": plot_batches, "sweep_size.png": plot_sizes}))
     return report
 
 
-def print_summary(report):
-    print("per-image cost (us) by batch size:")
-    for name, curve in report["batch"].items():
-        print(f"  {name:34s} " + "  ".join(f"b={b}: {us:.2f}" for b, us in curve.items()))
-    print("per-image cost (us) at batch 1024 as the model grows:")
-    for p in report["size"]:
-        print(f"  EXPERTS {p['EXPERTS']:3d} HIDDEN {p['HIDDEN_SIZE']:5d} {p['engine']:26s} "
-              f"bulk {p['bulk_us']:8.2f}  b=1 {p['b1_us']:8.1f}")
-    for line in report["not_measured"]:
-        print(f"not measured here: {line}")
+def markdown(report):
+    sizes = list(next(iter(report["batch"].values())))
+    lines = [f"# Scaling sweep ({report['date']})", "", f"Machine: {report['machine']}. Microseconds per image, "
+             f"the median of {report['settings']['repeats']} timings; pictures: sweep_batch.png, sweep_size.png.", "",
+             "## The trained model, by batch size", "", "| engine | " + " | ".join(f"b={b}" for b in sizes) + " |",
+             "| --- |" + " --- |" * len(sizes)]
+    lines += [f"| {name} | " + " | ".join(f"{curve[b]:.2f}" if b in curve else "-" for b in sizes) + " |"
+              for name, curve in report["batch"].items()]
+    lines += ["", "## As the model grows (TOP 2, random weights)", "",
+              "| EXPERTS | HIDDEN_SIZE | engine | batch 1024 | batch 1 |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {p['EXPERTS']} | {p['HIDDEN_SIZE']} | {p['engine']} | {p['bulk_us']:.2f} | {p['b1_us']:.1f} |"
+              for p in report["size"]]
+    if report["not_measured"]:
+        lines += ["", "Not measured here: " + "; ".join(report["not_measured"]) + "."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train the MoE classifier on MNIST's 60k training images; report accuracy on the 10k test images.
 
 One process: python train.py. Several, with torchrun: torchrun --nproc_per_node N train.py
---parallel data|expert (see common/parallel.py); --batch-size is then the global batch."""
+--parallel data|expert (see moebench/parallel.py); --batch-size is then the global batch."""
 import math
 import os
 import time
@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import config
-from common import checkpoint, parallel
-from common.cli import ArgumentParser, UserError, atomic_path, positive_int, run, save_figure
+from moebench import checkpoint, parallel
+from moebench.runners.pytorch import pick_device
+from moebench.cli import ArgumentParser, UserError, atomic_path, positive_int, run, save_figure
 from data import add_data_args, load_split
 from moe import build_model
 
@@ -44,15 +45,6 @@ def parse_args(argv=None):
     if args.lr <= 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     return args
-
-
-def pick_device(choice):
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: PyTorch sees no CUDA device; install a CUDA build of torch "
-                        "(requirements-gpu.txt) on a CUDA machine, or use --device cpu")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
 
 
 @torch.no_grad()

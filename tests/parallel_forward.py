@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from common import checkpoint, parallel
+from moebench import checkpoint, parallel
 from data import load_split
 
 path, data_dir, count, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]

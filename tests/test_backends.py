@@ -13,8 +13,8 @@ import onnx_fp16_infer
 import onnx_quantize_infer
 import torch_infer
 import train
-from common import checkpoint
-from common.cli import UserError
+from moebench import checkpoint, export
+from moebench.cli import UserError
 from conftest import ROOT, train_tiny
 
 SUBSET = "300"
@@ -57,7 +57,7 @@ def test_export_prints_parity_and_op_counts(trained, mnist_dir, capsys):
 
 
 def test_export_refuses_to_write_a_model_that_breaks_parity(trained, mnist_dir, monkeypatch):
-    monkeypatch.setattr(export_onnx, "MAX_LOGIT_DIFF", -1.0)
+    monkeypatch.setattr(export, "MAX_LOGIT_DIFF", -1.0)
     with pytest.raises(UserError, match="parity broken"):
         export_onnx.main(["--checkpoint", str(trained / "checkpoint.pt"), "--output",
                           str(trained / "broken.onnx"), "--data-dir", mnist_dir, "--test-limit", "50"])

@@ -13,8 +13,8 @@ import tempfile
 import numpy as np
 import pytest
 
-from common import sessions
 from conftest import ROOT
+from moebench.runners import onnx_runtime
 from data import load_split
 from test_backends import one_line_error
 
@@ -121,7 +121,7 @@ def test_serve_on_two_nodes_answers_from_a_replica_on_each(served, cluster, tiny
     images, _ = load_split("test", mnist_dir, 50)
     pixels = np.round(images.numpy()[:, 0] * 255).astype(np.uint8)
     (tmp_path / "pixels").write_bytes(pixels.tobytes())
-    session = sessions.create_session(str(tiny_models / "model.onnx"), ["CPUExecutionProvider"])
+    session = onnx_runtime.create_session(str(tiny_models / "model.onnx"), ["CPUExecutionProvider"])
     expected = session.run(["logits"], {"pixels": (pixels.astype(np.float32) / 255).reshape(-1, 1, 28, 28)})[0]
     answers = ask(head, env, tmp_path / "pixels", [f"http://{h[1]}:{HTTP_PORT}/" for h in (head, worker)])
     for answer in answers:

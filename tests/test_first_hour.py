@@ -11,8 +11,9 @@ import torch
 
 import export_onnx
 import torch_infer
-from common import checkpoint
-from common.cli import UserError, atomic_path, error_line
+from moebench import checkpoint
+from moebench.cli import UserError, atomic_path, error_line
+from moebench.runners import pytorch
 from test_backends import ROOT, one_line_error, run_script
 
 USER_FILES = ("checkpoint.pt", "model.pt", "model.onnx", "model.loop.onnx", "training.png")
@@ -119,7 +120,7 @@ def test_a_variant_that_cannot_be_built_does_not_end_the_default_run(tiny_models
                                                                      capsys):
     def broken(*args):
         raise RuntimeError("")  # an exception with an empty message, too
-    monkeypatch.setattr(torch_infer, "compiled", broken)
+    monkeypatch.setattr(pytorch, "compiled", broken)
     records = torch_infer.main(["--model", str(tiny_models / "checkpoint.pt"), "--data-dir", mnist_dir,
                                 "--device", "cpu", "--test-limit", "50", "--latency-runs", "5", "--quiet"])
     out = capsys.readouterr().out
@@ -162,7 +163,7 @@ def test_error_line_is_one_line_for_any_exception(error, expected):
 
 
 def test_a_report_folder_is_replaced_whole_or_not_at_all(tmp_path):
-    from common.cli import atomic_folder
+    from moebench.cli import atomic_folder
     logs = tmp_path / "loadgen"
     (logs / "old-run").mkdir(parents=True)
     with pytest.raises(RuntimeError):

@@ -9,13 +9,13 @@ import torch
 from onnx import TensorProto, helper
 
 import config
-import export_onnx
-import onnx_quantize_infer
 import openvino_infer
 import sweep
 import torch_infer
-from common import contract, measure, openvino_cpu, roofline, sessions
-from common.cli import UserError
+from moebench import contract, convert, export, measure, roofline
+from moebench.cli import UserError
+from moebench.compare import compare
+from moebench.runners import onnx_runtime, openvino_cpu, registry
 from data import load_split
 from test_backends import one_line_error, run_script
 
@@ -32,11 +32,11 @@ def test_set(mnist_dir):
 def test_openvino_fp32_agrees_with_onnxruntime_on_every_image(tiny_models, test_set, graph):
     images, _ = test_set
     path = str(tiny_models / graph)
-    ort_logits = measure.full_pass(sessions.predictor(sessions.create_session(path, ["CPUExecutionProvider"])),
+    ort_logits = measure.full_pass(onnx_runtime.predictor(onnx_runtime.create_session(path, ["CPUExecutionProvider"])),
                                    images, 500)
     compiled = openvino_cpu.compile_model(openvino_cpu.read(path), "f32")
     assert openvino_cpu.precision_used(compiled) == "f32"
-    ov_logits = measure.full_pass(openvino_cpu.runner(compiled), images, 500)
+    ov_logits = measure.full_pass(openvino_cpu.clock(compiled), images, 500)
     np.testing.assert_array_equal(ov_logits.argmax(1), ort_logits.argmax(1))
     np.testing.assert_allclose(ov_logits, ort_logits, rtol=1e-3, atol=1e-3)
 
@@ -68,22 +68,22 @@ def test_every_faster_path_keeps_the_fp32_answers(small_models, mnist_dir, path)
     args = type("Args", (), {"data_dir": mnist_dir, "test_limit": 10000})
     images, labels = measure.load_test_set(args)
     graph = str(small_models / ("model.loop.onnx" if "loop" in path else "model.onnx"))
-    fp32 = measure.full_pass(sessions.predictor(sessions.create_session(graph, ["CPUExecutionProvider"])), images, 500)
+    fp32 = measure.full_pass(onnx_runtime.predictor(onnx_runtime.create_session(graph, ["CPUExecutionProvider"])), images, 500)
     if path.startswith("onnxruntime int8"):
         target = str(small_models / f"{path[-5:].strip(', ')}.int8.onnx")
-        quantized = onnx_quantize_infer.quantize(graph, target, "dynamic")
-        predict = sessions.predictor(sessions.create_session(quantized, ["CPUExecutionProvider"]))
+        quantized = convert.quantize(graph, target, "dynamic")
+        predict = onnx_runtime.predictor(onnx_runtime.create_session(quantized, ["CPUExecutionProvider"]))
     elif path.startswith("openvino"):
         calibration = load_split("train", mnist_dir, 300)[0].numpy()
-        predict = openvino_cpu.runner(openvino_cpu.compile_model(
+        predict = openvino_cpu.clock(openvino_cpu.compile_model(
             openvino_cpu.quantize_int8(openvino_cpu.read(graph), calibration)[0], "f32"))
     else:
-        predict = sessions.by_batch_size(*(measure.Runner(sessions.predictor(sessions.create_session(
-            str(small_models / name), ["CPUExecutionProvider"]))) for name in ("model.onnx", "model.loop.onnx")))
-    got = measure.full_pass(predict, images, 500)
-    agreement = float((got.argmax(1) == fp32.argmax(1)).mean())
-    assert agreement >= (0.995 if "dynamic" in path else 0.999), agreement
-    assert abs(float((got.argmax(1) == labels).mean()) - float((fp32.argmax(1) == labels).mean())) <= 0.003
+        predict = onnx_runtime.by_batch_size(*(measure.Clock(onnx_runtime.predictor(onnx_runtime.create_session(
+            str(small_models / name), ["CPUExecutionProvider"]))) for name in ("model.onnx", "model.loop.onnx")),
+            config.AUTO_LOOP_FROM)
+    found = compare(measure.full_pass(predict, images, 500), fp32, labels)
+    assert found["agreement"] >= (99.5 if "dynamic" in path else 99.9), found
+    assert abs(found["accuracy"] - found["reference_accuracy"]) <= 0.3, found
 
 
 def test_openvino_script_says_which_precision_ran_and_the_int8_change(tiny_models, mnist_dir, tmp_path):
@@ -119,7 +119,7 @@ def test_roofline_counts_match_a_hand_count_and_the_dense_graph(tmp_path, mnist_
     assert roofline.folded_macs(default) == roofline.graph_macs(default, "loop") == folded == 172_032
     model = sweep.random_model({**default, "ROUTING": "dense"})  # a random gate: no top-k ties
     images, labels = load_split("test", mnist_dir, 100)
-    graph = export_onnx.write_checked(model, default, str(tmp_path / "dense.onnx"), "torchscript",
+    graph = export.write_checked(model, default, str(tmp_path / "dense.onnx"), "torchscript",
                                       images, labels).graph
     weights = {init.name: init.dims for init in graph.initializer}
     counted = 0
@@ -144,11 +144,13 @@ def test_sweep_quick_writes_both_plots(tiny_models, mnist_dir, tmp_path):
     report = sweep.main(["--checkpoint", str(tiny_models / "checkpoint.pt"), "--data-dir", mnist_dir,
                          "--test-limit", "300", "--quick", "--repeats", "1", "--out-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "sweep.json").read_text())
-    assert set(saved["batch"]) >= {"ONNX Runtime fp32, dense", "OpenVINO bf16, loop"}
+    assert set(saved["batch"]) >= {registry.REFERENCE, f"OpenVINO CPU {registry.openvino_precision()}, loop"}
     assert all(set(curve) == {"1", "16", "256"} and min(curve.values()) > 0 for curve in saved["batch"].values())
     assert {(p["EXPERTS"], p["HIDDEN_SIZE"]) for p in report["size"]} == {(4, 32), (8, 32)}
     for name in ("sweep_batch.png", "sweep_size.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (tmp_path / "sweep.md").read_text()
+    assert all(f"| {name} |" in markdown for name in saved["batch"])
 
 
 # ---------------------------------------------------------------- models that break the contract

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-import export_onnx
-from common import checkpoint, fused, sessions
-from common.cli import UserError
+from moebench import checkpoint, export, fused
+from moebench.runners import onnx_runtime
+from moebench.cli import UserError
 from data import load_split
 from test_backends import ROOT
 
@@ -131,8 +131,8 @@ def test_tied_gate_logits_choose_the_experts_the_onnx_graph_chooses(small_models
     for name, change in (("pair", lambda w: w[:, 3].copy_(w[:, 1])), ("all", lambda w: w.zero_())):
         with torch.no_grad():
             change(model.moe.w_gate)
-        export_onnx.export(model, str(tmp_path / f"{name}.onnx"), "torchscript")
-        session = sessions.create_session(str(tmp_path / f"{name}.onnx"), ["CPUExecutionProvider"])
+        export.export(model, str(tmp_path / f"{name}.onnx"), "torchscript")
+        session = onnx_runtime.create_session(str(tmp_path / f"{name}.onnx"), ["CPUExecutionProvider"])
         chosen = {"onnx": session.run(["gates"], {"pixels": pixels.numpy()})[0] > 0}
         chosen.update({kernel: fused.FusedInt8(model, structure, kernel)(pixels)[1].numpy() > 0 for kernel in KERNELS})
         for who, picks in chosen.items():
@@ -222,7 +222,7 @@ ONE_THREAD = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 import torch
-from common import checkpoint, fused
+from moebench import checkpoint, fused
 torch.set_num_threads(1)
 model, structure, _ = checkpoint.load_model({checkpoint!r})
 op = fused.FusedInt8(model, structure, {kernel!r})

@@ -10,7 +10,8 @@ from onnx import TensorProto, helper
 
 import onnx_cpu_infer
 import onnx_trt_infer
-from common import measure, sessions, tensorrt_support
+from moebench import measure, tensorrt_support
+from moebench.runners import onnx_runtime
 from test_backends import one_line_error, run_script
 
 
@@ -58,7 +59,8 @@ def test_trt_without_its_provider_says_how_to_install_it(tiny_models):
 
 def test_tensorrt_options_follow_the_provider_documentation():
     args = onnx_trt_infer.parse_args(["--batch-size", "256", "--fp16", "--engine-cache", "cache"])
-    options = onnx_trt_infer.tensorrt_options(args)
+    options = tensorrt_support.tensorrt_options(args.device_id, args.fp16, args.batch_size, args.max_batch,
+                                                args.engine_cache)
     assert options["trt_profile_min_shapes"] == "pixels:1x1x28x28"
     assert options["trt_profile_opt_shapes"] == "pixels:256x1x28x28"
     assert options["trt_profile_max_shapes"] == "pixels:10000x1x28x28"
@@ -69,8 +71,8 @@ def test_tensorrt_options_follow_the_provider_documentation():
 
 def test_resident_iobinding_runner_gives_session_run_logits(tiny_models, mnist_dir):
     images, _ = measure.load_test_set(type("Args", (), {"data_dir": mnist_dir, "test_limit": 700}))
-    session = sessions.create_session(str(tiny_models / "model.onnx"), ["CPUExecutionProvider"])
-    host, resident = sessions.runners(session, "both")
+    session = onnx_runtime.create_session(str(tiny_models / "model.onnx"), ["CPUExecutionProvider"])
+    host, resident = onnx_runtime.clocks(session, "both")
     assert "IOBinding" in resident.timing and "host" in host.timing
     np.testing.assert_array_equal(measure.full_pass(resident, images, 256), measure.full_pass(host, images, 256))
     assert len(measure.time_single_images(resident, images, 5)) == 5

@@ -14,7 +14,7 @@ import torch
 
 import export_onnx
 import train
-from common import checkpoint
+from moebench import checkpoint
 from conftest import ROOT
 
 SMALL = ["--train-limit", "512", "--test-limit", "200", "--experts", "4", "--top", "2", "--emb-size", "32",

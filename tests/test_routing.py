@@ -1,5 +1,9 @@
 """The two routings compute the same function; the dense graph is static; benchmark.py runs."""
 import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -7,10 +11,10 @@ import pytest
 import torch
 
 import benchmark
-import export_onnx
 import train
-from common import checkpoint, sessions
-from conftest import train_tiny
+from moebench import checkpoint, export, floor
+from moebench.runners import onnx_runtime, registry
+from conftest import ROOT, train_tiny
 from moe import build_model
 
 
@@ -68,7 +72,7 @@ def test_onnx_graphs_agree_and_dense_is_static(trained, test_images, exporter, t
     outputs = {}
     for routing, model in both_routings(trained / "checkpoint.pt").items():
         path = str(tmp_path / f"{routing}.onnx")
-        graph = export_onnx.write_checked(model, checkpoint.load(str(trained / "checkpoint.pt"))["structure"],
+        graph = export.write_checked(model, checkpoint.load(str(trained / "checkpoint.pt"))["structure"],
                                           path, exporter, images, labels).graph
         ops = {node.op_type for node in graph.node}
         if routing == "dense":
@@ -79,7 +83,7 @@ def test_onnx_graphs_agree_and_dense_is_static(trained, test_images, exporter, t
             assert onnx.numpy_helper.to_array(initializers[top_k.input[1]]).tolist() == [2]
         else:
             assert "NonZero" in ops
-        session = sessions.create_session(path, ["CPUExecutionProvider"])
+        session = onnx_runtime.create_session(path, ["CPUExecutionProvider"])
         outputs[routing] = session.run(None, {"pixels": images.numpy()})
     np.testing.assert_allclose(outputs["dense"][0], outputs["loop"][0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(outputs["dense"][1], outputs["loop"][1])
@@ -89,14 +93,14 @@ def test_structure_is_in_the_metadata_and_rebuilds_the_floor(trained, test_image
     images, labels = test_images
     model, structure, _ = checkpoint.load_model(str(trained / "checkpoint.pt"), {"ROUTING": "dense"})
     path = str(tmp_path / "model.onnx")
-    metadata = {p.key: p.value for p in export_onnx.write_checked(
+    metadata = {p.key: p.value for p in export.write_checked(
         model, structure, path, "torchscript", images, labels).metadata_props}
     for name in ("EXPERTS", "TOP", "EMB_SIZE", "HIDDEN_SIZE", "ROUTING"):
         assert metadata[name] == str(structure[name])
-    floor = onnx.load(benchmark.build_floor(sessions.stored_structure(path), str(tmp_path / "floor.onnx")))
-    shapes = [tuple(init.dims) for init in floor.graph.initializer if init.name.startswith("w")]
+    mlp = onnx.load(floor.build_floor(onnx_runtime.stored_structure(path), str(tmp_path / "floor.onnx")))
+    shapes = [tuple(init.dims) for init in mlp.graph.initializer if init.name.startswith("w")]
     assert shapes == [(784, 32), (32, 2 * 32), (2 * 32, 32), (32, 10)]
-    assert {node.op_type for node in floor.graph.node} == {"Flatten", "MatMul", "Add", "Relu", "Identity"}
+    assert {node.op_type for node in mlp.graph.node} == {"Flatten", "MatMul", "Add", "Relu", "Identity"}
 
 
 def test_benchmark_quick_run_writes_every_file_and_field(trained, mnist_dir, tmp_path):
@@ -107,20 +111,28 @@ def test_benchmark_quick_run_writes_every_file_and_field(trained, mnist_dir, tmp
     saved = json.loads((out / "benchmark.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(report["rows"]))
     names = [row["name"] for row in saved["rows"]]
-    for expected in (benchmark.FAST_PATH, benchmark.SEED_GRAPH, benchmark.SEED_WAY, "PyTorch eager CPU, dense",
-                     "PyTorch TorchScript (frozen) CPU, loop", "ONNX Runtime CPU, dense, dynamo",
+    for expected in (registry.REFERENCE, "ONNX Runtime CPU, loop, torchscript", benchmark.DATALOADER_ROW,
+                     "PyTorch eager CPU, dense", "PyTorch TorchScript (frozen) CPU, dense", "ONNX Runtime CPU, dense, dynamo",
                      "ONNX Runtime FP16 on CPU, dense", "ONNX Runtime INT8 static QDQ, dense"):
         assert expected in names
     for row in saved["rows"]:
         assert 0 <= row["accuracy"] <= 100 and row["vs_floor_test_set"] > 0
         assert row["model"]["images_per_s"] > 0 and row["floor"]["best_test_set_ms"] > 0
-        if row["name"] != benchmark.SEED_WAY:
+        if row["name"] != benchmark.DATALOADER_ROW:
             assert set(row["model"]["latency_us"]) == {"p50", "p90", "p99"}
             assert set(row["model"]["test_set_ms"]) == {"64", "1024", "200"}
-            assert row["vs_floor_b1"] > 0
-    assert {t["target"] for t in saved["targets"]} >= {
-        "ORT CPU fp32 fast path, batch-1 p50 vs floor", "ORT CPU fp32 fast path, test set at best batch vs floor"}
+            assert row["vs_floor_b1"] > 0 and 0 <= row["agreement"] <= 100
+            assert {"engine", "provider", "precision", "threads"} <= set(row["described"])
+    reference = next(row for row in saved["rows"] if row["name"] == registry.REFERENCE)
+    assert reference["agreement"] == 100.0 and reference["max_logit_diff"] == 0.0
+    assert reference["described"]["provider"] == "CPUExecutionProvider"
     assert saved["machine"]["cores"] and saved["machine"]["versions"]["onnxruntime"]
     markdown = (out / "benchmark.md").read_text()
-    assert all(name in markdown for name in names) and "## Targets" in markdown
+    assert all(name in markdown for name in names)
+    assert not re.search(r"seed|target|fast path|issue", markdown, re.IGNORECASE)  # measurements only
     assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    goals = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "check_targets.py"), str(out / "benchmark.json")],
+                           capture_output=True, text=True)
+    assert goals.returncode in (0, 1) and goals.stderr == ""
+    assert "dense graph vs loop graph, batch-1 p50 speed-up" in goals.stdout
+    assert re.search(r"^\d+ of \d+ goals met$", goals.stdout, re.MULTILINE)

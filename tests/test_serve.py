@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import loadgen
-from common import sessions
 from conftest import ROOT
+from moebench.runners import onnx_runtime, registry
 from data import load_split
 from test_backends import one_line_error, run_script
 
@@ -41,7 +41,7 @@ def test_images(mnist_dir):
 @pytest.fixture(scope="module")
 def expected(tiny_models, test_images):
     """What ONNX Runtime itself says for the same uint8 pixels: (logits, gates)."""
-    session = sessions.create_session(str(tiny_models / "model.onnx"), ["CPUExecutionProvider"])
+    session = onnx_runtime.create_session(str(tiny_models / "model.onnx"), ["CPUExecutionProvider"])
     pixels = (test_images[0].astype(np.float32) / 255).reshape(-1, 1, 28, 28)
     return session.run(["logits", "gates"], {"pixels": pixels})
 
@@ -149,13 +149,13 @@ def test_loadgen_runs_every_scenario_end_to_end(server, tiny_models, mnist_dir, 
     _, url, _ = server
     report = loadgen.main(["--quick", "--server-url", url, "--model", str(tiny_models / "model.onnx"),
                            "--data-dir", mnist_dir, "--test-limit", "600", "--out-dir", str(tmp_path)])
-    row = report["in_process"]["ONNX Runtime CPU, dense"]
+    row = report["in_process"][registry.REFERENCE]
     assert row["single_stream"]["p90_ns"] > 0 and row["offline"]["samples_per_s"] > 0
     assert row["loadgen"]["accuracy"] == pytest.approx(row["direct_accuracy"])
     served = report["server"][f"serve.py at {url}"]
     assert served["loadgen"]["accuracy"] == pytest.approx(served["direct_accuracy"])
     assert served["ladder"]["steps"] and report["server"][loadgen.BASELINE]["ladder"]["steps"]
-    logs = tmp_path / "loadgen" / "onnx-runtime-cpu-dense"
+    logs = tmp_path / "loadgen" / "onnx-runtime-cpu-dense-torchscript"
     for scenario in ("singlestream", "offline"):
         assert "Result is : VALID" in (logs / scenario / "mlperf_log_summary.txt").read_text()
     for scenario in ("singlestream", "offline", "accuracy"):

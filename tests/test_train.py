@@ -3,9 +3,10 @@ import os
 import pytest
 import torch
 
+import config
 import train
-from common import checkpoint
-from common.cli import UserError
+from moebench import checkpoint
+from moebench.cli import UserError
 from conftest import train_tiny
 
 
@@ -94,7 +95,7 @@ def test_bad_flags_exit_non_zero(tmp_path, mnist_dir):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(["--batch-size", "0"])
     assert exit_info.value.code != 0
-    with pytest.raises(UserError, match="--top 5 is larger than --experts 4"):
+    with pytest.raises(config.StructureError, match="--top 5 is larger than --experts 4"):
         train_small(tmp_path, mnist_dir, "--top", "5")
 
 

@@ -1,6 +1,6 @@
 """One way to measure every backend: same test images, warm-up excluded, same printed block.
 
-A backend script builds a `predict(batch: np.ndarray) -> logits np.ndarray` (or a Runner, to time
+A backend script builds a `predict(batch: np.ndarray) -> logits np.ndarray` (or a Clock, to time
 with inputs already on a device) and hands it to `measure()`; `report()` prints the block and
 appends the JSON line.
 """
@@ -13,8 +13,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from data import add_data_args, load_split
-
+from . import compare
 from .cli import append_json_line, positive_int, writable_file
 
 TEST_SET_REPEATS = 5  # full-set timings: the median of this many passes
@@ -30,11 +29,13 @@ def add_common_args(parser):
     parser.add_argument("--json", metavar="FILE", type=writable_file,
                         help="append the result as one JSON line to FILE")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from data import add_data_args  # the scripts' side only: a Ray worker imports this module without it
     add_data_args(parser)
 
 
 def load_test_set(args):
     """Test images as a contiguous float32 numpy array (N, 1, 28, 28) and int64 labels, loaded once."""
+    from data import load_split
     images, labels = load_split("test", args.data_dir, args.test_limit)
     return np.ascontiguousarray(images.numpy()), labels.numpy()
 
@@ -46,7 +47,7 @@ def timed(make):
     return result, time.perf_counter() - started
 
 
-class Runner:
+class Clock:
     """How one backend is timed. prepare() puts a batch where the backend reads it, before any
     clock starts; run() is what the clock times; sync() waits for the device before the clock is
     read; fetch() brings outputs back as numpy logits, after the clock. `timing` says which mode
@@ -63,7 +64,7 @@ class Runner:
 
 def as_runner(predict):
     """A plain predict(numpy batch) -> numpy logits, timed end to end from host arrays."""
-    return predict if isinstance(predict, Runner) else Runner(predict)
+    return predict if isinstance(predict, Clock) else Clock(predict)
 
 
 def batches_of(runner, images, batch_size):
@@ -108,11 +109,11 @@ def warm_up(predict, images, batch_sizes):
 
 def measure(predict, images, labels, batch_size, latency_runs, show_progress=True):
     """Accuracy on `images`, median full-set wall time at `batch_size`, batch-1 latency percentiles.
-    Every timing follows a warm-up of the same shapes. `predict` is a Runner or a plain function."""
+    Every timing follows a warm-up of the same shapes. `predict` is a Clock or a plain function."""
     batch_size = min(batch_size, len(images))
     warm_up(predict, images, (batch_size, 1))
     logits = full_pass(predict, images, batch_size)
-    accuracy = 100.0 * float((logits.argmax(1) == labels).mean())
+    accuracy = compare.accuracy(logits, labels)
     with tqdm(total=TEST_SET_REPEATS + 1, disable=None if show_progress else True, leave=False, unit="pass") as bar:
         totals = []
         for _ in range(TEST_SET_REPEATS):

@@ -1,4 +1,4 @@
-"""The fused path: the whole model in one PyTorch custom operator (common/fused_moe.cpp), INT8, only
+"""The fused path: the whole model in one PyTorch custom operator (moebench/fused_moe.cpp), INT8, only
 the chosen experts computed. One C++ source, three builds, the best one for this CPU picked at run
 time: `vnni` (AVX-512 VNNI), `avx2` (AVX2 and FMA) or `portable` (plain C++, any CPU, ARM included);
 MOE_FUSED_KERNEL=vnni|avx2|portable forces one. Built on first use with PyTorch's own extension
@@ -64,7 +64,7 @@ def describe(kernel):
     why = f"forced by {ENV}" if os.environ.get(ENV) else "the fastest this CPU has"
     products = {"vnni": "vpdpbusd", "avx2": "vpmaddwd on int16-widened bytes", "portable": "plain C++ loops"}[kernel]
     unavailable = "; ".join(f"{k} not available: {why_not}" for k, why_not in unavailable_kernels().items())
-    return (f"{kernel} path of common/fused_moe.cpp ({why}): uint8 x int8 embedding and expert products "
+    return (f"{kernel} path of moebench/fused_moe.cpp ({why}): uint8 x int8 embedding and expert products "
             f"({products}), gate and top-k in float32, only the chosen experts"
             + (f"; {unavailable}" if unavailable else ""))
 

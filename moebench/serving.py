@@ -2,15 +2,12 @@
 images (raw uint8 bytes, or JSON), run the model, and answer with each image's class, logits and
 chosen experts. Bad requests become a RequestError with an HTTP status and a one-line message."""
 import json
-import os
-import tempfile
 
 import numpy as np
 
-from . import contract
+from .runners.served import served_runner
 
 PIXELS_PER_IMAGE = 28 * 28
-BACKENDS = ("onnxruntime", "onnxruntime-cuda", "openvino")
 
 
 class RequestError(Exception):
@@ -80,46 +77,15 @@ def answers(logits, gates):
 
 
 class Engine:
-    """The exported model on one backend, returning (logits, gates) for float32 pixels."""
+    """The exported model on one of the registry's served runners, answering for uint8 images."""
 
     def __init__(self, model_bytes, backend="onnxruntime", threads=0, precision="auto"):
         self.backend = backend
-        if backend == "openvino":
-            self.run = self._openvino(model_bytes, precision)
-        else:
-            self.run = self._onnxruntime(model_bytes, backend, threads)
+        self.runner = served_runner(backend, model_bytes, threads, precision)
 
-    @staticmethod
-    def _onnxruntime(model_bytes, backend, threads):
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if backend == "onnxruntime-cuda"
-                     else ["CPUExecutionProvider"])
-        session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
-        if session.get_providers()[0] != providers[0]:
-            raise RuntimeError(f"{providers[0]} did not start (got {session.get_providers()[0]})")
-        return lambda pixels: session.run([contract.LOGITS, contract.GATES], {contract.PIXELS: pixels})
-
-    @staticmethod
-    def _openvino(model_bytes, precision):
-        import openvino
-        with tempfile.TemporaryDirectory() as folder:  # OpenVINO reads ONNX from a file
-            path = os.path.join(folder, "model.onnx")
-            with open(path, "wb") as f:
-                f.write(model_bytes)
-            settings = {"PERFORMANCE_HINT": "LATENCY"}
-            if precision != "auto":
-                settings["INFERENCE_PRECISION_HINT"] = precision
-            compiled = openvino.Core().compile_model(path, "CPU", settings)
-        request = compiled.create_infer_request()
-        outputs = [compiled.output(contract.LOGITS), compiled.output(contract.GATES)]
-
-        def run(pixels):
-            result = request.infer({0: pixels}, share_inputs=True)
-            return [result[o] for o in outputs]
-        return run
+    def describe(self):
+        return {"backend": self.backend, **self.runner.describe()}
 
     def classify(self, images_uint8):
-        logits, gates = self.run(to_pixels(images_uint8))
+        logits, gates = self.runner.predict(to_pixels(images_uint8))
         return answers(logits, gates)

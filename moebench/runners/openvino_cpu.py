@@ -4,8 +4,9 @@ import logging
 
 import numpy as np
 
-from . import contract, measure
-from .cli import UserError, error_line
+from .. import compare, contract, measure
+from ..cli import UserError, error_line, for_the_user
+from .base import Runner
 
 PRECISIONS = ("auto", "f32", "bf16")  # auto: OpenVINO's own choice (bf16 where the CPU has it)
 HINTS = ("latency", "throughput")
@@ -32,9 +33,9 @@ def read(path):
     contract.require_file(path)
     try:
         model = core().read_model(path)
-    except UserError:
-        raise
     except Exception as error:
+        if for_the_user(error):
+            raise
         contract.load_onnx(path)  # a file that is no ONNX model gets that said plainly
         raise UserError(f"{path}: OpenVINO could not read it ({error_line(error, 300)})")
     contract.check(path, *port_io(model))
@@ -59,8 +60,8 @@ def settings_used(compiled):
             "threads": compiled.get_property("INFERENCE_NUM_THREADS")}
 
 
-def runner(compiled):
-    """A measure.Runner: one synchronous request per call; under the throughput hint a whole
+def clock(compiled):
+    """A measure.Clock: one synchronous request per call; under the throughput hint a whole
     pass goes through an AsyncInferQueue, one request per stream, as OpenVINO intends."""
     import openvino
     request = compiled.create_infer_request()
@@ -78,7 +79,7 @@ def runner(compiled):
         queue.wait_all()
         return outputs
     throughput = str(compiled.get_property("PERFORMANCE_HINT")).lower() == "throughput"
-    return measure.Runner(run, run_all=run_all if throughput else None,
+    return measure.Clock(run, run_all=run_all if throughput else None,
                           timing="end to end from host numpy arrays"
                                  + (" (whole passes through an AsyncInferQueue)" if throughput else ""))
 
@@ -124,8 +125,8 @@ def quantize_int8(model, calibration, batch_size=100):
 
 
 def accuracy(compiled, images, labels):
-    logits = measure.full_pass(runner(compiled), images, 1000)
-    return 100.0 * float((np.asarray(logits).argmax(1) == labels).mean())
+    logits = measure.full_pass(clock(compiled), images, 1000)
+    return compare.accuracy(logits, labels)
 
 
 def version():
@@ -136,3 +137,25 @@ def version():
 def versions(int8=False):
     import nncf
     return {"openvino": version(), **({"nncf": nncf.__version__} if int8 else {}), "numpy": np.__version__}
+
+
+def runner(path, name="OpenVINO CPU", precision="auto", hint="latency", calibration=None):
+    """The ONNX file compiled for the CPU at `precision`; INT8 (NNCF) first when calibration
+    images are given. describe() reads back the precision and threads the compiled model uses."""
+    model = read(path)
+    if calibration is not None:
+        model = quantize_int8(model, calibration)[0]
+    compiled = compile_model(model, precision, hint)
+    request = compiled.create_infer_request()
+    outputs = [compiled.output(contract.LOGITS)] + [o for o in compiled.outputs if contract.GATES in o.get_names()]
+
+    def predict(pixels):
+        found = request.infer({0: pixels}, share_inputs=True)
+        return found[outputs[0]], found[outputs[1]] if len(outputs) > 1 else None
+    used = settings_used(compiled)
+    described = {"engine": f"OpenVINO {version()}", "provider": "CPU",
+                 "precision": ("int8 products, the rest " if calibration is not None else "") + used["precision"],
+                 "threads": used["threads"], "hint": used["hint"], "streams": used["streams"]}
+    made = Runner(name, predict, described, clock=clock(compiled))
+    made.compiled = compiled
+    return made

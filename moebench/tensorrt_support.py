@@ -8,6 +8,10 @@ import os
 import onnx
 from onnx import numpy_helper
 
+from . import contract
+from .cli import UserError
+from .convert import derived_copy
+
 SUPPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tensorrt_operators.json")
 TYPE_NAMES = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16",
               onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.INT8: "INT8",
@@ -93,3 +97,33 @@ def summary(model):
     reasons = sorted({why for _, _, why in bad})
     return (f"{len(bad)} of {len(model.graph.node)} nodes not supported by {parser}'s support matrix "
             f"(static check, not a run): " + "; ".join(reasons))
+
+
+TENSORRT_INSTALL = ("pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13==10.16.1.11 and put "
+                    "its libraries on LD_LIBRARY_PATH (see README: onnxruntime-gpu 1.31.1's TensorRT provider "
+                    "links libnvinfer.so.10)")
+
+
+def shape_inferred_copy(path):
+    """TensorRT needs every shape known: write <model>.trt.onnx with symbolic shape inference."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    def infer(model):
+        try:
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        except Exception as error:
+            raise UserError(f"{path}: symbolic shape inference failed ({error}); install sympy")
+    return derived_copy(path, ".trt.onnx", infer)
+
+
+def profile(batch):
+    return f"{contract.PIXELS}:{batch}x1x28x28"
+
+
+def tensorrt_options(device_id, fp16, batch_size, max_batch, engine_cache):
+    """The TensorRT provider's options, by ONNX Runtime's documentation of them."""
+    return {"device_id": device_id, "trt_fp16_enable": fp16,
+            "trt_profile_min_shapes": profile(1), "trt_profile_opt_shapes": profile(batch_size),
+            "trt_profile_max_shapes": profile(max(max_batch, batch_size)),
+            "trt_engine_cache_enable": True, "trt_engine_cache_path": engine_cache,
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": engine_cache}

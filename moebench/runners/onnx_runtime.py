@@ -1,63 +1,17 @@
-"""ONNX Runtime sessions for every ONNX script: clear errors, and the truth about what ran where."""
+"""ONNX Runtime as a runner: sessions that fail in one clear line and never fall back to another
+provider silently, host and device-resident timing, and what ran where."""
 import collections
 import json
 import os
 
 import numpy as np
-import onnx
 
-import config
-
-from . import contract, measure, viewer
-from .cli import UserError, append_json_line, atomic_path, error_line
+from .. import contract, measure
+from ..cli import UserError, error_line
+from .base import Runner
 
 GPU_INSTALL = ("on a CUDA machine: pip uninstall -y onnxruntime && "
                "pip install -r requirements-gpu.txt (see README)")
-
-
-TIMINGS = ("host", "resident", "both")
-
-
-def add_model_args(parser, what="ONNX model", timing=True, auto=False):
-    parser.add_argument("--model", help=f"{what} from export_onnx.py (default: the --routing graph)")
-    if timing:
-        add_timing_arg(parser)
-    parser.add_argument("--routing", choices=config.ROUTINGS + (("auto",) if auto else ()), default=config.ROUTING,
-                        help=f"which exported graph to run when --model is not given (default {config.ROUTING}): "
-                             f"{', '.join(f'{r} = {config.onnx_path(r)}' for r in config.ROUTINGS)}; dense is "
-                             "faster for single images and small batches, loop for large batches"
-                             + (f"; auto: {config.onnx_path('dense')} below batch {config.AUTO_LOOP_FROM}, "
-                                f"{config.onnx_path('loop')} from there, in two sessions (in bulk slower than "
-                                "the loop graph alone on a 2-core machine)" if auto else ""))
-    measure.add_common_args(parser)
-    viewer.add_netron_args(parser)
-
-
-def add_timing_arg(parser):
-    parser.add_argument("--timing", choices=TIMINGS,
-                        help="host: session.run from host numpy arrays, as most users call it; resident: "
-                             "IOBinding with inputs and outputs already on the provider's device; both "
-                             "(default: host on CPU, both on CUDA)")
-
-
-def parse_args(parser, argv, on_gpu=False):
-    args = parser.parse_args(argv)
-    args.large_model = None
-    if args.routing == "auto" and not args.model:
-        args.model, args.large_model = config.onnx_path("dense"), config.onnx_path("loop")
-    args.model = args.model or config.onnx_path(args.routing)
-    if "timing" in vars(args):
-        args.timing = args.timing or ("both" if on_gpu else "host")
-    return args
-
-
-def derived_copy(path, suffix, transform, target=None):
-    """Write transform(the ONNX model at path) to target, by default beside it as <stem><suffix>."""
-    target = target or os.path.splitext(path)[0] + suffix
-    converted = transform(contract.load_onnx(path))
-    with atomic_path(target) as tmp:
-        onnx.save(converted, tmp)
-    return target
 
 
 def stored_structure(path):
@@ -141,7 +95,7 @@ def predictor(session):
     return predict
 
 
-def resident_runner(session, device="cpu", device_id=0):
+def resident_clock(session, device="cpu", device_id=0):
     """IOBinding: each batch is copied to the device and bound, with its outputs, before the clock
     starts; the clock covers the run and the wait for its outputs, nothing else."""
     import onnxruntime as ort
@@ -160,29 +114,29 @@ def resident_runner(session, device="cpu", device_id=0):
         prepared[0].synchronize_outputs()
         return prepared[0]
 
-    return measure.Runner(run, prepare=prepare,
+    return measure.Clock(run, prepare=prepare,
                           fetch=lambda binding: binding.copy_outputs_to_cpu()[outputs.index(contract.LOGITS)],
                           timing=f"device-resident: IOBinding, inputs and outputs on {device}:{device_id} "
                                  "before the clock starts")
 
 
-def by_batch_size(small, large, threshold=config.AUTO_LOOP_FROM):
-    """A Runner that gives batches below `threshold` to `small` and the rest to `large`."""
+def by_batch_size(small, large, threshold):
+    """A Clock that gives batches below `threshold` to `small` and the rest to `large`."""
     def pick(batch):
         return small if len(batch) < threshold else large
 
     def sync():
         small.sync()
         large.sync()
-    return measure.Runner(lambda prepared: (prepared[0], prepared[0].run(prepared[1])),
+    return measure.Clock(lambda prepared: (prepared[0], prepared[0].run(prepared[1])),
                           prepare=lambda batch: (pick(batch), pick(batch).prepare(batch)), sync=sync,
                           fetch=lambda done: done[0].fetch(done[1]), timing=small.timing)
 
 
-def runners(session, timing, device="cpu", device_id=0):
+def clocks(session, timing, device="cpu", device_id=0):
     chosen = {"host": ["host"], "resident": ["resident"], "both": ["host", "resident"]}[timing]
-    made = {"host": lambda: measure.Runner(predictor(session)),
-            "resident": lambda: resident_runner(session, device, device_id)}
+    made = {"host": lambda: measure.Clock(predictor(session)),
+            "resident": lambda: resident_clock(session, device, device_id)}
     return [made[name]() for name in chosen]
 
 
@@ -251,55 +205,37 @@ def gpu_name(device_id=0):
     return f"GPU {device_id}"
 
 
-def report_latency_only(args, backend, logits, labels, latencies, timing):
-    """A block for a mode that runs one batch size only (batch 1, as a CUDA graph captures it)."""
-    result = {"accuracy": 100.0 * float((logits.argmax(1) == labels[:len(logits)]).mean()), "images": len(logits),
-              "latency_p50_us": 1e6 * float(np.percentile(latencies, 50)),
-              "latency_p99_us": 1e6 * float(np.percentile(latencies, 99)), "latency_runs": len(latencies)}
-    lines = [f"== {backend}", f"   model         {args.model}",
-             f"   machine       {measure.cpu_name()}, {os.cpu_count()} cores",
-             f"   timing        {timing}",
-             f"   accuracy      {result['accuracy']:.2f}% on {result['images']} test images, one at a time",
-             f"   latency b=1   p50 {result['latency_p50_us']:.1f} us, p99 {result['latency_p99_us']:.1f} us "
-             f"over {result['latency_runs']} runs after warm-up (the graph's capture)"]
-    print("\n".join(lines), flush=True)
-    record = {"backend": backend, "model": args.model, "timing": timing, **result, "versions": versions()}
-    if args.json:
-        append_json_line(args.json, record)
-    return record
 
 
-def versions():
+def describe(session, precision="fp32"):
+    """What ran: the engine, the provider that really took the graph, the precision, the threads."""
     import onnxruntime as ort
-    return measure.library_versions(ort, onnx, np)
+    threads = session.get_session_options().intra_op_num_threads
+    return {"engine": f"ONNX Runtime {ort.__version__}", "provider": session.get_providers()[0],
+            "precision": precision, "threads": threads or "auto (one per physical core)"}
 
 
-def run_backend(args, backend_label, providers, options_kwargs=None, details=None, device="cpu", device_id=0):
-    """Everything an ONNX backend script does once it has chosen its providers and model file:
-    one printed block (and JSON line) per timing mode in args.timing; returns their records."""
-    options_kwargs = options_kwargs or {}
-    require_providers(providers)
-    contract.require_file(args.model)
-    images, labels = measure.load_test_set(args)
-    paths = [args.model] + ([args.large_model] if args.large_model else [])
-    # auto: the large-batch session does not spin, or its idle threads would slow the small-batch one
-    made, setup_s = measure.timed(lambda: [create_session(path, providers, session_options(
-        **options_kwargs, spinning=path != args.large_model)) for path in paths])
-    backend = f"{backend_label} [providers: {', '.join(made[0].get_providers())}]"
-    details = dict(details or {})
-    for path, graph in zip(paths, ("", " (loop)") if args.large_model else ("",)):
-        kernels = provider_kernels(path, providers, options_kwargs, images[:1])
-        details[f"kernels on{' (dense)' if args.large_model and not graph else graph}"] = ", ".join(
-            f"{p} {n}" for p, n in kernels.items())
-    if args.large_model:
-        details["routing"] = (f"auto: {args.model} for batches below {config.AUTO_LOOP_FROM}, {args.large_model} "
-                              f"from {config.AUTO_LOOP_FROM} (here: batch 1 on the first, batch {args.batch_size} "
-                              f"on the {'second' if args.batch_size >= config.AUTO_LOOP_FROM else 'first'})")
-    records = []
-    for chosen in zip(*(runners(session, args.timing, device, device_id) for session in made)):
-        runner = chosen[0] if len(chosen) == 1 else by_batch_size(*chosen)
-        result = measure.measure(runner, images, labels, args.batch_size, args.latency_runs, not args.quiet)
-        records.append(measure.report(args, backend, result, setup_s, versions(), details))
-    if args.netron:
-        viewer.serve(args.model, args)
-    return records
+def runner(path, name="ONNX Runtime CPU", providers=("CPUExecutionProvider",), options=None, precision="fp32"):
+    """The ONNX file at path in one session; predict() returns the gates too where the graph has them."""
+    session = create_session(path, list(providers), options)
+    wanted = [contract.LOGITS] + [o.name for o in session.get_outputs() if o.name == contract.GATES]
+
+    def predict(pixels):
+        found = session.run(wanted, {contract.PIXELS: pixels})
+        return found[0], found[1] if len(found) > 1 else None
+    made = Runner(name, predict, describe(session, precision), logits=predictor(session))
+    made.session = session
+    return made
+
+
+def auto_runner(dense, loop, threshold, name="ONNX Runtime CPU, auto"):
+    """Two sessions, the dense graph for batches below `threshold` and the loop graph from it on;
+    the loop session's idle threads do not spin, or they would slow the dense one."""
+    small = runner(dense, name, options=session_options(spinning=True))
+    large = runner(loop, name, options=session_options(spinning=False))
+
+    def pick(pixels):
+        return small if len(pixels) < threshold else large
+    clock = by_batch_size(small.clock(), large.clock(), threshold)
+    return Runner(name, lambda pixels: pick(pixels).predict(pixels),
+                  {**small.describe(), "routing": f"dense below batch {threshold}, loop from it"}, clock=clock)

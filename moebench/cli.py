@@ -9,8 +9,16 @@ import tempfile
 from contextlib import contextmanager
 
 
+
 class UserError(Exception):
     """A problem the user can fix; printed as one line, never as a traceback."""
+    for_the_user = True
+
+
+def for_the_user(error):
+    """A UserError, or one of the model files' own errors of that kind (data.DataError,
+    config.StructureError), which carry the same mark because they import nothing from here."""
+    return getattr(error, "for_the_user", False)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -24,7 +32,9 @@ def run(main):
     """Call main(); turn a UserError or Ctrl-C into one line on stderr and a non-zero exit."""
     try:
         main()
-    except UserError as error:
+    except Exception as error:
+        if not for_the_user(error):
+            raise
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit("interrupted")
@@ -35,7 +45,7 @@ def error_line(error, limit=200, last=False):
     message, cut to `limit` characters; the type alone when the message is empty."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = (lines[-1] if last else lines[0])[:limit] if lines else ""
-    if isinstance(error, UserError) and text:  # already written for the user
+    if for_the_user(error) and text:  # already written for the user
         return text
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 

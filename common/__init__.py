@@ -1,1 +1,0 @@
-"""What the entry scripts share: command-line edges, checkpoints, measuring, sessions, viewers."""

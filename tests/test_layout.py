@@ -1,0 +1,93 @@
+"""The repository's shape: entry scripts at the top, the library in moebench/, the model's own files
+below both; imports point one way; no file grows past what one reads top to bottom; a Ray worker
+that gets only the package can serve."""
+import ast
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from data import load_split
+from moebench.runners import onnx_runtime
+
+MODEL_FILES = {"config", "moe", "data"}  # the model's own files: structure, network, data reader
+ENTRY_SCRIPTS = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))} - MODEL_FILES
+PACKAGE = "moebench"
+MAX_LINES = 350
+
+
+def imported_modules(path):
+    """The top-level names of every module a file imports, anywhere in it (relative ones as '.')."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." if node.level else node.module.split(".")[0])
+    return names
+
+
+def python_files(folder, recursive=False):
+    return sorted(glob.glob(os.path.join(ROOT, folder, "**" if recursive else "", "*.py"), recursive=recursive))
+
+
+def test_there_are_entry_scripts_and_model_files_to_check():
+    assert {"train", "export_onnx", "benchmark", "serve", "torch_infer"} <= ENTRY_SCRIPTS
+    assert all(os.path.isfile(os.path.join(ROOT, f"{name}.py")) for name in MODEL_FILES)
+
+
+@pytest.mark.parametrize("path", python_files(""), ids=os.path.basename)
+def test_no_entry_script_imports_another_and_model_files_import_no_package(path):
+    name = os.path.basename(path)[:-3]
+    imported = imported_modules(path)
+    assert not imported & (ENTRY_SCRIPTS - {name}), f"{name}.py imports an entry script"
+    if name in MODEL_FILES:
+        assert PACKAGE not in imported, f"{name}.py (a model file) imports {PACKAGE}"
+
+
+@pytest.mark.parametrize("path", python_files(PACKAGE, recursive=True), ids=lambda p: os.path.relpath(p, ROOT))
+def test_the_package_imports_no_entry_script(path):
+    assert not imported_modules(path) & ENTRY_SCRIPTS
+
+
+def test_the_runner_modules_import_nothing_from_the_top_level():
+    for path in python_files(os.path.join(PACKAGE, "runners")):
+        if os.path.basename(path) != "registry.py":  # it makes runners from the checkpoint, so it reads config.py
+            assert not imported_modules(path) & (MODEL_FILES | ENTRY_SCRIPTS), path
+
+
+def test_every_file_reads_top_to_bottom():
+    files = python_files("") + python_files(PACKAGE, recursive=True) + python_files("tests")
+    long = {os.path.relpath(p, ROOT): n for p in files if (n := sum(1 for _ in open(p))) > MAX_LINES}
+    assert not long, f"over {MAX_LINES} lines: {long}"
+
+
+def test_a_ray_worker_with_only_the_package_serves_and_says_what_ran(tiny_models, mnist_dir, tmp_path):
+    """What serve.py ships to every node (py_modules): the package alone, run where the repository's
+    own files are not importable."""
+    shutil.copytree(os.path.join(ROOT, PACKAGE), tmp_path / PACKAGE)
+    images = load_split("test", mnist_dir, 20)[0].numpy()
+    pixels = np.round(images * 255).astype(np.uint8)
+    np.save(tmp_path / "pixels.npy", pixels)
+    shutil.copy(tiny_models / "model.onnx", tmp_path / "model.onnx")
+    program = ("import json, sys, numpy as np; from moebench import serving; "
+               "engine = serving.Engine(open('model.onnx', 'rb').read(), 'onnxruntime', threads=1); "
+               "assert 'config' not in sys.modules and 'data' not in sys.modules; "
+               "print(json.dumps({'described': engine.describe(), "
+               "'classes': [a['class'] for a in engine.classify(np.load('pixels.npy').reshape(-1, 784))]}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    found = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    answer = json.loads(found.stdout)
+    expected = onnx_runtime.runner(str(tiny_models / "model.onnx")).logits(images).argmax(1)
+    assert answer["classes"] == expected.tolist()
+    assert answer["described"]["provider"] == "CPUExecutionProvider" and answer["described"]["threads"] == 1
+    assert answer["described"]["engine"].startswith("ONNX Runtime ")
