@@ -1,15 +1,14 @@
 """MLPerf Inference LoadGen on the test set: SingleStream (90th-percentile latency) and Offline
-(samples/s) for each CPU backend in-process, and Server (Poisson arrivals) against serve.py over HTTP
-with batching off and on, 1 and 2 replicas, beside plain in-process ONNX Runtime as the no-server
-baseline: for each, the highest offered QPS whose 99th-percentile latency stays under --p99-ms.
-Accuracy mode checks LoadGen's accuracy log against the test labels for every system.
+(samples/s) for each CPU backend in process; then over HTTP, one image per request, serve.py's
+embedded server and serve.py --ray, beside a bare HTTP server with no model (this machine's HTTP
+ceiling, with this client) and plain in-process ONNX Runtime (no server): SingleStream (one request
+at a time) and Server (Poisson arrivals), the highest offered QPS whose 99th-percentile latency stays
+under --p99-ms, and that QPS as a share of the ceiling's. Accuracy mode checks LoadGen's accuracy log
+against the test labels for every system that has a model.
 
 Writes results/loadgen/ (LoadGen's summary and detail logs), results/loadgen.{md,json,png}."""
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,17 +17,18 @@ import numpy as np
 
 from data import add_data_args, load_split
 from moebench import checkpoint, contract, harness, measure
-from moebench.cli import (ArgumentParser, UserError, atomic_folder, non_negative_float, positive_int, require_module,
-                          run, save_figure)
+from moebench.cli import ArgumentParser, atomic_folder, non_negative_float, positive_int, require_module, run
 from moebench.compare import accuracy
+from moebench.loadgen_report import markdown, plot
 from moebench.report import write as write_report
+from moebench.server_process import ServerProcess, free_port
 from moebench.runners import onnx_runtime, registry
 
-SERVE_SETTINGS = {"serve.py, batching off, 1 replica": ["--max-batch-size", "1", "--replicas", "1"],
-                  "serve.py, batching on, 1 replica": ["--max-batch-size", "32", "--replicas", "1"],
-                  "serve.py, batching off, 2 replicas": ["--max-batch-size", "1", "--replicas", "2"],
-                  "serve.py, batching on, 2 replicas": ["--max-batch-size", "32", "--replicas", "2"]}
+CEILING = "bare HTTP server, no model (this machine's HTTP ceiling)"
 BASELINE = "in-process ONNX Runtime, no server"
+EMBEDDED = "serve.py (uvicorn, dynamic batching)"
+RAY = "serve.py --ray (Ray Serve, HAProxy ingress)"
+SERVERS_FLAGS = {"embedded": [], "ray": ["--ray"]}
 
 
 def parse_args(argv=None):
@@ -41,10 +41,12 @@ def parse_args(argv=None):
                              "rules ask for 600 s)")
     parser.add_argument("--p99-ms", type=non_negative_float, default=50.0,
                         help="the Server scenario's bound on 99th-percentile latency (default 50 ms)")
-    parser.add_argument("--start-qps", type=non_negative_float, default=20.0,
-                        help="first offered QPS of a ladder (default 20)")
+    parser.add_argument("--start-qps", type=non_negative_float, default=100.0,
+                        help="first offered QPS of a ladder (default 100)")
     parser.add_argument("--qps-step", type=non_negative_float, default=1.6, help="ratio between ladder steps")
     parser.add_argument("--max-steps", type=positive_int, default=16, help="most QPS steps per ladder")
+    parser.add_argument("--refine-steps", type=int, default=3,
+                        help="steps between the last passing and the first failing QPS (default 3)")
     parser.add_argument("--server-url", help="a running serve.py to measure in the Server scenario, instead of "
                                              "starting serve.py in each setting itself")
     parser.add_argument("--out-dir", default="results")
@@ -56,7 +58,7 @@ def parse_args(argv=None):
     if args.qps_step <= 1 or args.start_qps <= 0 or args.p99_ms <= 0:
         parser.error("--qps-step must be > 1 and --start-qps, --p99-ms > 0")
     if args.quick:
-        args.duration_s, args.max_steps = min(args.duration_s, 0.5), min(args.max_steps, 2)
+        args.duration_s, args.max_steps, args.refine_steps = min(args.duration_s, 0.5), min(args.max_steps, 2), 0
         args.start_qps = max(args.start_qps, 200.0)
     return args
 
@@ -74,37 +76,6 @@ def in_process_backends(args, sources):
                   "PyTorch TorchScript (frozen) CPU, dense"]
     entries = registry.cpu_entries(sources.structure)[0]
     return {name: lambda e=registry.entry(name, entries): e.runner(sources).logits for name in names}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServeProcess:
-    """serve.py in a subprocess, as a user starts it; stopped with Ctrl-C (SIGINT)."""
-
-    def __init__(self, model, extra):
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}/"
-        self.process = subprocess.Popen([sys.executable, "serve.py", "--model", os.path.abspath(model),
-                                         "--port", str(port), "--threads", "1", *extra],
-                                        cwd=os.path.dirname(os.path.abspath(__file__)),
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for line in self.process.stdout:
-            if line.startswith("serving "):
-                return
-        raise UserError(f"serve.py did not start: {self.process.wait(30)} "
-                        f"{self.process.stderr.read().strip().splitlines()[-1:]}")
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
 
 
 # ---------------------------------------------------------------- runs
@@ -136,11 +107,12 @@ def offline(sut, predict, images, args, outdir):
 
 
 def ladder(sut, count, args, outdir):
-    """Server runs at rising offered QPS until one breaks the p99 bound (or is refused); keeps the
-    summary of every step and the detail log of the best valid one."""
-    steps, qps = [], args.start_qps
+    """Server runs at rising offered QPS until one breaks the p99 bound (or is refused), then
+    --refine-steps more between the best passing and the first failing QPS (geometric midpoints);
+    keeps the summary of every step and the detail log of the best passing one."""
+    steps = []
     with tempfile.TemporaryDirectory() as scratch:
-        for _ in range(args.max_steps):
+        def run_at(qps):
             settings = harness.settings_for("Server", "performance", int(1000 * args.duration_s),
                                             qps=qps, p99_ms=args.p99_ms)
             result = harness.run_test(sut, count, settings, os.path.join(scratch, f"{qps:.0f}"))
@@ -149,15 +121,25 @@ def ladder(sut, count, args, outdir):
             result.update(offered_qps=qps, ok=result.get("p99_ns", float("inf")) <= args.p99_ms * 1e6
                           and result["refused"] == 0)
             steps.append(result)
-            if not result["ok"]:
+            return result["ok"]
+        qps = args.start_qps
+        for _ in range(args.max_steps):
+            if not run_at(qps):
                 break
             qps *= args.qps_step
+        for _ in range(args.refine_steps):
+            good = max((s["offered_qps"] for s in steps if s["ok"]), default=None)
+            bad = min((s["offered_qps"] for s in steps if not s["ok"] and s["offered_qps"] > (good or 0)), default=None)
+            if good is None or bad is None:
+                break
+            run_at((good * bad) ** 0.5)
         best = max((s for s in steps if s["ok"]), key=lambda s: s["offered_qps"], default=None)
         for step in steps:
             kept = os.path.join(outdir, f"server-{step['offered_qps']:.0f}qps")
             os.makedirs(kept, exist_ok=True)
             for name in harness.KEPT_LOGS if step is best else harness.KEPT_LOGS[:1]:
                 shutil.copy(os.path.join(scratch, f"{step['offered_qps']:.0f}", name), kept)
+    steps.sort(key=lambda s: s["offered_qps"])
     return {"steps": steps, "best_qps": best["offered_qps"] if best else None,
             "best_p99_ms": best["p99_ns"] / 1e6 if best else None}
 
@@ -180,33 +162,61 @@ def in_process_rows(args, sources, logs):
     return rows
 
 
+def start_server(kind, args):
+    port = free_port()
+    if kind == "bare":
+        command = [sys.executable, "-m", "moebench.bare_http", "--port", str(port)]
+    else:
+        command = [sys.executable, "serve.py", "--model", os.path.abspath(args.model), "--port", str(port),
+                   "--threads", "1", *SERVERS_FLAGS[kind]]
+    return ServerProcess(command, os.path.dirname(os.path.abspath(__file__)), port)
+
+
+def over_http(name, url, pixels, labels, args, folder, answers=True):
+    """One server: its answers checked through LoadGen (never overloading it), one request at a
+    time (SingleStream), and the Server ladder."""
+    row = {}
+    if answers:
+        checked = harness.OverHttp(url, pixels, per_request=100, connections=1)
+        row["loadgen"] = accuracy_run(checked, pixels, labels, os.path.join(folder, "accuracy"))
+        checked.close()
+    one_by_one = harness.OverHttp(url, pixels, connections=1)
+    settings = harness.settings_for("SingleStream", "performance", int(1000 * args.duration_s), 0.001)
+    row["single_stream"] = harness.run_test(one_by_one, len(pixels), settings, os.path.join(folder, "singlestream"))
+    one_by_one.close()
+    sut = harness.OverHttp(url, pixels)
+    row["ladder"] = ladder(sut, len(pixels), args, folder)
+    sut.close()
+    return row
+
+
 def server_rows(args, images, labels, logs):
-    """{setting: {ladder, accuracy}}: the in-process baseline and each serve.py setting."""
+    """{system: row}: the bare HTTP server (the ceiling), the in-process baseline, and each server."""
     pixels = np.round(images[:, 0] * 255).astype(np.uint8)
     baseline_predict = onnx_runtime.runner(args.model).logits
     direct = accuracy(measure.full_pass(baseline_predict, images, 1024), labels)
-    sut = harness.InProcess(baseline_predict, images, worker=True)
-    rows = {BASELINE: {"ladder": ladder(sut, len(images), args, os.path.join(logs, slug(BASELINE))),
-                       "direct_accuracy": direct}}
-    report_ladder(BASELINE, rows[BASELINE])
-    settings = ({f"serve.py at {args.server_url}": None} if args.server_url else
-                dict(list(SERVE_SETTINGS.items())[1:2]) if args.quick else SERVE_SETTINGS)
-    for name, extra in settings.items():
-        server = ServeProcess(args.model, extra) if extra is not None else None
-        url = server.url if server else args.server_url
+    systems = ({CEILING: "bare", f"serve.py at {args.server_url}": None} if args.server_url else
+               {CEILING: "bare", EMBEDDED: "embedded"} if args.quick else {CEILING: "bare", EMBEDDED: "embedded",
+                                                                            RAY: "ray"})
+    rows = {}
+    for name, kind in systems.items():
+        if name == EMBEDDED or kind is None:  # the in-process baseline goes beside the first real server
+            sut = harness.InProcess(baseline_predict, images, worker=True)
+            rows[BASELINE] = {"ladder": ladder(sut, len(images), args, os.path.join(logs, slug(BASELINE))),
+                              "direct_accuracy": direct}
+            report_ladder(BASELINE, rows[BASELINE])
+        server = start_server(kind, args) if kind else None
         try:
-            folder = os.path.join(logs, slug(name))
-            checked = harness.OverHttp(url, pixels, per_request=100, connections=1)  # never overloads it
-            over_http = accuracy_run(checked, images, labels, os.path.join(folder, "accuracy"))
-            checked.close()
-            sut = harness.OverHttp(url, pixels)
-            rows[name] = {"ladder": ladder(sut, len(images), args, folder), "loadgen": over_http,
-                          "direct_accuracy": direct}
-            sut.close()
+            rows[name] = {**over_http(name, server.url if server else args.server_url, pixels, labels, args,
+                                      os.path.join(logs, slug(name)), answers=kind != "bare"),
+                          "direct_accuracy": direct if kind != "bare" else None}
         finally:
             if server:
                 server.stop()
         report_ladder(name, rows[name])
+    ceiling = rows[CEILING]["ladder"]["best_qps"]
+    for row in rows.values():
+        row["vs_ceiling"] = row["ladder"]["best_qps"] / ceiling if ceiling and row["ladder"]["best_qps"] else None
     return rows
 
 
@@ -215,63 +225,6 @@ def report_ladder(name, row):
     accuracy = f", accuracy over HTTP {row['loadgen']['accuracy']:.2f}%" if "loadgen" in row else ""
     print(f"{name}: " + (f"{best:.0f} QPS with p99 {row['ladder']['best_p99_ms']:.1f} ms" if best else
                          "no offered QPS met the bound") + accuracy, flush=True)
-
-
-# ---------------------------------------------------------------- reports
-
-def markdown(report):
-    s = report["settings"]
-    lines = [f"# LoadGen ({report['date']})", "",
-             f"Machine: {report['machine']}; client (LoadGen) and server share it. MLPerf Inference LoadGen "
-             f"{report['loadgen_version']}, {s['images']} test images, each performance run at least "
-             f"{s['duration_s']:g} s (MLPerf's rules: 600 s).", ""]
-    if report["in_process"]:
-        lines += ["## In-process: SingleStream and Offline", "",
-                  "| backend | SingleStream p90 (us) | SingleStream p50 (us) | Offline (samples/s) | "
-                  "LoadGen VALID (SingleStream, Offline) | accuracy in LoadGen | the backend alone |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for name, row in report["in_process"].items():
-            single, bulk = row["single_stream"], row["offline"]
-            verdicts = ", ".join("yes" if run.get("valid") else "no" for run in (single, bulk))
-            lines.append(f"| {name} | {single['p90_ns'] / 1e3:.1f} | {single['p50_ns'] / 1e3:.1f} | "
-                         f"{bulk['samples_per_s']:,.0f} | {verdicts} | {row['loadgen']['accuracy']:.2f}% | "
-                         f"{row['direct_accuracy']:.2f}% |")
-    lines += ["", f"## Server: the highest offered QPS with p99 latency under {s['p99_ms']:g} ms", "",
-              f"Poisson arrivals; offered QPS from {s['start_qps']:g} up by x{s['qps_step']:g} until a run's measured "
-              "p99 breaks the bound or a request is refused (503). 'LoadGen VALID' is LoadGen's own verdict, "
-              "which also asks its early-stopping test to be sure of the percentile from at least "
-              f"{harness.SERVER_MIN_QUERIES} queries.", "",
-              "| system | highest QPS under the bound | its p99 (ms) | its p50 (ms) | LoadGen VALID there | "
-              "first failing step | accuracy over HTTP | the backend alone |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, row in report["server"].items():
-        steps, best = row["ladder"]["steps"], row["ladder"]["best_qps"]
-        good = next((st for st in steps if st["offered_qps"] == best), None)
-        failed = next((st for st in steps if not st["ok"]), None)
-        failure = (f"{failed['offered_qps']:.0f} QPS: p99 {failed.get('p99_ns', 0) / 1e6:.1f} ms"
-                   + (f", {failed['refused']} refused" if failed["refused"] else "") if failed else "none")
-        verdict = "yes" if good and good["valid"] else "no" if good else "-"
-        accuracy = f"{row['loadgen']['accuracy']:.2f}%" if "loadgen" in row else "-"
-        lines.append(f"| {name} | {best:.0f} | {good['p99_ns'] / 1e6:.1f} | {good['p50_ns'] / 1e6:.1f} | {verdict} | "
-                     f"{failure} | {accuracy} | {row['direct_accuracy']:.2f}% |" if good else
-                     f"| {name} | none | - | - | - | {failure} | {accuracy} | {row['direct_accuracy']:.2f}% |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(report, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for name, row in report["server"].items():
-        steps = [st for st in row["ladder"]["steps"] if "p99_ns" in st]
-        ax.plot([st["offered_qps"] for st in steps], [st["p99_ns"] / 1e6 for st in steps], marker="o", label=name)
-    ax.axhline(report["settings"]["p99_ms"], color="grey", linestyle="--", label="p99 bound")
-    ax.set(xscale="log", yscale="log", xlabel="offered QPS (Poisson arrivals)", ylabel="p99 latency (ms)",
-           title=f"Server scenario, MLPerf LoadGen - {report['machine']} (client and server share it)")
-    ax.grid(which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -288,7 +241,8 @@ def main(argv=None):
               "loadgen_version": getattr(mlperf_loadgen, "__version__", "6.0.17"), "in_process": in_process,
               "server": server, "settings": {"images": len(images), "duration_s": args.duration_s,
                                              "p99_ms": args.p99_ms, "start_qps": args.start_qps,
-                                             "qps_step": args.qps_step, "quick": args.quick}}
+                                             "qps_step": args.qps_step, "refine_steps": args.refine_steps,
+                                             "quick": args.quick}}
     print(write_report(report, args.out_dir, "loadgen", markdown, {"loadgen.png": plot}))
     return report
 

@@ -1,21 +1,25 @@
-"""Serve an exported model over HTTP with Ray Serve: dynamic batching, replicas, backpressure, and
-the same application on a laptop or a multi-node Ray cluster (--address).
+"""Serve an exported model over HTTP. By default on this machine: uvicorn worker processes, each with
+the model in process behind a dynamic batcher, supervised so that a worker that dies is replaced.
+With --ray (or --address): a Ray Serve application, replicas across processes and the nodes of a Ray
+cluster, behind Ray Serve's HAProxy ingress on a local cluster.
 
 POST / with raw uint8 pixels (784 bytes per 28x28 image, any number of images) or JSON
 {"images": [[784 values 0-255], ...]} (28x28 nested lists work too); the answer is JSON with each
-image's class, logits and chosen experts with their gate weights. GET / says what is served."""
+image's class, logits and chosen experts with their gate weights, and which server, process and
+backend answered. GET / says what is served. Bad bodies get a 400 or 413, a full queue a 503."""
 import os
 import signal
 import socket
+import threading
 import time
+import urllib.request
 
-from moebench import contract, ray_cluster, serving
+from moebench import checkpoint, contract
+from moebench.cli import ArgumentParser, UserError, error_line, non_negative_float, port_number, positive_int, run
 from moebench.runners import registry
-from moebench.cli import (ArgumentParser, UserError, error_line, non_negative_float, port_number, positive_int,
-                        require_module, run)
+from moebench.runners.served import FROM_CHECKPOINT, served_runner
 
-APP_NAME = "moe"
-PACKAGE_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moebench")
+DEFAULT_BATCH = {"server": 64, "ray": 32}  # images per model call; requests per @serve.batch
 
 
 def parse_args(argv=None):
@@ -24,29 +28,41 @@ def parse_args(argv=None):
     parser.add_argument("--backend", choices=tuple(registry.SERVED), default="onnxruntime",
                         help="; ".join(f"{name}: {what}" for name, what in registry.SERVED.items())
                         + " (default onnxruntime)")
+    parser.add_argument("--checkpoint", default=checkpoint.DEFAULT_PATH,
+                        help=f"what --backend fused-int8 is built from (default {checkpoint.DEFAULT_PATH})")
     parser.add_argument("--precision", choices=("auto", "f32", "bf16"), default="auto",
                         help="OpenVINO's precision (default auto: bf16 where the CPU has it)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=port_number, default=8000, help="HTTP port (default 8000)")
-    parser.add_argument("--replicas", type=positive_int, default=1, help="model replicas (default 1)")
-    parser.add_argument("--max-batch-size", type=positive_int, default=32,
-                        help="requests one batch may gather (@serve.batch); 1 turns batching off (default 32)")
-    parser.add_argument("--batch-wait-ms", type=non_negative_float, default=2.0,
-                        help="how long a batch waits for more requests (default 2 ms)")
+    parser.add_argument("--replicas", type=positive_int, default=1,
+                        help="model replicas: worker processes, or with --ray Ray Serve replicas (default 1)")
+    parser.add_argument("--max-batch-size", type=positive_int,
+                        help=f"the most images one model call takes (default {DEFAULT_BATCH['server']}); with --ray "
+                             f"the most requests one batch gathers (default {DEFAULT_BATCH['ray']}); 1 turns batching off")
+    parser.add_argument("--batch-wait-ms", type=non_negative_float, default=1.0,
+                        help="under load (the last batch held more than one request), how long a batch waits "
+                             "for more before the model runs; a lone request never waits (default 1 ms)")
     parser.add_argument("--max-images", type=positive_int, default=1024, help="images one request may carry")
-    parser.add_argument("--max-ongoing", type=positive_int, default=64,
-                        help="requests one replica works on at once (max_ongoing_requests, default 64)")
     parser.add_argument("--max-queued", type=positive_int, default=256,
-                        help="requests waiting for a replica before new ones get 503 (max_queued_requests)")
+                        help="requests waiting (per worker, or per Ray Serve deployment) before new ones get 503")
     parser.add_argument("--threads", type=int, default=1,
                         help="compute threads per replica (default 1; 0: the backend's own choice)")
-    parser.add_argument("--cpus-per-replica", type=non_negative_float, default=1.0,
-                        help="CPUs Ray reserves for each replica (default 1)")
-    parser.add_argument("--address", help="join this Ray cluster (e.g. auto or ray://head:10001) instead of "
-                                          "starting a local one")
+    ray = parser.add_argument_group("Ray Serve (--ray)")
+    ray.add_argument("--ray", action="store_true", help="serve with Ray Serve instead of the embedded server")
+    ray.add_argument("--address", help="join this Ray cluster (e.g. auto, or head:6379) instead of starting a local "
+                                       "one; implies --ray")
+    ray.add_argument("--max-ongoing", type=positive_int, default=64,
+                     help="requests one replica works on at once (max_ongoing_requests, default 64)")
+    ray.add_argument("--cpus-per-replica", type=non_negative_float, default=1.0,
+                     help="CPUs Ray reserves for each replica (default 1)")
     args = parser.parse_args(argv)
+    args.ray = args.ray or bool(args.address)
+    args.max_batch_size = args.max_batch_size or DEFAULT_BATCH["ray" if args.ray else "server"]
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.ray and args.backend in FROM_CHECKPOINT:
+        parser.error(f"--backend {args.backend} reads the checkpoint with this repository's own files, which Ray "
+                     "workers do not have: serve it without --ray, or use onnxruntime or openvino with --ray")
     return args
 
 
@@ -70,106 +86,6 @@ def require_free_port(host, port):
                             "choose another --port")
 
 
-def deployment(args, payload):
-    """The Ray Serve application: a replica class with @serve.batch, bound to the model bytes."""
-    from ray import serve
-    from starlette.responses import JSONResponse
-
-    @serve.deployment(num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing,
-                      max_queued_requests=args.max_queued, ray_actor_options={"num_cpus": args.cpus_per_replica})
-    class MoEClassifier:
-        def __init__(self, model, backend, threads, precision, max_batch_size, batch_wait_s, max_images):
-            self.engine = serving.Engine(model, backend, threads, precision)
-            self.batching, self.max_images = max_batch_size > 1, max_images
-            self.classify_batch.set_max_batch_size(max_batch_size)
-            self.classify_batch.set_batch_wait_timeout_s(batch_wait_s)
-            node, node_ip = ray_cluster.node_of_this_process()
-            self.served_by = {"replica": serve.get_replica_context().replica_id.unique_id,
-                              "host": socket.gethostname(), "pid": os.getpid(), "node": node, "node_ip": node_ip}
-
-        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-        async def classify_batch(self, requests):
-            """Many requests' images in one model call, split back per request."""
-            import numpy as np
-            answers = self.engine.classify(np.concatenate(requests))
-            sizes = np.cumsum([0] + [len(r) for r in requests])
-            return [answers[start:end] for start, end in zip(sizes[:-1], sizes[1:])]
-
-        async def __call__(self, request):
-            if request.method == "GET":
-                return JSONResponse({"model": "MoE MNIST classifier", **self.engine.describe(),
-                                     "batching": self.batching, "served_by": self.served_by})
-            try:
-                images = serving.parse(await request.body(), request.headers.get("content-type"), self.max_images)
-            except serving.RequestError as error:
-                return JSONResponse({"error": str(error)}, status_code=error.status)
-            answers = (await self.classify_batch(images)) if self.batching else self.engine.classify(images)
-            return JSONResponse({"predictions": answers, "served_by": self.served_by})
-
-    return MoEClassifier.bind(payload, args.backend, args.threads, args.precision, args.max_batch_size,
-                              args.batch_wait_ms / 1000.0, args.max_images)
-
-
-def require_reachable(address):
-    """A host:port address must answer before Ray is asked to join it: Ray itself retries for minutes."""
-    if address in ("auto", "local"):
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
-    except (OSError, ValueError) as error:
-        raise UserError(f"--address {address}: no Ray cluster answers there ({error}); start one with "
-                        "'ray start --head' on that machine, or leave --address out for a local one")
-
-
-def start(args, state):
-    """Start Ray (or join it) and the application; returns the URL it answers on. Sets
-    state["started_serve"] once it knows whether it starts Ray Serve, and state["deployed"] once
-    its application runs: what stop() must undo."""
-    import logging
-    if not args.address:
-        ray_cluster.keep_local_ray_on_loopback()
-    require_module("ray.serve", "serve.py")
-    from ray import serve
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own line says where it serves
-    payload = model_bytes(args.model)
-    if args.address:
-        require_reachable(args.address)
-    else:
-        require_free_port(args.host, args.port)
-    # the replicas import moebench.serving, on every node
-    ray_cluster.init(args.address, {"py_modules": [PACKAGE_FOLDER]})
-    running = ray_cluster.running_serve_http()
-    ray_cluster.require_same_http(running, args.host, args.port, args.address)
-    state["started_serve"] = running is None
-    serve.start(http_options={"host": args.host, "port": args.port})
-    try:
-        serve.run(deployment(args, payload), name=APP_NAME, route_prefix="/")
-        state["deployed"] = True
-    except Exception as error:
-        raise UserError(f"the application did not start ({error_line(error, 300, last=True)})")
-    every_address = args.host in ("0.0.0.0", "::")
-    host = ray_cluster.node_of_this_process()[1] if every_address else args.host
-    return f"http://{host}:{args.port}/" + (f" (and port {args.port} of every node)" if every_address and args.address
-                                             else "")
-
-
-def stop(state):
-    """Leave Ray as it was found: shut Serve down if this process started it, else remove only the
-    application it deployed (never one that was running before)."""
-    try:
-        import ray
-        from ray import serve
-    except ImportError:  # said already by start()
-        return
-    if ray.is_initialized():
-        if state["started_serve"]:
-            serve.shutdown()
-        elif state["deployed"]:
-            serve.delete(APP_NAME)
-        ray.shutdown()
-
-
 def stop_on_signals():
     """Ctrl-C and SIGTERM both end in a clean shutdown, also where the shell that started us set
     SIGINT to be ignored (a background job), and after Ray installed its own SIGTERM handler."""
@@ -179,13 +95,53 @@ def stop_on_signals():
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def check_backend(args, payload):
+    """Make the backend once here, so that what cannot run (no compiler, no OpenVINO, a checkpoint
+    the fused operator cannot take) is one line before any worker starts."""
+    try:
+        return served_runner(args.backend, payload, args.threads, args.precision, args.checkpoint).describe()
+    except Exception as error:
+        if getattr(error, "for_the_user", False):
+            raise
+        raise UserError(f"--backend {args.backend} could not start ({error_line(error, 300)})")
+
+
+def announce_when_answering(args, described):
+    """Print the 'serving' line once the first worker answers GET / (a worker loads the model first)."""
+    url = f"http://{args.host if args.host not in ('0.0.0.0', '::') else '127.0.0.1'}:{args.port}/"
+    for _ in range(1200):
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            break
+        except OSError:
+            time.sleep(0.1)
+    print(f"serving {args.model if args.backend not in FROM_CHECKPOINT else args.checkpoint} on {args.backend} "
+          f"({described['engine']}, {described['precision']}) with {args.replicas} worker(s), batching up to "
+          f"{args.max_batch_size} images per call, at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+
+
+def serve_here(args, payload):
+    from moebench import http_server
+    require_free_port(args.host, args.port)
+    described = check_backend(args, payload)
+    settings = {"model": os.path.abspath(args.model), "checkpoint": os.path.abspath(args.checkpoint),
+                "backend": args.backend, "threads": args.threads, "precision": args.precision,
+                "max_batch_images": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+                "max_queued": args.max_queued, "max_images": args.max_images}
+    threading.Thread(target=announce_when_answering, args=(args, described), daemon=True).start()
+    http_server.serve(settings, args.host, args.port, args.replicas)  # until Ctrl-C or SIGTERM
+    print("stopped", flush=True)
+
+
+def serve_with_ray(args, payload):
+    from moebench import ray_serving
     state = {"started_serve": False, "deployed": False}
     try:
-        url = start(args, state)
+        if not args.address:
+            require_free_port(args.host, args.port)
+        url = ray_serving.start(args, state, payload)
         stop_on_signals()
-        print(f"serving {args.model} on {args.backend} with {args.replicas} replica(s), batching "
+        print(f"serving {args.model} on {args.backend} with Ray Serve, {args.replicas} replica(s), batching "
               + (f"up to {args.max_batch_size} requests, {args.batch_wait_ms:g} ms wait" if args.max_batch_size > 1
                  else "off") + f", at {url} (Ctrl-C stops)", flush=True)
         while True:
@@ -193,8 +149,14 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
     finally:
-        stop(state)
+        ray_serving.stop(state)
     print("stopped", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    payload = model_bytes(args.model) if args.backend not in FROM_CHECKPOINT else b""
+    (serve_with_ray if args.ray else serve_here)(args, payload)
 
 
 if __name__ == "__main__":

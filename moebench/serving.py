@@ -66,13 +66,14 @@ def to_pixels(images_uint8):
 
 
 def answers(logits, gates):
-    """One JSON-ready answer per image: class, logits, and the chosen experts with their weights."""
+    """One JSON-ready answer per image: class, logits, and the chosen experts with their weights
+    (largest first). This runs for every request, so it stays plain Python over short lists."""
     results = []
-    for row_logits, row_gates in zip(logits, gates):
-        chosen = np.flatnonzero(row_gates)
-        chosen = chosen[np.argsort(-row_gates[chosen])]
-        results.append({"class": int(row_logits.argmax()), "logits": [round(float(v), 5) for v in row_logits],
-                        "experts": [{"expert": int(e), "weight": round(float(row_gates[e]), 5)} for e in chosen]})
+    rounded = np.round(logits.astype(np.float64), 5).tolist()
+    for label, values, row in zip(logits.argmax(1).tolist(), rounded, gates.tolist()):
+        chosen = sorted((e for e, w in enumerate(row) if w), key=lambda e: -row[e])
+        results.append({"class": label, "logits": values,
+                        "experts": [{"expert": e, "weight": round(row[e], 5)} for e in chosen]})
     return results
 
 

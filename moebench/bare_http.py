@@ -1,0 +1,43 @@
+"""The ceiling of this machine's HTTP path: an aiohttp server with no model that reads each POST and
+answers every image in it with a canned answer of the same shape and size as serve.py's (class,
+ten logits, two experts, served_by), so the client parses as much as it does from a real server.
+loadgen.py measures it beside the real servers, with the same client, so each server's QPS can be
+read as a share of it.
+
+    python -m moebench.bare_http --port 8000"""
+import argparse
+import json
+
+PIXELS_PER_IMAGE = 28 * 28
+CANNED = {"class": 7, "logits": [-3.91825, -6.77241, 1.76233, 4.24012, -8.09416, -3.54183, -17.44731, 13.63474,
+                                 -3.33364, 1.99935],
+          "experts": [{"expert": 3, "weight": 0.53419}, {"expert": 6, "weight": 0.46581}]}
+SERVED_BY = {"server": "aiohttp, no model", "host": "bare", "pid": 0}
+
+
+def app():
+    from aiohttp import web
+
+    async def answer(request):
+        if request.method == "GET":
+            return web.json_response({"server": "bare aiohttp, no model"})
+        images = len(await request.read()) // PIXELS_PER_IMAGE
+        return web.Response(text=json.dumps({"predictions": [CANNED] * images, "served_by": SERVED_BY}),
+                            content_type="application/json")
+    application = web.Application()
+    application.router.add_route("*", "/", answer)
+    return application
+
+
+def main():
+    from aiohttp import web
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    print(f"serving nothing at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    web.run_app(app(), host=args.host, port=args.port, print=None, access_log=None, backlog=4096)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""serve.py's default server, on one machine: uvicorn worker processes under uvicorn's supervisor
+(a worker that dies is replaced), each with the model in process behind a dynamic batcher. The
+model runs on one thread of its own, so the event loop keeps accepting, parsing and refusing
+requests while it computes; a request's images never wait behind more than one batch of another's."""
+import asyncio
+import collections
+import gc
+import json
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import serving
+from .runners.served import served_runner
+
+SETTINGS_ENV = "MOE_SERVE_SETTINGS"  # how the supervisor hands the settings to its worker processes
+BIG_ANSWER = 64  # images from which JSON is parsed and written off the event loop
+
+
+class Full(Exception):
+    """More requests are waiting than --max-queued allows: answered 503 at once."""
+
+
+class Waiting:
+    """One request in the queue: its images, how far batches have taken them, its answers so far."""
+    __slots__ = ("images", "taken", "done", "answers", "future")
+
+    def __init__(self, images, future):
+        self.images, self.future = images, future
+        self.taken = self.done = 0
+        self.answers = [None] * len(images)
+
+
+class Batcher:
+    """Dynamic batching: each model call takes up to `max_images` images from the requests at the
+    head of the queue; a request with images left goes to the back of the line, so one big request
+    shares the model with the small ones batch by batch instead of holding them back."""
+
+    def __init__(self, compute, max_images, wait_s, max_queued, finish=lambda computed: computed):
+        """compute(images) runs on the model thread and should hold no GIL for long (the engine call);
+        finish(computed) -> one answer per image runs on the event loop (cheap Python, per batch)."""
+        self.compute, self.finish = compute, finish
+        self.max_images, self.wait_s, self.max_queued = max_images, wait_s, max_queued
+        self.queue = collections.deque()
+        self.waiting = 0
+        self.busy = False  # the last batch found more than one request: worth waiting for company
+        self.wake = asyncio.Event()
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.worker = None
+
+    async def classify(self, images):
+        if self.waiting >= self.max_queued:
+            raise Full(f"{self.waiting} requests are waiting already (--max-queued {self.max_queued}); try again")
+        if self.worker is None:
+            self.worker = asyncio.get_running_loop().create_task(self.run())
+        request = Waiting(images, asyncio.get_running_loop().create_future())
+        self.queue.append(request)
+        self.waiting += 1
+        self.wake.set()
+        try:
+            return await request.future
+        finally:
+            self.waiting -= 1
+
+    def take(self):
+        pieces, room = [], self.max_images
+        while self.queue and room:
+            request = self.queue.popleft()
+            if request.future.done():  # its client went away
+                continue
+            count = min(room, len(request.images) - request.taken)
+            pieces.append((request, request.taken, request.taken + count))
+            request.taken += count
+            room -= count
+            if request.taken < len(request.images):
+                self.queue.append(request)
+        return pieces
+
+    async def run(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.queue:
+                self.wake.clear()
+                await self.wake.wait()
+            if self.busy and self.wait_s and sum(len(r.images) - r.taken for r in self.queue) < self.max_images:
+                await asyncio.sleep(self.wait_s)  # under load, a moment for more requests to join this batch
+            pieces = self.take()
+            self.busy = len(pieces) > 1
+            if not pieces:
+                continue
+            batch = np.concatenate([request.images[start:end] for request, start, end in pieces])
+            try:
+                answers = self.finish(await loop.run_in_executor(self.model_thread, self.compute, batch))
+            except Exception as error:  # the model failed on this batch: its requests get a 500
+                for request, _, _ in pieces:
+                    if not request.future.done():
+                        request.future.set_exception(error)
+                continue
+            at = 0
+            for request, start, end in pieces:
+                request.answers[start:end] = answers[at:at + end - start]
+                at += end - start
+                request.done += end - start
+                if request.done == len(request.images) and not request.future.done():
+                    request.future.set_result(request.answers)
+
+
+def settings_from_environment():
+    return json.loads(os.environ[SETTINGS_ENV])
+
+
+def make_runner(settings):
+    with open(settings["model"], "rb") as f:
+        model = f.read()
+    return served_runner(settings["backend"], model, settings["threads"], settings["precision"],
+                         checkpoint_path=settings.get("checkpoint"))
+
+
+async def respond(send, status, payload, headers=()):
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def read_body(receive, limit):
+    """The request body, or None once it grows past `limit` bytes (the rest is not read)."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return None
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def app():
+    """The ASGI application of one worker process (uvicorn's factory); plain ASGI, since a framework's
+    routing and request objects cost more per request than the model does."""
+    settings = settings_from_environment()
+    runner = make_runner(settings)
+    batcher = Batcher(lambda batch: runner.predict(serving.to_pixels(batch)), settings["max_batch_images"],
+                      settings["batch_wait_ms"] / 1000, settings["max_queued"], lambda found: serving.answers(*found))
+    served_by = {"server": "uvicorn", "backend": settings["backend"], "host": socket.gethostname(), "pid": os.getpid()}
+    about = json.dumps({"model": "MoE MNIST classifier", **served_by, **runner.describe(),
+                        "batching": f"up to {settings['max_batch_images']} images per model call, "
+                                    f"{settings['batch_wait_ms']:g} ms wait",
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode()
+    limit = settings["max_images"] * serving.PIXELS_PER_IMAGE * 8  # JSON spends up to ~8 bytes a pixel
+    gc.freeze()  # the model and libraries, loaded once, need no collector passes
+    gc.set_threshold(50_000, 20, 20)  # each request makes a few dozen short-lived objects
+
+    async def classify(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/":
+            return await respond(send, 404, {"error": f"no {scope['path']} here; POST images to /"})
+        if scope["method"] == "GET":
+            return await respond(send, 200, about)
+        if scope["method"] != "POST":
+            return await respond(send, 405, {"error": f"{scope['method']} is not served; POST images, or GET /"})
+        body = await read_body(receive, limit)
+        if body is None:
+            return await respond(send, 413, {"error": f"body over {limit} bytes; at most {settings['max_images']} "
+                                                      "images per request"})
+        content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+        loop = asyncio.get_running_loop()
+        parse = lambda: serving.parse(body, content_type, settings["max_images"])  # noqa: E731
+        try:
+            images = await loop.run_in_executor(None, parse) if len(body) > BIG_ANSWER * 784 else parse()
+            answers = await batcher.classify(images)
+        except serving.RequestError as error:
+            return await respond(send, error.status, {"error": str(error)})
+        except Full as error:
+            return await respond(send, 503, {"error": str(error)}, [(b"retry-after", b"1")])
+        payload = {"predictions": answers, "served_by": served_by}
+        if len(answers) >= BIG_ANSWER:
+            payload = (await loop.run_in_executor(None, json.dumps, payload)).encode()
+        await respond(send, 200, payload)
+
+    return classify
+
+
+def serve(settings, host, port, workers):
+    """Run the supervisor and its workers until Ctrl-C or SIGTERM (blocks)."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+    os.environ[SETTINGS_ENV] = json.dumps(settings)
+    config = uvicorn.Config("moebench.http_server:app", factory=True, host=host, port=port, workers=workers,
+                            lifespan="off", log_level="warning", access_log=False, backlog=4096,
+                            timeout_keep_alive=30)
+    sockets = [config.bind_socket()]
+    Multiprocess(config, sockets=sockets).run()

@@ -1,0 +1,70 @@
+"""loadgen.py's report: the in-process SingleStream and Offline table, the Server table with each
+system's share of the HTTP ceiling, one-request-at-a-time latency over HTTP, and the p99 picture."""
+from . import harness
+from .cli import save_figure
+
+
+def markdown(report):
+    s = report["settings"]
+    lines = [f"# LoadGen ({report['date']})", "",
+             f"Machine: {report['machine']}; client (LoadGen) and server share it. MLPerf Inference LoadGen "
+             f"{report['loadgen_version']}, {s['images']} test images, each performance run at least "
+             f"{s['duration_s']:g} s (MLPerf's rules: 600 s).", ""]
+    if report["in_process"]:
+        lines += ["## In-process: SingleStream and Offline", "",
+                  "| backend | SingleStream p90 (us) | SingleStream p50 (us) | Offline (samples/s) | "
+                  "LoadGen VALID (SingleStream, Offline) | accuracy in LoadGen | the backend alone |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, row in report["in_process"].items():
+            single, bulk = row["single_stream"], row["offline"]
+            verdicts = ", ".join("yes" if run.get("valid") else "no" for run in (single, bulk))
+            lines.append(f"| {name} | {single['p90_ns'] / 1e3:.1f} | {single['p50_ns'] / 1e3:.1f} | "
+                         f"{bulk['samples_per_s']:,.0f} | {verdicts} | {row['loadgen']['accuracy']:.2f}% | "
+                         f"{row['direct_accuracy']:.2f}% |")
+    lines += ["", f"## Server: the highest offered QPS with p99 latency under {s['p99_ms']:g} ms", "",
+              "One image per request (784 raw bytes), Poisson arrivals, from an aiohttp client on the same "
+              f"machine. Offered QPS from {s['start_qps']:g} up by x{s['qps_step']:g} until a run's measured p99 "
+              "breaks the bound or a request is refused (503), then "
+              f"{s.get('refine_steps', 0)} steps between the last passing and the first failing QPS. "
+              "'x ceiling' is that QPS over the bare HTTP server's (no model), measured in the same run. "
+              "'LoadGen VALID' is LoadGen's own verdict, which also asks its early-stopping test to be sure "
+              f"of the percentile from at least {harness.SERVER_MIN_QUERIES} queries.", "",
+              "| system | highest QPS under the bound | x ceiling | its p99 (ms) | its p50 (ms) | LoadGen VALID there | "
+              "first failing step | accuracy over HTTP | the backend alone |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in report["server"].items():
+        steps, best = row["ladder"]["steps"], row["ladder"]["best_qps"]
+        good = next((st for st in steps if st["offered_qps"] == best), None)
+        failed = next((st for st in steps if not st["ok"]), None)
+        failure = (f"{failed['offered_qps']:.0f} QPS: p99 {failed.get('p99_ns', 0) / 1e6:.1f} ms"
+                   + (f", {failed['refused']} refused" if failed["refused"] else "") if failed else "none")
+        verdict = "yes" if good and good["valid"] else "no" if good else "-"
+        accuracy = f"{row['loadgen']['accuracy']:.2f}%" if "loadgen" in row else "-"
+        alone = f"{row['direct_accuracy']:.2f}%" if row.get("direct_accuracy") is not None else "-"
+        ratio = f"{row['vs_ceiling']:.2f}x" if row.get("vs_ceiling") else "-"
+        lines.append(f"| {name} | {best:.0f} | {ratio} | {good['p99_ns'] / 1e6:.1f} | {good['p50_ns'] / 1e6:.1f} | "
+                     f"{verdict} | {failure} | {accuracy} | {alone} |" if good else
+                     f"| {name} | none | - | - | - | - | {failure} | {accuracy} | {alone} |")
+    one_by_one = {name: row["single_stream"] for name, row in report["server"].items() if "single_stream" in row}
+    if one_by_one:
+        lines += ["", "## Over HTTP, one request at a time (SingleStream)", "",
+                  "| system | p50 (us) | p90 (us) | p99 (us) | LoadGen VALID |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {name} | {r['p50_ns'] / 1e3:.0f} | {r['p90_ns'] / 1e3:.0f} | {r['p99_ns'] / 1e3:.0f} | "
+                  f"{'yes' if r.get('valid') else 'no'} |" for name, r in one_by_one.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for name, row in report["server"].items():
+        steps = [st for st in row["ladder"]["steps"] if "p99_ns" in st]
+        ax.plot([st["offered_qps"] for st in steps], [st["p99_ns"] / 1e6 for st in steps], marker="o", label=name)
+    ax.axhline(report["settings"]["p99_ms"], color="grey", linestyle="--", label="p99 bound")
+    ax.set(xscale="log", yscale="log", xlabel="offered QPS (Poisson arrivals)", ylabel="p99 latency (ms)",
+           title=f"Server scenario, MLPerf LoadGen - {report['machine']} (client and server share it)")
+    ax.grid(which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    save_figure(fig, path)

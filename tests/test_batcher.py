@@ -1,0 +1,78 @@
+"""The embedded server's dynamic batcher, on its own: batches stay within their size, a big request
+shares the model with small ones batch by batch, every request gets its own answers, the event loop
+keeps working (and refusing) while the model computes, and a failing batch fails only its requests."""
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from moebench.http_server import Batcher, Full
+
+
+def request_images(marker, count):
+    """`count` images whose pixels all hold `marker`, so an answer tells whose image it was."""
+    return np.full((count, 784), marker, dtype=np.uint8)
+
+
+class RecordingModel:
+    """Answers each image with its marker, and records each batch's markers."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, batch):
+        markers = batch[:, 0].tolist()
+        self.batches.append(markers)
+        return markers
+
+
+def test_a_big_request_waits_its_turn_and_small_ones_are_answered_in_the_next_batch():
+    model = RecordingModel()
+
+    async def scenario():
+        batcher = Batcher(model, max_images=8, wait_s=0, max_queued=100)
+        big = asyncio.ensure_future(batcher.classify(request_images(1, 100)))
+        small = [asyncio.ensure_future(batcher.classify(request_images(marker, 1))) for marker in (2, 3, 4)]
+        return await asyncio.gather(big, *small)
+    answers = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert answers[0] == [1] * 100 and answers[1:] == [[2], [3], [4]]
+    assert all(len(batch) <= 8 for batch in model.batches)
+    assert sum(len(batch) for batch in model.batches) == 103
+    first_with_small = next(i for i, batch in enumerate(model.batches) if set(batch) & {2, 3, 4})
+    assert first_with_small == 1 and {2, 3, 4} <= set(model.batches[1])  # behind one batch of the big one, no more
+
+
+def test_the_event_loop_answers_and_refuses_while_the_model_computes():
+    release = threading.Event()
+
+    def slow_model(batch):
+        release.wait(20)  # the model thread is busy until the event loop says so
+        return batch[:, 0].tolist()
+
+    async def scenario():
+        batcher = Batcher(slow_model, max_images=64, wait_s=0, max_queued=1)
+        first = asyncio.ensure_future(batcher.classify(request_images(7, 3)))
+        await asyncio.sleep(0.1)  # runs only if the model call left the loop free
+        with pytest.raises(Full, match="--max-queued 1"):
+            await batcher.classify(request_images(8, 1))
+        release.set()
+        return await first
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [7, 7, 7]
+
+
+def test_a_failing_batch_fails_its_requests_and_the_next_ones_are_served():
+    calls = []
+
+    def flaky_model(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("the engine failed")
+        return batch[:, 0].tolist()
+
+    async def scenario():
+        batcher = Batcher(flaky_model, max_images=64, wait_s=0, max_queued=10)
+        with pytest.raises(RuntimeError, match="the engine failed"):
+            await batcher.classify(request_images(5, 2))
+        return await batcher.classify(request_images(6, 2))
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [6, 6]
