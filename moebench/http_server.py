@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import serving
+from .cli import require_module
 from .runners.served import served_runner
 
 SETTINGS_ENV = "MOE_SERVE_SETTINGS"  # how the supervisor hands the settings to its worker processes
@@ -188,6 +189,7 @@ def app():
 
 def serve(settings, host, port, workers):
     """Run the supervisor and its workers until Ctrl-C or SIGTERM (blocks)."""
+    require_module("uvicorn", "serve.py")
     import uvicorn
     from uvicorn.supervisors import Multiprocess
     os.environ[SETTINGS_ENV] = json.dumps(settings)

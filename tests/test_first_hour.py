@@ -138,7 +138,8 @@ BLOCKED = "import runpy, sys; sys.modules[{module!r}] = None; sys.argv = {argv!r
 
 @pytest.mark.parametrize("module, script, args, expected", [
     ("mlperf_loadgen", "loadgen.py", [], "loadgen.py needs the Python module mlperf_loadgen"),
-    ("ray", "serve.py", ["--port", "0"], "serve.py needs the Python module ray.serve"),
+    ("ray", "serve.py", ["--ray", "--port", "0"], "serve.py --ray needs the Python module ray.serve"),
+    ("uvicorn", "serve.py", ["--port", "0"], "serve.py needs the Python module uvicorn"),
     ("netron", "export_onnx.py", ["--netron", "--no-browser", "--routing", "dense"], "--netron needs the Python "
                                                                                       "module netron"),
 ])
