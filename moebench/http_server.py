@@ -7,6 +7,7 @@ import collections
 import gc
 import json
 import os
+import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -140,9 +141,20 @@ async def read_body(receive, limit):
     return b"".join(chunks)
 
 
+def end_with_the_supervisor():
+    """Ask Linux to end this worker when its supervisor dies: a supervisor killed with SIGKILL has no
+    time to stop its workers, which would keep the port and the cores."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the supervisor's own shutdown is all there is
+        pass
+
+
 def app():
     """The ASGI application of one worker process (uvicorn's factory); plain ASGI, since a framework's
     routing and request objects cost more per request than the model does."""
+    end_with_the_supervisor()
     settings = settings_from_environment()
     runner = make_runner(settings)
     batcher = Batcher(lambda batch: runner.predict(serving.to_pixels(batch)), settings["max_batch_images"],

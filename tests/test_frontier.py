@@ -32,8 +32,7 @@ def test_set(mnist_dir):
 def test_openvino_fp32_agrees_with_onnxruntime_on_every_image(tiny_models, test_set, graph):
     images, _ = test_set
     path = str(tiny_models / graph)
-    ort_logits = measure.full_pass(onnx_runtime.predictor(onnx_runtime.create_session(path, ["CPUExecutionProvider"])),
-                                   images, 500)
+    ort_logits = measure.full_pass(onnx_runtime.runner(path).logits, images, 500)
     compiled = openvino_cpu.compile_model(openvino_cpu.read(path), "f32")
     assert openvino_cpu.precision_used(compiled) == "f32"
     ov_logits = measure.full_pass(openvino_cpu.clock(compiled), images, 500)
@@ -68,19 +67,18 @@ def test_every_faster_path_keeps_the_fp32_answers(small_models, mnist_dir, path)
     args = type("Args", (), {"data_dir": mnist_dir, "test_limit": 10000})
     images, labels = measure.load_test_set(args)
     graph = str(small_models / ("model.loop.onnx" if "loop" in path else "model.onnx"))
-    fp32 = measure.full_pass(onnx_runtime.predictor(onnx_runtime.create_session(graph, ["CPUExecutionProvider"])), images, 500)
+    fp32 = measure.full_pass(onnx_runtime.runner(graph).logits, images, 500)
     if path.startswith("onnxruntime int8"):
         target = str(small_models / f"{path[-5:].strip(', ')}.int8.onnx")
         quantized = convert.quantize(graph, target, "dynamic")
-        predict = onnx_runtime.predictor(onnx_runtime.create_session(quantized, ["CPUExecutionProvider"]))
+        predict = onnx_runtime.runner(quantized).logits
     elif path.startswith("openvino"):
         calibration = load_split("train", mnist_dir, 300)[0].numpy()
         predict = openvino_cpu.clock(openvino_cpu.compile_model(
             openvino_cpu.quantize_int8(openvino_cpu.read(graph), calibration)[0], "f32"))
     else:
-        predict = onnx_runtime.by_batch_size(*(measure.Clock(onnx_runtime.predictor(onnx_runtime.create_session(
-            str(small_models / name), ["CPUExecutionProvider"]))) for name in ("model.onnx", "model.loop.onnx")),
-            config.AUTO_LOOP_FROM)
+        predict = onnx_runtime.auto_runner(str(small_models / "model.onnx"), str(small_models / "model.loop.onnx"),
+                                           config.AUTO_LOOP_FROM).clock()
     found = compare(measure.full_pass(predict, images, 500), fp32, labels)
     assert found["agreement"] >= (99.5 if "dynamic" in path else 99.9), found
     assert abs(found["accuracy"] - found["reference_accuracy"]) <= 0.3, found
@@ -119,8 +117,7 @@ def test_roofline_counts_match_a_hand_count_and_the_dense_graph(tmp_path, mnist_
     assert roofline.folded_macs(default) == roofline.graph_macs(default, "loop") == folded == 172_032
     model = sweep.random_model({**default, "ROUTING": "dense"})  # a random gate: no top-k ties
     images, labels = load_split("test", mnist_dir, 100)
-    graph = export.write_checked(model, default, str(tmp_path / "dense.onnx"), "torchscript",
-                                      images, labels).graph
+    graph = export.write_checked(model, default, str(tmp_path / "dense.onnx"), "torchscript", images, labels).graph
     weights = {init.name: init.dims for init in graph.initializer}
     counted = 0
     for node in graph.node:

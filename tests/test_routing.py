@@ -73,7 +73,7 @@ def test_onnx_graphs_agree_and_dense_is_static(trained, test_images, exporter, t
     for routing, model in both_routings(trained / "checkpoint.pt").items():
         path = str(tmp_path / f"{routing}.onnx")
         graph = export.write_checked(model, checkpoint.load(str(trained / "checkpoint.pt"))["structure"],
-                                          path, exporter, images, labels).graph
+                                     path, exporter, images, labels).graph
         ops = {node.op_type for node in graph.node}
         if routing == "dense":
             assert not ops & {"NonZero", "Loop", "If", "Scan", "Where"}, ops

@@ -262,3 +262,27 @@ def test_ray_refuses_the_fused_operator_in_one_line(tiny_models):
     line = one_line_error(run_script("serve.py", "--ray", "--backend", "fused-int8", "--model",
                                      str(tiny_models / "model.onnx")))
     assert "--backend fused-int8 reads the checkpoint" in line and "without --ray" in line
+
+
+def test_workers_end_with_a_killed_supervisor(tiny_models):
+    """SIGKILL gives the supervisor no time to stop its workers: they must end by themselves."""
+    port = free_port()
+    started = ServerProcess([sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"), "--port",
+                             str(port), "--replicas", "2"], ROOT, port)
+    workers = {json.loads(urllib.request.urlopen(started.url, timeout=30).read())["pid"] for _ in range(20)}
+    started.process.kill()
+    started.process.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(running(pid) for pid in workers):
+        time.sleep(0.2)
+    started.stop()
+    assert not [pid for pid in workers if running(pid)], workers
+
+
+def running(pid):
+    """Whether a process runs (an ended one that nobody has reaped yet does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

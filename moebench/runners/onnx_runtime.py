@@ -115,9 +115,9 @@ def resident_clock(session, device="cpu", device_id=0):
         return prepared[0]
 
     return measure.Clock(run, prepare=prepare,
-                          fetch=lambda binding: binding.copy_outputs_to_cpu()[outputs.index(contract.LOGITS)],
-                          timing=f"device-resident: IOBinding, inputs and outputs on {device}:{device_id} "
-                                 "before the clock starts")
+                         fetch=lambda binding: binding.copy_outputs_to_cpu()[outputs.index(contract.LOGITS)],
+                         timing=f"device-resident: IOBinding, inputs and outputs on {device}:{device_id} "
+                                "before the clock starts")
 
 
 def by_batch_size(small, large, threshold):
@@ -129,8 +129,8 @@ def by_batch_size(small, large, threshold):
         small.sync()
         large.sync()
     return measure.Clock(lambda prepared: (prepared[0], prepared[0].run(prepared[1])),
-                          prepare=lambda batch: (pick(batch), pick(batch).prepare(batch)), sync=sync,
-                          fetch=lambda done: done[0].fetch(done[1]), timing=small.timing)
+                         prepare=lambda batch: (pick(batch), pick(batch).prepare(batch)), sync=sync,
+                         fetch=lambda done: done[0].fetch(done[1]), timing=small.timing)
 
 
 def clocks(session, timing, device="cpu", device_id=0):

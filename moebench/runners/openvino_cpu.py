@@ -80,8 +80,8 @@ def clock(compiled):
         return outputs
     throughput = str(compiled.get_property("PERFORMANCE_HINT")).lower() == "throughput"
     return measure.Clock(run, run_all=run_all if throughput else None,
-                          timing="end to end from host numpy arrays"
-                                 + (" (whole passes through an AsyncInferQueue)" if throughput else ""))
+                         timing="end to end from host numpy arrays"
+                                + (" (whole passes through an AsyncInferQueue)" if throughput else ""))
 
 
 def gate_path(model):

@@ -44,9 +44,9 @@ def resident_clock(model, device, bf16=False):
     """Inputs already on the device before the clock starts; the clock stops after synchronising."""
     forward = forward_logits(model, device, bf16)
     return measure.Clock(forward, prepare=lambda batch: torch.from_numpy(batch).to(device),
-                          sync=torch.cuda.synchronize, fetch=lambda logits: logits.float().cpu().numpy(),
-                          timing=f"device-resident: torch tensors already on {device}, synchronised before "
-                                 "the clock is read")
+                         sync=torch.cuda.synchronize, fetch=lambda logits: logits.float().cpu().numpy(),
+                         timing=f"device-resident: torch tensors already on {device}, synchronised before "
+                                "the clock is read")
 
 
 def frozen_script(model):
