@@ -37,16 +37,18 @@ class Waiting:
 
 
 class Batcher:
-    """Dynamic batching: each model call takes up to `max_images` images from the requests at the
-    head of the queue; a request with images left goes to the back of the line, so one big request
-    shares the model with the small ones batch by batch instead of holding them back."""
+    """Dynamic batching: each model call takes up to `max_images` images, first from the requests
+    that arrived since the last call, then from requests with images left over (a big request's
+    rest). So a request that arrives while the model computes is in the next call, whatever big
+    request came before it; while leftovers wait, new arrivals fill at most 3/4 of a call, so a big
+    request moves on even under a stream of small ones."""
 
     def __init__(self, compute, max_images, wait_s, max_queued, finish=lambda computed: computed):
         """compute(images) runs on the model thread and should hold no GIL for long (the engine call);
         finish(computed) -> one answer per image runs on the event loop (cheap Python, per batch)."""
         self.compute, self.finish = compute, finish
         self.max_images, self.wait_s, self.max_queued = max_images, wait_s, max_queued
-        self.queue = collections.deque()
+        self.arrived, self.leftover = collections.deque(), collections.deque()
         self.waiting = 0
         self.busy = False  # the last batch found more than one request: worth waiting for company
         self.wake = asyncio.Event()
@@ -59,7 +61,7 @@ class Batcher:
         if self.worker is None:
             self.worker = asyncio.get_running_loop().create_task(self.run())
         request = Waiting(images, asyncio.get_running_loop().create_future())
-        self.queue.append(request)
+        self.arrived.append(request)
         self.waiting += 1
         self.wake.set()
         try:
@@ -67,27 +69,33 @@ class Batcher:
         finally:
             self.waiting -= 1
 
+    def queued_images(self):
+        return sum(len(r.images) - r.taken for line in (self.arrived, self.leftover) for r in line)
+
     def take(self):
-        pieces, room = [], self.max_images
-        while self.queue and room:
-            request = self.queue.popleft()
-            if request.future.done():  # its client went away
-                continue
-            count = min(room, len(request.images) - request.taken)
-            pieces.append((request, request.taken, request.taken + count))
-            request.taken += count
-            room -= count
-            if request.taken < len(request.images):
-                self.queue.append(request)
+        pieces = []
+        kept_for_leftovers = min(self.max_images // 4, sum(len(r.images) - r.taken for r in self.leftover))
+        for line, room in ((self.arrived, self.max_images - kept_for_leftovers), (self.leftover, None)):
+            room = self.max_images - sum(end - start for _, start, end in pieces) if room is None else room
+            while line and room:
+                request = line.popleft()
+                if request.future.done():  # its client went away
+                    continue
+                count = min(room, len(request.images) - request.taken)
+                pieces.append((request, request.taken, request.taken + count))
+                request.taken += count
+                room -= count
+                if request.taken < len(request.images):
+                    self.leftover.append(request)
         return pieces
 
     async def run(self):
         loop = asyncio.get_running_loop()
         while True:
-            while not self.queue:
+            while not (self.arrived or self.leftover):
                 self.wake.clear()
                 await self.wake.wait()
-            if self.busy and self.wait_s and sum(len(r.images) - r.taken for r in self.queue) < self.max_images:
+            if self.busy and self.wait_s and self.queued_images() < self.max_images:
                 await asyncio.sleep(self.wait_s)  # under load, a moment for more requests to join this batch
             pieces = self.take()
             self.busy = len(pieces) > 1

@@ -43,6 +43,43 @@ def test_a_big_request_waits_its_turn_and_small_ones_are_answered_in_the_next_ba
     assert first_with_small == 1 and {2, 3, 4} <= set(model.batches[1])  # behind one batch of the big one, no more
 
 
+def test_a_small_request_arriving_during_a_big_ones_batch_is_in_the_next_call():
+    entered, release, batches = threading.Event(), threading.Event(), []
+
+    def model(batch):
+        batches.append(batch[:, 0].tolist())
+        entered.set()
+        release.wait(20)  # the first call holds the model until the small request has arrived
+        return batch[:, 0].tolist()
+
+    async def scenario():
+        batcher = Batcher(model, max_images=8, wait_s=0, max_queued=100)
+        big = asyncio.ensure_future(batcher.classify(request_images(1, 40)))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        small = asyncio.ensure_future(batcher.classify(request_images(2, 1)))
+        await asyncio.sleep(0.05)
+        release.set()
+        return await asyncio.gather(big, small)
+    answers = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert answers == [[1] * 40, [2]]
+    assert batches[0] == [1] * 8 and 2 in batches[1]  # behind the call in flight, and no other
+
+
+def test_a_big_request_moves_on_under_a_stream_of_small_ones():
+    model = RecordingModel()
+
+    async def scenario():
+        batcher = Batcher(model, max_images=8, wait_s=0, max_queued=1000)
+        big = asyncio.ensure_future(batcher.classify(request_images(1, 24)))
+        small = [asyncio.ensure_future(batcher.classify(request_images(2, 1))) for _ in range(80)]
+        await asyncio.gather(big, *small)
+        return big.result()
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [1] * 24
+    finished = max(i for i, batch in enumerate(model.batches) if 1 in batch)
+    assert finished <= 8, model.batches  # 2 of every 8 images kept for it: not after all 80 small ones (12)
+
+
 def test_the_event_loop_answers_and_refuses_while_the_model_computes():
     release = threading.Event()
 
