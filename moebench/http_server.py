@@ -16,7 +16,7 @@ import numpy as np
 
 from . import serving
 from .cli import require_module
-from .runners.served import served_runner
+from .runners.served import FROM_CHECKPOINT, served_runner
 
 SETTINGS_ENV = "MOE_SERVE_SETTINGS"  # how the supervisor hands the settings to its worker processes
 BIG_ANSWER = 64  # images from which JSON is parsed and written off the event loop
@@ -123,8 +123,10 @@ def settings_from_environment():
 
 
 def make_runner(settings):
-    with open(settings["model"], "rb") as f:
-        model = f.read()
+    model = b""
+    if settings["backend"] not in FROM_CHECKPOINT:
+        with open(settings["model"], "rb") as f:
+            model = f.read()
     return served_runner(settings["backend"], model, settings["threads"], settings["precision"],
                          checkpoint_path=settings.get("checkpoint"))
 
