@@ -14,10 +14,10 @@ import threading
 import time
 import urllib.request
 
-from moebench import checkpoint, contract
+from moebench import checkpoint, contract, serving
 from moebench.cli import ArgumentParser, UserError, error_line, non_negative_float, port_number, positive_int, run
 from moebench.runners import registry
-from moebench.runners.served import FROM_CHECKPOINT, served_runner
+from moebench.runners.served import FROM_CHECKPOINT
 
 DEFAULT_BATCH = {"server": 64, "ray": 32}  # images per model call; requests per @serve.batch
 
@@ -99,7 +99,7 @@ def check_backend(args, payload):
     """Make the backend once here, so that what cannot run (no compiler, no OpenVINO, a checkpoint
     the fused operator cannot take) is one line before any worker starts."""
     try:
-        return served_runner(args.backend, payload, args.threads, args.precision, args.checkpoint).describe()
+        return serving.Engine(payload, args.backend, args.threads, args.precision, args.checkpoint).describe()
     except Exception as error:
         if getattr(error, "for_the_user", False):
             raise

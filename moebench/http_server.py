@@ -16,7 +16,7 @@ import numpy as np
 
 from . import serving
 from .cli import require_module
-from .runners.served import FROM_CHECKPOINT, served_runner
+from .runners.served import FROM_CHECKPOINT
 
 SETTINGS_ENV = "MOE_SERVE_SETTINGS"  # how the supervisor hands the settings to its worker processes
 BIG_ANSWER = 64  # images from which JSON is parsed and written off the event loop
@@ -122,13 +122,13 @@ def settings_from_environment():
     return json.loads(os.environ[SETTINGS_ENV])
 
 
-def make_runner(settings):
+def make_engine(settings):
     model = b""
     if settings["backend"] not in FROM_CHECKPOINT:
         with open(settings["model"], "rb") as f:
             model = f.read()
-    return served_runner(settings["backend"], model, settings["threads"], settings["precision"],
-                         checkpoint_path=settings.get("checkpoint"))
+    return serving.Engine(model, settings["backend"], settings["threads"], settings["precision"],
+                          settings["checkpoint"])
 
 
 async def respond(send, status, payload, headers=()):
@@ -166,11 +166,11 @@ def app():
     routing and request objects cost more per request than the model does."""
     end_with_the_supervisor()
     settings = settings_from_environment()
-    runner = make_runner(settings)
-    batcher = Batcher(lambda batch: runner.predict(serving.to_pixels(batch)), settings["max_batch_images"],
-                      settings["batch_wait_ms"] / 1000, settings["max_queued"], lambda found: serving.answers(*found))
-    served_by = {"server": "uvicorn", "backend": settings["backend"], "host": socket.gethostname(), "pid": os.getpid()}
-    about = json.dumps({"model": "MoE MNIST classifier", **served_by, **runner.describe(),
+    engine = make_engine(settings)
+    batcher = Batcher(engine.compute, settings["max_batch_images"], settings["batch_wait_ms"] / 1000,
+                      settings["max_queued"], lambda found: serving.answers(*found))
+    served_by = {"server": "uvicorn", "backend": engine.backend, "host": socket.gethostname(), "pid": os.getpid()}
+    about = json.dumps({"model": "MoE MNIST classifier", **served_by, **engine.describe(),
                         "batching": f"up to {settings['max_batch_images']} images per model call, "
                                     f"{settings['batch_wait_ms']:g} ms wait",
                         "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode()

@@ -78,15 +78,19 @@ def answers(logits, gates):
 
 
 class Engine:
-    """The exported model on one of the registry's served runners, answering for uint8 images."""
+    """The model on one of the registry's served runners, answering for uint8 images: what a Ray
+    Serve replica and a worker of the default server each hold."""
 
-    def __init__(self, model_bytes, backend="onnxruntime", threads=0, precision="auto"):
+    def __init__(self, model_bytes, backend="onnxruntime", threads=0, precision="auto", checkpoint_path=None):
         self.backend = backend
-        self.runner = served_runner(backend, model_bytes, threads, precision)
+        self.runner = served_runner(backend, model_bytes, threads, precision, checkpoint_path)
 
     def describe(self):
         return {"backend": self.backend, **self.runner.describe()}
 
+    def compute(self, images_uint8):
+        """(logits, gates): the engine call, which holds the GIL little (a model thread can run it)."""
+        return self.runner.predict(to_pixels(images_uint8))
+
     def classify(self, images_uint8):
-        logits, gates = self.runner.predict(to_pixels(images_uint8))
-        return answers(logits, gates)
+        return answers(*self.compute(images_uint8))
