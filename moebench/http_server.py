@@ -35,6 +35,10 @@ class Waiting:
         self.taken = self.done = 0
         self.answers = [None] * len(images)
 
+    @property
+    def untaken(self):
+        return len(self.images) - self.taken
+
 
 class Batcher:
     """Dynamic batching: each model call takes up to `max_images` images, first from the requests
@@ -70,24 +74,29 @@ class Batcher:
             self.waiting -= 1
 
     def queued_images(self):
-        return sum(len(r.images) - r.taken for line in (self.arrived, self.leftover) for r in line)
+        return sum(r.untaken for line in (self.arrived, self.leftover) for r in line)
 
     def take(self):
+        """[(request, start, end)] for the next call: arrivals first, leftovers after them."""
         pieces = []
-        kept_for_leftovers = min(self.max_images // 4, sum(len(r.images) - r.taken for r in self.leftover))
-        for line, room in ((self.arrived, self.max_images - kept_for_leftovers), (self.leftover, None)):
-            room = self.max_images - sum(end - start for _, start, end in pieces) if room is None else room
-            while line and room:
-                request = line.popleft()
-                if request.future.done():  # its client went away
-                    continue
-                count = min(room, len(request.images) - request.taken)
-                pieces.append((request, request.taken, request.taken + count))
-                request.taken += count
-                room -= count
-                if request.taken < len(request.images):
-                    self.leftover.append(request)
+        kept_for_leftovers = min(self.max_images // 4, sum(r.untaken for r in self.leftover))
+        room = self.draw(self.arrived, self.max_images - kept_for_leftovers, pieces)
+        self.draw(self.leftover, room + kept_for_leftovers, pieces)
         return pieces
+
+    def draw(self, line, room, pieces):
+        """Move up to `room` images from the head of `line` into pieces; returns the room left."""
+        while line and room:
+            request = line.popleft()
+            if request.future.done():  # its client went away
+                continue
+            count = min(room, request.untaken)
+            pieces.append((request, request.taken, request.taken + count))
+            request.taken += count
+            room -= count
+            if request.untaken:
+                self.leftover.append(request)
+        return room
 
     async def run(self):
         loop = asyncio.get_running_loop()
