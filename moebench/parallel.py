@@ -39,10 +39,6 @@ class Context:
         return self.rank == 0
 
 
-def launched_by_torchrun():
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
 def setup(mode, device):
     """The process group when torchrun started us; one process otherwise. `device` is the device
     train.py picked ('cuda' becomes this rank's own GPU)."""
@@ -178,10 +174,6 @@ def local_experts(experts, ctx):
 
 def is_expert(name):
     return name.startswith("moe.experts.")
-
-
-def expert_index(name):
-    return int(name.split(".")[2])
 
 
 def wrap(model, ctx, every_parameter_used=True):
