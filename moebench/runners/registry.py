@@ -53,9 +53,12 @@ class Sources:
 
     @property
     def structure(self):
-        if self.files and not (self.checkpoint_path and os.path.exists(self.checkpoint_path)):
-            return onnx_runtime.stored_structure(next(iter(self.files.values())))
-        return self.once("structure", lambda: checkpoint.load_model(self.checkpoint_path)[1])
+        """The checkpoint's structure; an export's metadata where only exports were given."""
+        def read():
+            if self.files and not (self.checkpoint_path and os.path.exists(self.checkpoint_path)):
+                return onnx_runtime.stored_structure(next(iter(self.files.values())))
+            return checkpoint.load_model(self.checkpoint_path)[1]
+        return self.once("structure", read)
 
     def scratch(self, name):
         return os.path.join(self.workdir, name)
