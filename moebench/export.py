@@ -87,11 +87,14 @@ def annotate(path, structure, torch_accuracy, images):
     return model
 
 
-def parity(model, path, images, labels):
-    """compare() of ONNX Runtime's logits for the file at path against torch's (the reference)."""
-    predict = onnx_runtime.runner(path).logits
+def torch_logits(model, images):
     with torch.no_grad():
-        expected = torch.cat([model(images[i:i + 1000])[0] for i in range(0, len(images), 1000)])
+        return torch.cat([model(images[i:i + 1000])[0] for i in range(0, len(images), 1000)])
+
+
+def parity(expected, path, images, labels):
+    """compare() of ONNX Runtime's logits for the file at path against torch's, `expected`."""
+    predict = onnx_runtime.runner(path).logits
     got = np.concatenate([predict(images[i:i + 1000].numpy()) for i in range(0, len(images), 1000)])
     return compare(got, expected, labels)
 
@@ -122,13 +125,13 @@ def to_dot(model):
 
 def write_checked(model, structure, path, exporter, images, labels):
     """Export, annotate and check parity; the file at `path` appears only if parity holds.
-    Returns (the ONNX model, max |logit difference|, argmax agreement, onnxruntime accuracy)."""
+    Returns the ONNX model."""
     with atomic_path(path) as tmp:
         export(model, tmp, exporter)
-        with torch.no_grad():
-            torch_accuracy = accuracy(model(images)[0], labels)
+        expected = torch_logits(model, images)  # once: the metadata's accuracy and the parity reference
+        torch_accuracy = accuracy(expected, labels)
         onnx_model = annotate(tmp, structure, torch_accuracy, len(images))
-        found = parity(model, tmp, images, labels)
+        found = parity(expected, tmp, images, labels)
         max_diff, agreement, ort_accuracy = found["max_logit_diff"], found["agreement"], found["accuracy"]
         print(f"parity on {len(images)} test images: max |logit difference| {max_diff:.2e}, "
               f"argmax agrees on {agreement:.2f}%; accuracy torch {torch_accuracy:.2f}%, "
