@@ -172,7 +172,7 @@ def start_server(kind, args):
     return ServerProcess(command, os.path.dirname(os.path.abspath(__file__)), port)
 
 
-def over_http(name, url, pixels, labels, args, folder, answers=True):
+def over_http(url, pixels, labels, args, folder, answers=True):
     """One server: its answers checked through LoadGen (never overloading it), one request at a
     time (SingleStream), and the Server ladder."""
     row = {}
@@ -190,30 +190,34 @@ def over_http(name, url, pixels, labels, args, folder, answers=True):
     return row
 
 
+def server_row(name, kind, args, pixels, labels, direct, logs):
+    """One HTTP system, started here (kind 'bare', 'embedded' or 'ray') or at --server-url (None)."""
+    server = start_server(kind, args) if kind else None
+    try:
+        row = {**over_http(server.url if server else args.server_url, pixels, labels, args,
+                           os.path.join(logs, slug(name)), answers=kind != "bare"),
+               "direct_accuracy": direct if kind != "bare" else None}
+    finally:
+        if server:
+            server.stop()
+    report_ladder(name, row)
+    return row
+
+
 def server_rows(args, images, labels, logs):
     """{system: row}: the bare HTTP server (the ceiling), the in-process baseline, and each server."""
     pixels = np.round(images[:, 0] * 255).astype(np.uint8)
     baseline_predict = onnx_runtime.runner(args.model).logits
     direct = accuracy(measure.full_pass(baseline_predict, images, 1024), labels)
-    systems = ({CEILING: "bare", f"serve.py at {args.server_url}": None} if args.server_url else
-               {CEILING: "bare", EMBEDDED: "embedded"} if args.quick else {CEILING: "bare", EMBEDDED: "embedded",
-                                                                            RAY: "ray"})
-    rows = {}
-    for name, kind in systems.items():
-        if name == EMBEDDED or kind is None:  # the in-process baseline goes beside the first real server
-            sut = harness.InProcess(baseline_predict, images, worker=True)
-            rows[BASELINE] = {"ladder": ladder(sut, len(images), args, os.path.join(logs, slug(BASELINE))),
-                              "direct_accuracy": direct}
-            report_ladder(BASELINE, rows[BASELINE])
-        server = start_server(kind, args) if kind else None
-        try:
-            rows[name] = {**over_http(name, server.url if server else args.server_url, pixels, labels, args,
-                                      os.path.join(logs, slug(name)), answers=kind != "bare"),
-                          "direct_accuracy": direct if kind != "bare" else None}
-        finally:
-            if server:
-                server.stop()
-        report_ladder(name, rows[name])
+    rows = {CEILING: server_row(CEILING, "bare", args, pixels, labels, direct, logs)}
+    sut = harness.InProcess(baseline_predict, images, worker=True)
+    rows[BASELINE] = {"ladder": ladder(sut, len(images), args, os.path.join(logs, slug(BASELINE))),
+                      "direct_accuracy": direct}
+    report_ladder(BASELINE, rows[BASELINE])
+    servers = ({f"serve.py at {args.server_url}": None} if args.server_url else
+               {EMBEDDED: "embedded"} if args.quick else {EMBEDDED: "embedded", RAY: "ray"})
+    for name, kind in servers.items():
+        rows[name] = server_row(name, kind, args, pixels, labels, direct, logs)
     ceiling = rows[CEILING]["ladder"]["best_qps"]
     for row in rows.values():
         row["vs_ceiling"] = row["ladder"]["best_qps"] / ceiling if ceiling and row["ladder"]["best_qps"] else None
