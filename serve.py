@@ -10,6 +10,7 @@ backend answered. GET / says what is served. Bad bodies get a 400 or 413, a full
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -115,6 +116,9 @@ def announce_when_answering(args, described):
             break
         except OSError:
             time.sleep(0.1)
+    else:  # never a URL where nothing answers
+        print(f"error: no worker answered at {url} within 120 s; see the messages above", file=sys.stderr, flush=True)
+        return
     print(f"serving {args.model if args.backend not in FROM_CHECKPOINT else args.checkpoint} on {args.backend} "
           f"({described['engine']}, {described['precision']}) with {args.replicas} worker(s), batching up to "
           f"{args.max_batch_size} images per call, at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
