@@ -8,7 +8,7 @@ read as a share of it.
 import argparse
 import json
 
-PIXELS_PER_IMAGE = 28 * 28
+from .serving import PIXELS_PER_IMAGE
 CANNED = {"class": 7, "logits": [-3.91825, -6.77241, 1.76233, 4.24012, -8.09416, -3.54183, -17.44731, 13.63474,
                                  -3.33364, 1.99935],
           "experts": [{"expert": 3, "weight": 0.53419}, {"expert": 6, "weight": 0.46581}]}
