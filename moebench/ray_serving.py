@@ -6,6 +6,7 @@ import socket
 
 from . import ray_cluster, serving
 from .cli import UserError, error_line, require_module
+from .server_process import free_port
 
 APP_NAME = "moe"
 PACKAGE_FOLDER = os.path.dirname(os.path.abspath(__file__))
@@ -75,6 +76,10 @@ def start(args, state, payload):
     if not args.address:
         ray_cluster.keep_local_ray_on_loopback()
         os.environ.update(FAST_INGRESS)  # read by every Ray process this starts
+        # HAProxy's stats and metrics ports are fixed by default (8404, 9101): free ones, so that a second
+        # local serve.py --ray, or an HAProxy that outlived an earlier one, does not stop this one starting
+        for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+            os.environ.setdefault(name, str(free_port()))
     require_module("ray.serve", "serve.py --ray")
     from ray import serve
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own line says where it serves
