@@ -21,6 +21,8 @@ from moebench.runners import registry
 from moebench.runners.served import FROM_CHECKPOINT
 
 DEFAULT_BATCH = {"server": 64, "ray": 32}  # images per model call; requests per @serve.batch
+# the embedded server's batches form from what arrived while the model ran: a wait only cost QPS there
+DEFAULT_WAIT_MS = {"server": 0.0, "ray": 1.0}
 
 
 def parse_args(argv=None):
@@ -40,9 +42,10 @@ def parse_args(argv=None):
     parser.add_argument("--max-batch-size", type=positive_int,
                         help=f"the most images one model call takes (default {DEFAULT_BATCH['server']}); with --ray "
                              f"the most requests one batch gathers (default {DEFAULT_BATCH['ray']}); 1 turns batching off")
-    parser.add_argument("--batch-wait-ms", type=non_negative_float, default=1.0,
+    parser.add_argument("--batch-wait-ms", type=non_negative_float,
                         help="under load (the last batch held more than one request), how long a batch waits "
-                             "for more before the model runs; a lone request never waits (default 1 ms)")
+                             f"for more before the model runs; a lone request never waits (default "
+                             f"{DEFAULT_WAIT_MS['server']:g} ms; with --ray {DEFAULT_WAIT_MS['ray']:g} ms)")
     parser.add_argument("--max-images", type=positive_int, default=1024, help="images one request may carry")
     parser.add_argument("--max-queued", type=positive_int, default=256,
                         help="requests waiting (per worker, or per Ray Serve deployment) before new ones get 503")
@@ -59,6 +62,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.ray = args.ray or bool(args.address)
     args.max_batch_size = args.max_batch_size or DEFAULT_BATCH["ray" if args.ray else "server"]
+    if args.batch_wait_ms is None:
+        args.batch_wait_ms = DEFAULT_WAIT_MS["ray" if args.ray else "server"]
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.ray and args.backend in FROM_CHECKPOINT:

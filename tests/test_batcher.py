@@ -1,6 +1,7 @@
 """The embedded server's dynamic batcher, on its own: batches stay within their size, a big request
 shares the model with small ones batch by batch, every request gets its own answers, the event loop
-keeps working (and refusing) while the model computes, and a failing batch fails only its requests."""
+keeps working (and refusing) while the model computes a batch bigger than the few images it computes
+itself, and a failing batch fails only its requests."""
 import asyncio
 import threading
 
@@ -88,8 +89,8 @@ def test_the_event_loop_answers_and_refuses_while_the_model_computes():
         return batch[:, 0].tolist()
 
     async def scenario():
-        batcher = Batcher(slow_model, max_images=64, wait_s=0, max_queued=1)
-        first = asyncio.ensure_future(batcher.classify(request_images(7, 3)))
+        batcher = Batcher(slow_model, max_images=64, wait_s=0, max_queued=1, inline_images=2)
+        first = asyncio.ensure_future(batcher.classify(request_images(7, 3)))  # more than inline_images
         await asyncio.sleep(0.1)  # runs only if the model call left the loop free
         with pytest.raises(Full, match="--max-queued 1"):
             await batcher.classify(request_images(8, 1))
@@ -113,3 +114,20 @@ def test_a_failing_batch_fails_its_requests_and_the_next_ones_are_served():
             await batcher.classify(request_images(5, 2))
         return await batcher.classify(request_images(6, 2))
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [6, 6]
+
+
+def test_only_batches_of_a_few_images_run_on_the_event_loop():
+    threads = {}
+
+    def model(batch):
+        threads[len(batch)] = threading.get_ident()
+        return batch[:, 0].tolist()
+
+    async def scenario():
+        batcher = Batcher(model, max_images=64, wait_s=0, max_queued=10, inline_images=4)
+        for count in (1, 4, 5, 64):
+            assert await batcher.classify(request_images(count, count)) == [count] * count
+        return threading.get_ident()
+    loop_thread = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert threads[1] == threads[4] == loop_thread
+    assert threads[5] == threads[64] != loop_thread
