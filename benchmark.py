@@ -6,6 +6,7 @@ Writes results/benchmark.md, results/benchmark.json and results/benchmark.png. W
 (a CUDA machine) it measures the GPU rows instead, each in both timing modes, against the same floor
 on the CUDA provider (device-resident), into results/benchmark-<gpu>.md/json/png."""
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from data import add_data_args, load_split
-from moebench import benchmark_report, checkpoint, floor, measure, report, roofline
+from moebench import benchmark_report, checkpoint, floor, measure, report, roofline, web
 from moebench.cli import ArgumentParser, UserError, positive_int, run
 from moebench.compare import compare
 from moebench.runners import openvino_cpu, registry
@@ -34,6 +35,9 @@ def parse_args(argv=None):
     parser.add_argument("--test-limit", type=positive_int, help="use only the first N test images")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: every CPU row (default); cuda: every GPU row, on a CUDA machine")
+    parser.add_argument("--web", action="store_true",
+                        help="add the ONNX Runtime Web row (WebAssembly in headless Chromium, against the floor "
+                             "in the same browser); needs Chromium and 'npm ci --prefix web'")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 20 single-image runs per block, fewer rows")
     add_data_args(parser)
@@ -88,11 +92,36 @@ def measure_rows(args, sources, on_gpu):
     floor_clock = floor.floor_clock(sources.structure, sources.workdir, on_gpu)
     rows = [measure_row(entry, sources, floor_clock, args)
             for entry in tqdm(entries, unit="row", desc="benchmark", disable=None)]
+    if args.web and not on_gpu:
+        rows.append(web_row(sources, args))
     reference = rows[0]["name"] if on_gpu else registry.REFERENCE
     add_comparisons(rows, reference, sources.test_set[1])
     if not on_gpu:
         rows.append(dataloader_row(sources, floor_clock, args))
     return rows, lacking, reference
+
+
+def web_row(sources, args):
+    """The dense graph in onnxruntime-web (wasm) in headless Chromium, alternating with the floor MLP
+    in the same browser (floor_clock() wrote it to the work folder)."""
+    images = sources.test_set[0]
+    files = web.test_set_files(Path(sources.onnx("dense")).read_bytes(), images)
+    files["/floor.onnx"] = Path(sources.workdir, "floor.onnx").read_bytes()
+    sizes = sorted({min(size, len(images)) for size in (64, 1024, len(images))})
+    server = web.PageServer(files)
+    try:
+        browser = web.Browser()
+        try:
+            timed, described, logits = web.time_against_floor(browser, server.url, sizes, args.repeats,
+                                                              args.latency_runs)
+        finally:
+            browser.close()
+    finally:
+        server.close()
+    threads = described["threads"]
+    return {"name": f"ONNX Runtime Web, WebAssembly, dense ({threads} thread{'s' if threads != 1 else ''}, "
+                    "headless Chromium)", "group": "web", "routing": "dense", "precision": "fp32",
+            "described": described, "logits": logits, **timed}
 
 
 def main(argv=None):
@@ -103,6 +132,9 @@ def main(argv=None):
     on_gpu = args.device == "cuda"
     if on_gpu:
         require_gpu()
+    if args.web:  # before the long run, not after it
+        web.require_ort_web()
+        web.chromium_paths()
     peaks = None if on_gpu else roofline.measure_peaks(512 if args.quick else 2048)
     with tempfile.TemporaryDirectory() as workdir:
         sources = registry.Sources(args.checkpoint, workdir, test_set, args.data_dir,

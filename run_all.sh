@@ -2,6 +2,8 @@
 # The main job, end to end: fetch MNIST if needed, train, export both routings to ONNX, run every
 # backend script this machine has (each appends its result to results/results.jsonl), then
 # benchmark.py, sweep.py and loadgen.py, which write results/. Extra arguments go to train.py.
+# onnxruntime-web comes from the npm registry (web/package-lock.json pins it) where npm is present; the
+# browser rows run where Chromium and chromedriver are too.
 #
 # bash run_all.sh --quick: the same steps on little work (1 epoch on 5000 training images, 1000 test
 # images, short timings) as a smoke test. It runs inside results/quick/: its checkpoint, models and
@@ -35,6 +37,16 @@ script() {  # a repository script, run here in $work so that its default files a
   python "$repo/$name" "${data[@]}" "$@"
 }
 
+web=()
+if ! command -v npm >/dev/null; then
+  echo "skipped the browser rows: no npm here to install onnxruntime-web (install Node.js, then npm ci --prefix web)"
+elif ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  echo "skipped the browser rows: no Chromium and chromedriver here (bash tests/install_browser.sh)"
+else
+  npm ci --prefix "$repo/web" --ignore-scripts --no-audit --no-fund --loglevel=error
+  web=(--web)
+fi
+
 script train.py ${train[@]+"${train[@]}"} "$@"
 script export_onnx.py
 script plot_routing.py --output "$out/routing.png"
@@ -45,6 +57,9 @@ script openvino_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
 script openvino_infer.py --routing loop --int8 --json "$jsonl" ${each[@]+"${each[@]}"}
 script onnx_fp16_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
 script onnx_quantize_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
+if [ ${#web[@]} -gt 0 ]; then
+  script web_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
+fi
 python "$repo/onnx_trt_infer.py" --check-only
 for pair in CUDAExecutionProvider:onnx_cuda_infer.py TensorrtExecutionProvider:onnx_trt_infer.py; do
   if has_provider "${pair%%:*}"; then
@@ -53,7 +68,7 @@ for pair in CUDAExecutionProvider:onnx_cuda_infer.py TensorrtExecutionProvider:o
     echo "skipped ${pair#*:}: onnxruntime here has no ${pair%%:*} (see requirements-gpu.txt)"
   fi
 done
-script benchmark.py --out-dir "$out" ${smoke[@]+"${smoke[@]}"}
+script benchmark.py --out-dir "$out" ${web[@]+"${web[@]}"} ${smoke[@]+"${smoke[@]}"}
 if has_provider CUDAExecutionProvider; then
   script benchmark.py --device cuda --out-dir "$out" ${smoke[@]+"${smoke[@]}"}
 fi

@@ -7,7 +7,8 @@ from .cli import save_figure
 from .report import machine_line
 
 COLOURS = {"torch": "tab:orange", "onnx": "tab:blue", "fp16": "tab:cyan", "int8": "tab:green",
-           "openvino": "tab:purple", "gpu": "tab:red", "dataloader": "tab:brown"}
+           "openvino": "tab:purple", "gpu": "tab:red", "dataloader": "tab:brown",
+           "web": "tab:olive"}
 
 
 def recommendation(rows, reference):
@@ -47,6 +48,9 @@ def markdown(report):
     lines.append(f"| floor (in the blocks of {beside['name']}) | - | - | {lat['p50']:.1f} / {lat['p90']:.1f} / "
                  f"{lat['p99']:.1f} | 1.00x | " + " / ".join(f"{v:.1f}" for v in floor["test_set_ms"].values())
                  + f" | {floor['images_per_s']:,.0f} (b={floor['best_batch']}) | 1.00x |")
+    if any(row["group"] == "web" for row in report["rows"]):
+        lines += ["", "The browser row's ratios are against the same floor MLP in onnxruntime-web in the same "
+                  "browser, timed in alternating page loads."]
     lines += (roofline_lines(report) if report["peaks"] else []) + recommendation_lines(report) + what_ran_lines(report)
     if report["skipped"]:
         lines += ["", "Not measured here: " + "; ".join(report["skipped"]) + "."]

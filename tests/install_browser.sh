@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Debian's chromium and chromium-driver for tests/test_netron_browser.py (skipped without them).
+# What the browser tests need: Debian's chromium and chromium-driver (tests/test_netron_browser.py,
+# tests/test_web.py) and onnxruntime-web from the npm registry, pinned by web/package-lock.json.
 set -euo pipefail
-if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
-  exit 0
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v npm >/dev/null || missing+=(npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  if ! command -v apt-get >/dev/null; then
+    echo "no apt-get here: install ${missing[*]} yourself; the browser tests are skipped without them"
+    exit 0
+  fi
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-if ! command -v apt-get >/dev/null; then
-  echo "no apt-get here: install Chromium and its chromedriver yourself; the browser test is skipped without them"
-  exit 0
-fi
-sudo=""
-[ "$(id -u)" = 0 ] || sudo="sudo"
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
 chromium --version
+npm ci --prefix "$repo/web" --ignore-scripts --no-audit --no-fund --loglevel=error

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, train_tiny
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-selenium = pytest.importorskip("selenium", reason="selenium is not installed (requirements-test.txt)")
+selenium = pytest.importorskip("selenium", reason="selenium is not installed (requirements.txt)")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="Debian's chromium and chromium-driver are not installed")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
