@@ -1,7 +1,8 @@
 """Serve an exported model over HTTP. By default on this machine: uvicorn worker processes, each with
 the model in process behind a dynamic batcher, supervised so that a worker that dies is replaced.
 With --ray (or --address): a Ray Serve application, replicas across processes and the nodes of a Ray
-cluster, behind Ray Serve's HAProxy ingress on a local cluster.
+cluster, each serving the same application as a worker does, behind Ray Serve's HAProxy ingress on a
+local cluster.
 
 POST / with raw uint8 pixels (784 bytes per 28x28 image, any number of images) or JSON
 {"images": [[784 values 0-255], ...]} (28x28 nested lists work too); the answer is JSON with each
@@ -20,8 +21,7 @@ from moebench.cli import ArgumentParser, UserError, error_line, non_negative_flo
 from moebench.runners import registry
 from moebench.runners.served import FROM_CHECKPOINT
 
-DEFAULT_BATCH = {"server": 64, "ray": 32}  # images per model call; requests per @serve.batch
-# the embedded server's batches form from what arrived while the model ran: a wait only cost QPS there
+# measured with loadgen.py's ladders here: without a wait the default server carried more, Ray Serve less
 DEFAULT_WAIT_MS = {"server": 0.0, "ray": 1.0}
 
 
@@ -39,9 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--port", type=port_number, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--replicas", type=positive_int, default=1,
                         help="model replicas: worker processes, or with --ray Ray Serve replicas (default 1)")
-    parser.add_argument("--max-batch-size", type=positive_int,
-                        help=f"the most images one model call takes (default {DEFAULT_BATCH['server']}); with --ray "
-                             f"the most requests one batch gathers (default {DEFAULT_BATCH['ray']}); 1 turns batching off")
+    parser.add_argument("--max-batch-size", type=positive_int, default=64,
+                        help="the most images one model call takes (default 64); 1 turns batching off")
     parser.add_argument("--batch-wait-ms", type=non_negative_float,
                         help="under load (the last batch held more than one request), how long a batch waits "
                              f"for more before the model runs; a lone request never waits (default "
@@ -61,7 +60,6 @@ def parse_args(argv=None):
                      help="CPUs Ray reserves for each replica (default 1)")
     args = parser.parse_args(argv)
     args.ray = args.ray or bool(args.address)
-    args.max_batch_size = args.max_batch_size or DEFAULT_BATCH["ray" if args.ray else "server"]
     if args.batch_wait_ms is None:
         args.batch_wait_ms = DEFAULT_WAIT_MS["ray" if args.ray else "server"]
     if args.threads < 0:
@@ -151,7 +149,7 @@ def serve_with_ray(args, payload):
         url = ray_serving.start(args, state, payload)
         stop_on_signals()
         print(f"serving {args.model} on {args.backend} with Ray Serve, {args.replicas} replica(s), batching "
-              + (f"up to {args.max_batch_size} requests, {args.batch_wait_ms:g} ms wait" if args.max_batch_size > 1
+              + (f"up to {args.max_batch_size} images per call, {args.batch_wait_ms:g} ms wait" if args.max_batch_size > 1
                  else "off") + f", at {url} (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)

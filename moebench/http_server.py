@@ -180,26 +180,32 @@ def end_with_the_supervisor():
 
 
 def app():
-    """The ASGI application of one worker process (uvicorn's factory); plain ASGI, since a framework's
-    routing and request objects cost more per request than the model does."""
+    """The ASGI application of one worker process (uvicorn's factory)."""
     end_with_the_supervisor()
     settings = settings_from_environment()
     engine = make_engine(settings)
-    batcher = Batcher(engine.compute, settings["max_batch_images"], settings["batch_wait_ms"] / 1000,
-                      settings["max_queued"], lambda found: serving.answers(*found), INLINE_IMAGES)
-    served_by = {"server": "uvicorn", "backend": engine.backend, "host": socket.gethostname(), "pid": os.getpid()}
-    about = orjson.dumps({"model": "MoE MNIST classifier", **served_by, **engine.describe(),
-                        "batching": f"up to {settings['max_batch_images']} images per model call, "
-                                    f"{settings['batch_wait_ms']:g} ms wait",
-                        "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    limit = settings["max_images"] * serving.PIXELS_PER_IMAGE * 8  # JSON spends up to ~8 bytes a pixel
+    classify = classifier(engine, settings, {"server": "uvicorn", "backend": engine.backend,
+                                             "host": socket.gethostname(), "pid": os.getpid()})
     gc.freeze()  # the model and libraries, loaded once, need no collector passes
     gc.set_threshold(50_000, 20, 20)  # each request makes a few dozen short-lived objects
+    return classify
+
+
+def classifier(engine, settings, served_by):
+    """The server's API as a plain ASGI application around `engine` and a Batcher (plain ASGI, since
+    a framework's routing and request objects cost more per request than the model does)."""
+    batcher = Batcher(engine.compute, settings["max_batch_images"], settings["batch_wait_ms"] / 1000,
+                      settings["max_queued"], lambda found: serving.answers(*found), INLINE_IMAGES)
+    about = orjson.dumps({"model": "MoE MNIST classifier", **served_by, **engine.describe(),
+                          "batching": f"up to {settings['max_batch_images']} images per model call, "
+                                      f"{settings['batch_wait_ms']:g} ms wait",
+                          "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    limit = settings["max_images"] * serving.PIXELS_PER_IMAGE * 8  # JSON spends up to ~8 bytes a pixel
 
     async def classify(scope, receive, send):
         if scope["type"] != "http":
             return
-        if scope["path"] != "/":
+        if scope["path"] not in ("/", ""):
             return await respond(send, 404, {"error": f"no {scope['path']} here; POST images to /"})
         if scope["method"] == "GET":
             return await respond(send, 200, about)
