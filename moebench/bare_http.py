@@ -1,10 +1,11 @@
-"""The ceiling of this machine's HTTP path: an aiohttp server with no model that reads each POST and
-answers every image in it with a canned answer of the same shape and size as serve.py's (class,
-ten logits, two experts, served_by), so the client parses as much as it does from a real server.
-loadgen.py measures it beside the real servers, with the same client, so each server's QPS can be
-read as a share of it.
+"""The ceiling of this machine's HTTP path: a server with no model that reads each POST and answers
+every image in it with a canned answer of the same shape and size as serve.py's (class, ten logits,
+two experts, served_by), so the client parses as much as it does from a real server. Two of them:
+aiohttp's server, and uvicorn with a plain ASGI handler (serve.py's own HTTP stack: httptools and
+uvloop). loadgen.py measures both beside the real servers, with the same client, so each server's QPS
+can be read as a share of the faster one.
 
-    python -m moebench.bare_http --port 8000"""
+    python -m moebench.bare_http --server aiohttp|uvicorn --port 8000"""
 import argparse
 import json
 
@@ -12,7 +13,7 @@ from .serving import PIXELS_PER_IMAGE
 CANNED = {"class": 7, "logits": [-3.91825, -6.77241, 1.76233, 4.24012, -8.09416, -3.54183, -17.44731, 13.63474,
                                  -3.33364, 1.99935],
           "experts": [{"expert": 3, "weight": 0.53419}, {"expert": 6, "weight": 0.46581}]}
-SERVED_BY = {"server": "aiohttp, no model", "host": "bare", "pid": 0}
+SERVED_BY = {"server": "bare server, no model", "host": "bare", "pid": 0}
 
 
 def app():
@@ -29,14 +30,35 @@ def app():
     return application
 
 
+async def asgi(scope, receive, send):
+    """The same canned answers as a plain ASGI application, for uvicorn."""
+    if scope["type"] != "http":
+        return
+    size, more = 0, True
+    while more:
+        message = await receive()
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = json.dumps({"predictions": [CANNED] * (size // PIXELS_PER_IMAGE), "served_by": SERVED_BY}).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def main():
-    from aiohttp import web
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--server", choices=("aiohttp", "uvicorn"), default="aiohttp")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
-    print(f"serving nothing at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
-    web.run_app(app(), host=args.host, port=args.port, print=None, access_log=None, backlog=4096)
+    print(f"serving nothing at http://{args.host}:{args.port}/ with {args.server} (Ctrl-C stops)", flush=True)
+    if args.server == "uvicorn":
+        import uvicorn
+        uvicorn.run(asgi, host=args.host, port=args.port, lifespan="off", log_level="warning", access_log=False,
+                    backlog=4096)
+    else:
+        from aiohttp import web
+        web.run_app(app(), host=args.host, port=args.port, print=None, access_log=None, backlog=4096)
 
 
 if __name__ == "__main__":

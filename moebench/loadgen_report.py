@@ -26,7 +26,8 @@ def markdown(report):
               f"machine. Offered QPS from {s['start_qps']:g} up by x{s['qps_step']:g} until a run's measured p99 "
               "breaks the bound or a request is refused (503), then "
               f"{s.get('refine_steps', 0)} steps between the last passing and the first failing QPS. "
-              "'x ceiling' is that QPS over the bare HTTP server's (no model), measured in the same run. "
+              f"'x ceiling' is that QPS over the ceiling's, measured in the same run: the faster bare HTTP "
+              f"server with no model ({report.get('ceiling', 'the bare server')}). "
               "'LoadGen VALID' is LoadGen's own verdict, which also asks its early-stopping test to be sure "
               f"of the percentile from at least {harness.SERVER_MIN_QUERIES} queries.", "",
               "| system | highest QPS under the bound | x ceiling | its p99 (ms) | its p50 (ms) | LoadGen VALID there | "
