@@ -14,7 +14,7 @@ from moebench import compare, contract, measure, onnx_scripts, viewer, web
 from moebench.cli import UserError, non_negative_float, port_number, run
 from moebench.runners import onnx_runtime
 
-PROVIDERS = {"wasm": "WebAssembly (SIMD)", "webgpu": "WebGPU"}
+PROVIDERS = {"wasm": "WebAssembly SIMD", "webgpu": "WebGPU"}
 
 
 def parse_args(argv=None):

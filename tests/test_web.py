@@ -51,7 +51,7 @@ def test_web_infer_agrees_with_python_and_says_what_ran(tiny_models, mnist_dir, 
     pixels = np.round(images.numpy() * 255).astype(np.uint8)
     expected = 100.0 * float((python_logits(tiny_models / "model.onnx", pixels)[0].argmax(1) == labels.numpy()).mean())
     assert record["accuracy"] == pytest.approx(expected, abs=1e-9) and record["images"] == 300
-    assert record["backend"].startswith("ONNX Runtime Web, WebAssembly (SIMD) (2 threads")
+    assert record["backend"].startswith("ONNX Runtime Web, WebAssembly SIMD (2 threads")
     assert record["details"]["threads"].startswith("2 (cross-origin isolated: yes")
     assert "100.00% the same class" in record["details"]["vs Python"]
     assert ".wasm" in record["details"]["provider"] and record["versions"]["onnxruntime-web"] == web.ORT_WEB_VERSION
