@@ -11,7 +11,7 @@ import sys
 import time
 
 from moebench import compare, contract, measure, onnx_scripts, viewer, web
-from moebench.cli import UserError, non_negative_float, port_number, run
+from moebench.cli import UserError, non_negative_float, non_negative_int, port_number, run
 from moebench.runners import onnx_runtime
 
 PROVIDERS = {"wasm": "WebAssembly SIMD", "webgpu": "WebGPU"}
@@ -24,7 +24,7 @@ def parse_args(argv=None):
     parser.add_argument("--provider", choices=("wasm", "webgpu", "both"), default="both",
                         help="onnxruntime-web execution provider; both: wasm, then WebGPU if the browser offers "
                              "it, else one line saying it does not (default both)")
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=non_negative_int, default=0,
                         help="WebAssembly threads (default 0: onnxruntime-web's own choice); the block says "
                              "how many ran")
     parser.add_argument("--demo", action="store_true",
@@ -34,10 +34,7 @@ def parse_args(argv=None):
                         help="port for the pages (default: 8070 with --demo, a free one otherwise)")
     parser.add_argument("--browser-timeout", type=non_negative_float, default=900,
                         help="seconds the measurement page may take (default 900)")
-    args = onnx_scripts.parse_args(parser, argv)
-    if args.threads < 0:
-        parser.error(f"--threads: must be >= 0, got {args.threads}")
-    return args
+    return onnx_scripts.parse_args(parser, argv)
 
 
 def model_bytes(path):

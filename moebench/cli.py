@@ -103,6 +103,10 @@ def port_number(text):
     return checked_number(text, int, "a port number", lambda v: 0 <= v <= 65535, "must be between 0 and 65535")
 
 
+def non_negative_int(text):
+    return checked_number(text, int, "an integer", lambda v: v >= 0, "must be >= 0")
+
+
 def non_negative_float(text):
     return checked_number(text, float, "a number", lambda v: v >= 0, "must be >= 0")
 
