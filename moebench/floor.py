@@ -73,14 +73,20 @@ def time_against_floor(predict, floor, images, repeats, latency_runs):
             latency[who] += measure.time_single_images(fn, images, latency_runs, block * latency_runs)
             for size in sizes:
                 full[who][size].append(measure.time_full_pass(fn, images, size))
+    return against_floor(latency, full, len(images))
+
+
+def against_floor(latency, full, images):
+    """A row's model and floor figures and their ratios, from {who: [single-image seconds]} and
+    {who: {batch size: [full-set seconds]}} for who in model, floor."""
     result = {}
     for who in ("model", "floor"):
-        medians = {size: statistics.median(times) for size, times in full[who].items()}
+        medians = {int(size): statistics.median(times) for size, times in full[who].items()}
         best = min(medians, key=medians.get)
         result[who] = {"latency_us": percentiles(latency[who]),
                        "test_set_ms": {str(s): 1e3 * t for s, t in medians.items()},
                        "best_batch": best, "best_test_set_ms": 1e3 * medians[best],
-                       "images_per_s": len(images) / medians[best]}
+                       "images_per_s": images / medians[best]}
     result["vs_floor_b1"] = result["model"]["latency_us"]["p50"] / result["floor"]["latency_us"]["p50"]
     result["vs_floor_test_set"] = result["model"]["best_test_set_ms"] / result["floor"]["best_test_set_ms"]
     return result

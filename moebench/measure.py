@@ -113,7 +113,6 @@ def measure(predict, images, labels, batch_size, latency_runs, show_progress=Tru
     batch_size = min(batch_size, len(images))
     warm_up(predict, images, (batch_size, 1))
     logits = full_pass(predict, images, batch_size)
-    accuracy = compare.accuracy(logits, labels)
     with tqdm(total=TEST_SET_REPEATS + 1, disable=None if show_progress else True, leave=False, unit="pass") as bar:
         totals = []
         for _ in range(TEST_SET_REPEATS):
@@ -121,13 +120,17 @@ def measure(predict, images, labels, batch_size, latency_runs, show_progress=Tru
             bar.update()
         latencies = time_single_images(predict, images, latency_runs)
         bar.update()
-    total = statistics.median(totals)
-    return {"accuracy": accuracy, "images": len(images), "batch_size": batch_size,
-            "test_set_s": total, "test_set_runs": TEST_SET_REPEATS,
-            "images_per_s": len(images) / total,
-            "latency_p50_us": 1e6 * float(np.percentile(latencies, 50)),
-            "latency_p99_us": 1e6 * float(np.percentile(latencies, 99)),
-            "latency_runs": latency_runs, "timing": as_runner(predict).timing, "logits": logits}
+    return summary(logits, labels, batch_size, totals, latencies, as_runner(predict).timing)
+
+
+def summary(logits, labels, batch_size, totals_s, latencies_s, timing):
+    """What report() prints, from a run's logits, its full-set times and its single-image times."""
+    total = statistics.median(totals_s)
+    return {"accuracy": compare.accuracy(logits, labels), "images": len(logits), "batch_size": batch_size,
+            "test_set_s": total, "test_set_runs": len(totals_s), "images_per_s": len(logits) / total,
+            "latency_p50_us": 1e6 * float(np.percentile(latencies_s, 50)),
+            "latency_p99_us": 1e6 * float(np.percentile(latencies_s, 99)),
+            "latency_runs": len(latencies_s), "timing": timing, "logits": logits}
 
 
 def cpu_name():

@@ -5,7 +5,6 @@ from anywhere but this server (the Content-Security-Policy header forbids it).""
 import base64
 import os
 import shutil
-import statistics
 import tempfile
 import threading
 import time
@@ -33,7 +32,7 @@ HEADERS = {
 }
 TIMING = "in the page: session.run from Float32Arrays made before the clock, performance.now()"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--disable-default-apps", "--window-size=1400,900")
+                  "--disable-component-update", "--disable-sync", "--disable-default-apps")
 
 
 def require_ort_web():
@@ -110,7 +109,7 @@ def chromium_paths():
 class Browser:
     """Headless Chromium under Selenium, with a profile of its own that is removed afterwards."""
 
-    def __init__(self, flags=()):
+    def __init__(self, flags=(), window=(1400, 900)):
         chromium, driver = chromium_paths()
         require_module("selenium", "the browser backend")
         from selenium import webdriver
@@ -118,7 +117,8 @@ class Browser:
         self.profile = tempfile.mkdtemp(prefix="moe-chromium-")
         options = webdriver.ChromeOptions()
         options.binary_location = chromium
-        for flag in CHROMIUM_FLAGS + tuple(flags) + (f"--user-data-dir={self.profile}",):
+        for flag in CHROMIUM_FLAGS + tuple(flags) + (f"--window-size={window[0]},{window[1]}",
+                                                     f"--user-data-dir={self.profile}"):
             options.add_argument(flag)
         try:
             self.driver = webdriver.Chrome(service=Service(driver), options=options)
@@ -160,23 +160,17 @@ def measure_in_page(browser, url, provider, settings, timeout_s, progress=None):
 
 def as_measurement(page, labels):
     """The page's numbers (one batch size) as measure.measure() returns them, for measure.report()."""
-    from . import compare
+    from . import measure
     (size, passes_ms), = page["passesMs"].items()
-    total = statistics.median(passes_ms) / 1e3
-    latencies = np.asarray(page["latenciesMs"]) / 1e3
-    return {"accuracy": compare.accuracy(page["logits"], labels), "images": page["images"],
-            "batch_size": int(size), "test_set_s": total, "test_set_runs": len(passes_ms),
-            "images_per_s": page["images"] / total,
-            "latency_p50_us": 1e6 * float(np.percentile(latencies, 50)),
-            "latency_p99_us": 1e6 * float(np.percentile(latencies, 99)), "latency_runs": len(latencies),
-            "timing": TIMING, "logits": page["logits"]}
+    return measure.summary(page["logits"], labels, int(size), [ms / 1e3 for ms in passes_ms],
+                           [ms / 1e3 for ms in page["latenciesMs"]], TIMING)
 
 
 def time_against_floor(browser, url, sizes, repeats, latency_runs, threads=0):
     """benchmark.py's row for the wasm provider: blocks that alternate the model and the floor MLP
     (served as /floor.onnx), each a page load of its own in the same browser, as floor.py times the
     other rows."""
-    from .floor import percentiles
+    from .floor import against_floor
     latency = {"model": [], "floor": []}
     full = {who: {str(size): [] for size in sizes} for who in latency}
     for _ in range(repeats):
@@ -189,18 +183,7 @@ def time_against_floor(browser, url, sizes, repeats, latency_runs, threads=0):
                 full[who][size] += [ms / 1e3 for ms in passes_ms]
             if who == "model":
                 model_page = page
-    result = {}
-    for who in ("model", "floor"):
-        medians = {size: statistics.median(times) for size, times in full[who].items()}
-        best = min(medians, key=medians.get)
-        result[who] = {"latency_us": percentiles(latency[who]),
-                       "test_set_ms": {size: 1e3 * t for size, t in medians.items()},
-                       "best_batch": int(best), "best_test_set_ms": 1e3 * medians[best],
-                       "images_per_s": model_page["images"] / medians[best]}
-    result["vs_floor_b1"] = result["model"]["latency_us"]["p50"] / result["floor"]["latency_us"]["p50"]
-    result["vs_floor_test_set"] = result["model"]["best_test_set_ms"] / result["floor"]["best_test_set_ms"]
-    threads = model_page["threads"]
     described = {"engine": f"onnxruntime-web {model_page['ortVersion']} in headless Chromium {browser.version}",
                  "provider": f"wasm ({', '.join(model_page['wasmFiles'])})", "precision": "fp32",
-                 "threads": threads}
-    return result, described, model_page["logits"]
+                 "threads": model_page["threads"]}
+    return against_floor(latency, full, model_page["images"]), described, model_page["logits"]

@@ -8,27 +8,19 @@ redoes the README's screenshot from the trained model."""
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT, train_tiny
+from moebench import web
+from moebench.server_process import free_port
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (requirements.txt)")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="Debian's chromium and chromium-driver are not installed")
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,1250")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -59,18 +51,6 @@ def netron_server(tmp_path, mnist_dir):
         process.wait(30)
 
 
-def open_in_chromium(url, profile):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS + (f"--user-data-dir={profile}",):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.get(url)
-    return driver
-
-
 def rendered_graph(driver):
     """Click Netron's Accept button, then wait for the graph; returns the SVG's text."""
     from selenium.webdriver.common.by import By
@@ -86,14 +66,16 @@ def rendered_graph(driver):
 def test_netron_shows_the_exported_graph(netron_server, tmp_path):
     import onnx
     process, url, model = netron_server
-    driver = open_in_chromium(url, tmp_path / "profile")
+    browser = web.Browser(flags=("--disable-gpu",), window=(1400, 1250))
+    driver = browser.driver
+    driver.get(url)
     try:
         assert not driver.find_elements("css selector", "svg#canvas g.node")  # no graph before consent
         text = rendered_graph(driver)
         screenshot = os.environ.get("NETRON_SCREENSHOT", str(tmp_path / "netron.png"))
         driver.save_screenshot(screenshot)
     finally:
-        driver.quit()
+        browser.close()
     graph = onnx.load(model).graph
     for op in {node.op_type for node in graph.node} & {"Gemm", "MatMul", "TopK", "Softmax", "ScatterElements"}:
         assert op in text, op
