@@ -17,7 +17,8 @@ import time
 import urllib.request
 
 from moebench import checkpoint, contract, serving
-from moebench.cli import ArgumentParser, UserError, error_line, non_negative_float, port_number, positive_int, run
+from moebench.cli import (ArgumentParser, UserError, error_line, for_the_user, non_negative_float, port_number,
+                          positive_int, run)
 from moebench.runners import registry
 from moebench.runners.served import FROM_CHECKPOINT
 
@@ -105,7 +106,7 @@ def check_backend(args, payload):
     try:
         return serving.Engine(payload, args.backend, args.threads, args.precision, args.checkpoint).describe()
     except Exception as error:
-        if getattr(error, "for_the_user", False):
+        if for_the_user(error):
             raise
         raise UserError(f"--backend {args.backend} could not start ({error_line(error, 300)})")
 
@@ -133,8 +134,7 @@ def serve_here(args, payload):
     described = check_backend(args, payload)
     settings = {"model": os.path.abspath(args.model), "checkpoint": os.path.abspath(args.checkpoint),
                 "backend": args.backend, "threads": args.threads, "precision": args.precision,
-                "max_batch_images": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
-                "max_queued": args.max_queued, "max_images": args.max_images}
+                **http_server.batching_settings(args)}
     threading.Thread(target=announce_when_answering, args=(args, described), daemon=True).start()
     http_server.serve(settings, args.host, args.port, args.replicas)  # until Ctrl-C or SIGTERM
     print("stopped", flush=True)

@@ -10,6 +10,7 @@ import argparse
 
 import orjson
 
+from .http_server import read_body, respond
 from .serving import PIXELS_PER_IMAGE
 CANNED = {"class": 7, "logits": [-3.91825, -6.77241, 1.76233, 4.24012, -8.09416, -3.54183, -17.44731, 13.63474,
                                  -3.33364, 1.99935],
@@ -36,18 +37,12 @@ def app():
 
 
 async def asgi(scope, receive, send):
-    """The same canned answers as a plain ASGI application, for uvicorn."""
+    """The same canned answers as a plain ASGI application for uvicorn, reading bodies and writing
+    answers with the default server's own functions."""
     if scope["type"] != "http":
         return
-    size, more = 0, True
-    while more:
-        message = await receive()
-        size += len(message.get("body", b""))
-        more = message.get("more_body", False)
-    body = canned(size // PIXELS_PER_IMAGE)
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    body = await read_body(receive, float("inf"))
+    await respond(send, 200, canned(len(body) // PIXELS_PER_IMAGE))
 
 
 def main():

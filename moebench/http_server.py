@@ -136,6 +136,12 @@ class Batcher:
                     request.future.set_result(request.answers)
 
 
+def batching_settings(args):
+    """What classifier() takes from serve.py's flags, for a worker here or a Ray Serve replica."""
+    return {"max_batch_images": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+            "max_queued": args.max_queued, "max_images": args.max_images}
+
+
 def settings_from_environment():
     return json.loads(os.environ[SETTINGS_ENV])
 

@@ -6,7 +6,7 @@ settings that cut Ray Serve's overhead (HAProxy in front, the throughput-optimiz
 import os
 import socket
 
-from . import ray_cluster, serving
+from . import http_server, ray_cluster, serving
 from .cli import UserError, error_line, require_module
 from .server_process import free_port
 
@@ -36,12 +36,9 @@ def deployment(args, payload):
                               "host": socket.gethostname(), "pid": os.getpid(), "node": node, "node_ip": node_ip}
 
         def __serve_build_asgi_app__(self):
-            from .http_server import classifier
-            return classifier(self.engine, self.settings, self.served_by)
+            return http_server.classifier(self.engine, self.settings, self.served_by)
 
-    settings = {"max_batch_images": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
-                "max_queued": args.max_queued, "max_images": args.max_images}
-    return MoEClassifier.bind(payload, args.backend, args.threads, args.precision, settings)
+    return MoEClassifier.bind(payload, args.backend, args.threads, args.precision, http_server.batching_settings(args))
 
 
 def require_reachable(address):
