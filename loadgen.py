@@ -2,9 +2,8 @@
 (samples/s) for each CPU backend in process; then over HTTP, one image per request, serve.py's
 embedded server and serve.py --ray, beside two bare HTTP servers with no model, aiohttp and uvicorn
 (the faster is this machine's HTTP ceiling, with this client), and plain in-process ONNX Runtime (no
-server): SingleStream (one request
-at a time) and Server (Poisson arrivals), the highest offered QPS whose 99th-percentile latency stays
-under --p99-ms, and that QPS as a share of the ceiling's. Accuracy mode checks LoadGen's accuracy log
+server): SingleStream (one request at a time) and Server (Poisson arrivals), the highest offered QPS
+whose 99th-percentile latency stays under --p99-ms, and that QPS as a share of the ceiling's. Accuracy mode checks LoadGen's accuracy log
 against the test labels for every system that has a model.
 
 Writes results/loadgen/ (LoadGen's summary and detail logs), results/loadgen.{md,json,png}."""
@@ -18,7 +17,8 @@ import numpy as np
 
 from data import add_data_args, load_split
 from moebench import checkpoint, contract, harness, measure
-from moebench.cli import ArgumentParser, atomic_folder, non_negative_float, positive_int, require_module, run
+from moebench.cli import (ArgumentParser, atomic_folder, non_negative_float, non_negative_int, positive_int,
+                          require_module, run)
 from moebench.compare import accuracy
 from moebench.loadgen_report import markdown, plot
 from moebench.report import write as write_report
@@ -48,7 +48,7 @@ def parse_args(argv=None):
                         help="first offered QPS of a ladder (default 100)")
     parser.add_argument("--qps-step", type=non_negative_float, default=1.6, help="ratio between ladder steps")
     parser.add_argument("--max-steps", type=positive_int, default=16, help="most QPS steps per ladder")
-    parser.add_argument("--refine-steps", type=int, default=3,
+    parser.add_argument("--refine-steps", type=non_negative_int, default=3,
                         help="steps between the last passing and the first failing QPS (default 3)")
     parser.add_argument("--server-url", help="a running serve.py to measure in the Server scenario, instead of "
                                              "starting serve.py in each setting itself")
