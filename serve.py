@@ -22,10 +22,6 @@ from moebench.cli import (ArgumentParser, UserError, error_line, for_the_user, n
 from moebench.runners import registry
 from moebench.runners.served import FROM_CHECKPOINT
 
-# measured with loadgen.py's ladders here: without a wait the default server carried more, Ray Serve less
-DEFAULT_WAIT_MS = {"server": 0.0, "ray": 1.0}
-
-
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="model.onnx", help="ONNX model from export_onnx.py (default model.onnx)")
@@ -42,10 +38,11 @@ def parse_args(argv=None):
                         help="model replicas: worker processes, or with --ray Ray Serve replicas (default 1)")
     parser.add_argument("--max-batch-size", type=positive_int, default=64,
                         help="the most images one model call takes (default 64); 1 turns batching off")
-    parser.add_argument("--batch-wait-ms", type=non_negative_float,
+    # no wait by default: loadgen.py's ladders here carried more without one, on both servers
+    parser.add_argument("--batch-wait-ms", type=non_negative_float, default=0.0,
                         help="under load (the last batch held more than one request), how long a batch waits "
-                             f"for more before the model runs; a lone request never waits (default "
-                             f"{DEFAULT_WAIT_MS['server']:g} ms; with --ray {DEFAULT_WAIT_MS['ray']:g} ms)")
+                             "for more before the model runs; a lone request never waits (default 0: a batch is "
+                             "whatever arrived while the last one ran)")
     parser.add_argument("--max-images", type=positive_int, default=1024, help="images one request may carry")
     parser.add_argument("--max-queued", type=positive_int, default=256,
                         help="requests waiting (per worker, or per Ray Serve deployment) before new ones get 503")
@@ -61,8 +58,6 @@ def parse_args(argv=None):
                      help="CPUs Ray reserves for each replica (default 1)")
     args = parser.parse_args(argv)
     args.ray = args.ray or bool(args.address)
-    if args.batch_wait_ms is None:
-        args.batch_wait_ms = DEFAULT_WAIT_MS["ray" if args.ray else "server"]
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.ray and args.backend in FROM_CHECKPOINT:

