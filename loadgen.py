@@ -3,8 +3,9 @@
 embedded server and serve.py --ray, beside two bare HTTP servers with no model, aiohttp and uvicorn
 (the faster is this machine's HTTP ceiling, with this client), and plain in-process ONNX Runtime (no
 server): SingleStream (one request at a time) and Server (Poisson arrivals), the highest offered QPS
-whose 99th-percentile latency stays under --p99-ms, and that QPS as a share of the ceiling's. Accuracy mode checks LoadGen's accuracy log
-against the test labels for every system that has a model.
+whose 99th-percentile latency stays under --p99-ms, and that QPS as a share of the ceiling's.
+Accuracy mode checks LoadGen's accuracy log against the test labels for every system that has a
+model.
 
 Writes results/loadgen/ (LoadGen's summary and detail logs), results/loadgen.{md,json,png}."""
 import os

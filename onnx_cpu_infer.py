@@ -2,7 +2,7 @@
 for single images and small batches; --routing loop (model.loop.onnx) for large batches."""
 
 from moebench import onnx_scripts
-from moebench.cli import ArgumentParser, run
+from moebench.cli import ArgumentParser, non_negative_int, run
 
 
 def main(argv=None):
@@ -10,11 +10,9 @@ def main(argv=None):
     onnx_scripts.add_model_args(parser, "ONNX model from export_onnx.py", auto=True)
     parser.add_argument("--opt-level", choices=("disable", "basic", "extended", "all"), default="all",
                         help="ONNX Runtime graph optimisation level (default all)")
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=non_negative_int, default=0,
                         help="intra-op threads; 0 lets ONNX Runtime pick one per physical core")
     args = onnx_scripts.parse_args(parser, argv)
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
     return onnx_scripts.run_backend(args, "ONNX Runtime CPU", ["CPUExecutionProvider"],
                                 {"opt_level": args.opt_level, "threads": args.threads},
                                 {"options": f"graph optimisation {args.opt_level}, "

@@ -17,8 +17,8 @@ import time
 import urllib.request
 
 from moebench import checkpoint, contract, serving
-from moebench.cli import (ArgumentParser, UserError, error_line, for_the_user, non_negative_float, port_number,
-                          positive_int, run)
+from moebench.cli import (ArgumentParser, UserError, error_line, for_the_user, non_negative_float, non_negative_int,
+                          port_number, positive_int, run)
 from moebench.runners import registry
 from moebench.runners.served import FROM_CHECKPOINT
 
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-images", type=positive_int, default=1024, help="images one request may carry")
     parser.add_argument("--max-queued", type=positive_int, default=256,
                         help="requests waiting (per worker, or per Ray Serve deployment) before new ones get 503")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=non_negative_int, default=1,
                         help="compute threads per replica (default 1; 0: the backend's own choice)")
     ray = parser.add_argument_group("Ray Serve (--ray)")
     ray.add_argument("--ray", action="store_true", help="serve with Ray Serve instead of the embedded server")
@@ -60,8 +60,6 @@ def parse_args(argv=None):
                      help="CPUs Ray reserves for each replica (default 1)")
     args = parser.parse_args(argv)
     args.ray = args.ray or bool(args.address)
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.ray and args.backend in FROM_CHECKPOINT:
         parser.error(f"--backend {args.backend} reads the checkpoint with this repository's own files, which Ray "
                      "workers do not have: serve it without --ray, or use onnxruntime or openvino with --ray")

@@ -3,8 +3,6 @@ its summary. A SUT answers each sample with the predicted class as a 4-byte int,
 accuracy log can be checked against the test labels."""
 import array
 import asyncio
-import contextlib
-import gc
 import json
 import os
 import queue
@@ -13,6 +11,8 @@ import shutil
 import threading
 
 import numpy as np
+
+from . import collector
 
 SCENARIOS = ("SingleStream", "Offline", "Server")
 KEPT_LOGS = ("mlperf_log_summary.txt", "mlperf_log_detail.txt")
@@ -133,23 +133,6 @@ def settings_for(scenario, mode, duration_ms, expected_latency_s=None, qps=None,
     return settings
 
 
-@contextlib.contextmanager
-def collector_kept_short():
-    """The client must not time its own pauses: with torch, ONNX Runtime and OpenVINO loaded, each full
-    collection here took 150-250 ms, and requests in flight at thousands a second set one off every
-    second or so. Frozen, the loaded heap is never scanned again; rarer young passes promote fewer
-    requests in flight."""
-    threshold = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-    try:
-        yield
-    finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
-
-
 def run_test(sut, count, settings, outdir, keep=KEPT_LOGS):
     """One LoadGen test; keeps LoadGen's logs named in `keep` in outdir; returns the summary's
     numbers and, in accuracy mode, the predicted class of every sample."""
@@ -164,7 +147,7 @@ def run_test(sut, count, settings, outdir, keep=KEPT_LOGS):
         log_settings.log_output.outdir = scratch
         log_settings.log_output.copy_summary_to_stdout = False
         log_settings.enable_trace = False
-        with collector_kept_short():
+        with collector.settled():  # the client must not time its own pauses
             lg.StartTestWithLogSettings(system, samples, settings, log_settings)
         os.makedirs(outdir, exist_ok=True)
         for name in keep:

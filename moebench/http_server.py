@@ -6,7 +6,6 @@ one batch of another's. A batch of a few images runs on the event loop itself: i
 microseconds, less than handing it to a thread and back (measured: 25% more single-image QPS)."""
 import asyncio
 import collections
-import gc
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import orjson
 
-from . import serving
+from . import collector, serving
 from .cli import require_module
 from .runners.served import FROM_CHECKPOINT
 
@@ -192,15 +191,8 @@ def app():
     engine = make_engine(settings)
     classify = classifier(engine, settings, {"server": "uvicorn", "backend": engine.backend,
                                              "host": socket.gethostname(), "pid": os.getpid()})
-    settle_the_collector()
+    collector.settle()
     return classify
-
-
-def settle_the_collector():
-    """Once the model is loaded: the collector's full passes over a large heap (68 ms measured in a
-    Ray replica) stall every request in flight."""
-    gc.freeze()  # the model and libraries, loaded once, need no collector passes
-    gc.set_threshold(50_000, 20, 20)  # each request makes a few dozen short-lived objects
 
 
 def classifier(engine, settings, served_by):

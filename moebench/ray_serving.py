@@ -6,7 +6,7 @@ settings that cut Ray Serve's overhead (HAProxy in front, the throughput-optimiz
 import os
 import socket
 
-from . import http_server, ray_cluster, serving
+from . import collector, http_server, ray_cluster, serving
 from .cli import UserError, error_line, require_module
 from .server_process import free_port
 
@@ -46,7 +46,7 @@ def deployment(args, payload):
 
         def __serve_build_asgi_app__(self):
             classify = http_server.classifier(self.engine, self.settings, self.served_by)
-            http_server.settle_the_collector()
+            collector.settle()
             return classify
 
     return MoEClassifier.bind(payload, args.backend, args.threads, args.precision, http_server.batching_settings(args))

@@ -68,8 +68,8 @@ def test_netron_shows_the_exported_graph(netron_server, tmp_path):
     process, url, model = netron_server
     browser = web.Browser(flags=("--disable-gpu",), window=(1400, 1250))
     driver = browser.driver
-    driver.get(url)
     try:
+        driver.get(url)
         assert not driver.find_elements("css selector", "svg#canvas g.node")  # no graph before consent
         text = rendered_graph(driver)
         screenshot = os.environ.get("NETRON_SCREENSHOT", str(tmp_path / "netron.png"))

@@ -17,7 +17,7 @@ import pytest
 
 import loadgen
 from conftest import ROOT
-from moebench import harness
+from moebench import collector
 from moebench.server_process import ServerProcess, free_port
 from moebench.runners import onnx_runtime, registry
 from data import load_split
@@ -210,7 +210,7 @@ def test_loadgen_runs_every_scenario_end_to_end(server, tiny_models, mnist_dir, 
 def test_the_load_generator_keeps_its_loaded_heap_out_of_the_collector_during_a_test():
     threshold, frozen = gc.get_threshold(), gc.get_freeze_count()
     with pytest.raises(RuntimeError):
-        with harness.collector_kept_short():
+        with collector.settled():
             assert gc.get_freeze_count() > frozen  # what was loaded before the test is never scanned
             assert gc.get_threshold()[0] > threshold[0]
             raise RuntimeError("a test that fails")
