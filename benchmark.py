@@ -14,13 +14,15 @@ import torch
 from tqdm import tqdm
 
 from data import add_data_args, load_split
-from moebench import benchmark_report, checkpoint, floor, measure, report, roofline, web
+from moebench import checkpoint, web
 from moebench.cli import ArgumentParser, UserError, positive_int, run
-from moebench.compare import compare
+from moebench.measuring import clock, floor, roofline
+from moebench.measuring.compare import compare
+from moebench.measuring.machine import machine
+from moebench.reports import benchmark as benchmark_report
+from moebench.reports.files import write as write_report
 from moebench.runners import openvino_cpu, registry
 from moebench.runners.onnx_runtime import GPU_INSTALL, gpu_name
-
-DATALOADER_ROW = "ONNX Runtime CPU, loop, fed by a per-image PIL Dataset and a DataLoader (b=64)"
 
 
 def parse_args(argv=None):
@@ -56,52 +58,56 @@ def require_gpu():
                         "CUDAExecutionProvider); " + GPU_INSTALL)
 
 
+def identity(entry):
+    return {"key": entry.key, "name": entry.label, "group": entry.group, "routing": entry.routing,
+            "precision": entry.precision}
+
+
 def measure_row(entry, sources, floor_clock, args):
     """One row: the entry's runner made now (its setup is not timed), its logits on every test
     image, and its times in blocks that alternate with the floor."""
     images = sources.test_set[0]
-    runner = entry.runner(sources)
-    clock = runner.clock()
-    logits = measure.full_pass(clock, images, 1024)
-    return {"name": entry.name, "group": entry.group, "routing": entry.routing, "precision": entry.precision,
-            "described": runner.describe(), "logits": logits,
-            **floor.time_against_floor(clock, floor_clock, images, args.repeats, args.latency_runs)}
+    with entry.runner(sources) as runner:
+        timed = runner.clock(entry.timing)
+        logits = clock.full_pass(timed, images, 1024)
+        return {**identity(entry), "described": runner.describe(), "logits": logits,
+                **floor.time_against_floor(timed, floor_clock, images, args.repeats, args.latency_runs)}
 
 
 def add_comparisons(rows, reference, labels):
     """Each row's accuracy, and its agreement and largest logit difference with the reference row."""
-    expected = next(r["logits"] for r in rows if r["name"] == reference)
+    expected = next(r["logits"] for r in rows if r["key"] == reference)
     for r in rows:
         found = compare(r.pop("logits"), expected, labels)
         r.update(accuracy=found["accuracy"], agreement=found["agreement"], max_logit_diff=found["max_logit_diff"])
 
 
-def dataloader_row(sources, floor_clock, args):
+def dataloader_row(entry, sources, floor_clock, args):
     images, labels = sources.test_set
-    return {"name": DATALOADER_ROW, "group": "dataloader", "routing": "loop", "precision": "fp32",
-            **floor.through_a_dataloader(sources.onnx("loop"), images, labels, args.repeats, floor_clock)}
+    return {**identity(entry), **floor.through_a_dataloader(sources.onnx("loop"), images, labels, args.repeats,
+                                                             floor_clock)}
 
 
 def measure_rows(args, sources, on_gpu):
-    """(rows, what this machine lacks, the reference row's name)."""
-    entries, lacking = registry.gpu_entries() if on_gpu else registry.cpu_entries(sources.structure)
+    """(rows, what this machine lacks, the reference row's key)."""
+    entries, lacking = registry.runnable(sources.structure, "cuda" if on_gpu else "cpu")
     if args.quick:
         entries = [e for e in entries if e.quick or on_gpu]
-    if not entries:
+    if not args.web:
+        entries = [e for e in entries if e.measured_by != "browser"]
+    if not any(e.measured_by == "runner" for e in entries):
         raise UserError("--device cuda: no GPU row can run here: " + "; ".join(lacking))
     floor_clock = floor.floor_clock(sources.structure, sources.workdir, on_gpu)
-    rows = [measure_row(entry, sources, floor_clock, args)
-            for entry in tqdm(entries, unit="row", desc="benchmark", disable=None)]
-    if args.web and not on_gpu:
-        rows.append(web_row(sources, args))
-    reference = rows[0]["name"] if on_gpu else registry.REFERENCE
-    add_comparisons(rows, reference, sources.test_set[1])
-    if not on_gpu:
-        rows.append(dataloader_row(sources, floor_clock, args))
+    measured_by = {"runner": measure_row, "browser": web_row}
+    rows = [measured_by[entry.measured_by](entry, sources, floor_clock, args)
+            for entry in tqdm(entries, unit="row", desc="benchmark", disable=None) if entry.measured_by in measured_by]
+    reference = rows[0]["key"] if on_gpu else registry.REFERENCE
+    add_comparisons(rows, reference, sources.test_set[1])  # the DataLoader row reports accuracy alone
+    rows += [dataloader_row(entry, sources, floor_clock, args) for entry in entries if entry.measured_by == "dataloader"]
     return rows, lacking, reference
 
 
-def web_row(sources, args):
+def web_row(entry, sources, floor_clock, args):
     """The dense graph in onnxruntime-web (wasm) in headless Chromium, alternating with the floor MLP
     in the same browser (floor_clock() wrote it to the work folder)."""
     images = sources.test_set[0]
@@ -119,8 +125,8 @@ def web_row(sources, args):
     finally:
         server.close()
     threads = described["threads"]
-    return {"name": f"ONNX Runtime Web, WebAssembly, dense ({threads} thread{'s' if threads != 1 else ''}, "
-                    "headless Chromium)", "group": "web", "routing": "dense", "precision": "fp32",
+    return {**identity(entry), "name": f"ONNX Runtime Web, WebAssembly, dense ({threads} thread"
+                                      f"{'s' if threads != 1 else ''}, headless Chromium)",
             "described": described, "logits": logits, **timed}
 
 
@@ -141,8 +147,9 @@ def main(argv=None):
                                    calibration_images=args.calibration_images)
         structure = sources.structure
         rows, lacking, reference = measure_rows(args, sources, on_gpu)
-    result = {"machine": report.machine(torch, ort, onnx, np), "structure": structure, "rows": rows,
-              "skipped": lacking, "peaks": peaks, "reference": reference,
+    result = {"machine": machine(torch, ort, onnx, np), "structure": structure, "rows": rows,
+              "skipped": lacking, "peaks": peaks, "reference_key": reference,
+              "reference": next(r["name"] for r in rows if r["key"] == reference),
               "settings": {"images": len(test_set[0]), "repeats": args.repeats, "latency_runs": args.latency_runs,
                            "quick": args.quick, "device": args.device,
                            "floor": floor.description(structure, on_gpu)}}
@@ -155,7 +162,7 @@ def main(argv=None):
                                                r["routing"], r["precision"], peaks)
     result["recommendation"] = benchmark_report.recommendation(rows, reference)
     stem = "benchmark" + (f"-{gpu_slug()}" if on_gpu else "")
-    print(report.write(result, args.out_dir, stem, benchmark_report.markdown,
+    print(write_report(result, args.out_dir, stem, benchmark_report.markdown,
                        {f"{stem}.png": benchmark_report.plot}))
     return result
 

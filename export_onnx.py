@@ -4,7 +4,7 @@ import subprocess
 
 import config
 from data import add_data_args, load_split
-from moebench import checkpoint, viewer
+from moebench import checkpoint, netron
 from moebench.cli import ArgumentParser, UserError, atomic_path, positive_int, run
 from moebench.export import op_counts, to_dot, write_checked
 
@@ -24,7 +24,7 @@ def parse_args(argv=None):
     parser.add_argument("--test-limit", type=positive_int, help="check parity on the first N test images only")
     parser.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz source")
     parser.add_argument("--svg", metavar="FILE", help="also render the graph to SVG (needs graphviz's dot)")
-    viewer.add_netron_args(parser)
+    netron.add_netron_args(parser)
     add_data_args(parser)
     args = parser.parse_args(argv)
     if args.routing or args.output:  # one graph
@@ -64,8 +64,7 @@ def main(argv=None):
         written.append((output, onnx_model))
     first, first_model = written[0]  # pictures and Netron: the default routing's graph
     write_pictures(first_model, args.dot, args.svg)
-    if args.netron:
-        viewer.serve(first, args)
+    netron.serve_if_asked(first, netron.asked(args))
     return [path for path, _ in written]
 
 

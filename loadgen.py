@@ -17,14 +17,16 @@ import time
 import numpy as np
 
 from data import add_data_args, load_split
-from moebench import checkpoint, contract, harness, measure
+from moebench import checkpoint, contract
 from moebench.cli import (ArgumentParser, atomic_folder, non_negative_float, non_negative_int, positive_int,
                           require_module, run)
-from moebench.compare import accuracy
-from moebench.loadgen_report import markdown, plot
-from moebench.report import write as write_report
-from moebench.server_process import ServerProcess, free_port
+from moebench.measuring import clock, loadgen_systems as systems
+from moebench.measuring.compare import accuracy
+from moebench.measuring.machine import cpu_name
+from moebench.reports.files import write as write_report
+from moebench.reports.loadgen import markdown, plot
 from moebench.runners import onnx_runtime, registry
+from moebench.serving.server_process import ServerProcess, free_port
 
 # the ceiling of this machine's HTTP path: the faster of two servers with no model, in the same run
 BARE = {"bare HTTP server, no model: aiohttp": "aiohttp",
@@ -69,17 +71,16 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- the systems
 
-def in_process_backends(args, sources):
-    """{name: make() -> predict(float32 pixels) -> logits} for the CPU backends, from the registry."""
+def in_process_entries(args, sources):
+    """The registry's CPU entries LoadGen measures in process."""
     contract.check_onnx(args.model)
-    names = [registry.REFERENCE]
+    keys = [registry.REFERENCE]
     if not args.quick:
         contract.check_onnx(args.loop_model)
-        names += ["ONNX Runtime CPU, loop, torchscript", "ONNX Runtime INT8 dynamic, dense",
-                  f"OpenVINO CPU {registry.openvino_precision()}, loop", "OpenVINO CPU INT8 (NNCF), loop",
-                  "PyTorch TorchScript (frozen) CPU, dense"]
-    entries = registry.cpu_entries(sources.structure)[0]
-    return {name: lambda e=registry.entry(name, entries): e.runner(sources).logits for name in names}
+        keys += ["ort-loop", "ort-int8-dynamic", f"openvino-{registry.openvino_precision()}-loop", "openvino-int8-loop",
+                 "torch-script-dense"]
+    entries = registry.runnable(sources.structure)[0]
+    return [registry.entry(key, entries) for key in keys]
 
 
 # ---------------------------------------------------------------- runs
@@ -89,25 +90,25 @@ def slug(name):
 
 
 def accuracy_run(sut, images, labels, outdir):
-    settings = harness.settings_for("Offline", "accuracy", 0)
-    result = harness.run_test(sut, len(images), settings, outdir)
+    settings = systems.settings_for("Offline", "accuracy", 0)
+    result = systems.run_test(sut, len(images), settings, outdir)
     classes = result.pop("classes")
     return {"accuracy": 100.0 * float((classes == labels).mean()), "refused": result["refused"]}
 
 
 def single_stream(sut, predict, images, args, outdir):
-    latency = np.median(measure.time_single_images(predict, images, 50))
-    settings = harness.settings_for("SingleStream", "performance", int(1000 * args.duration_s), latency)
-    return harness.run_test(sut, len(images), settings, outdir)
+    latency = np.median(clock.time_single_images(predict, images, 50))
+    settings = systems.settings_for("SingleStream", "performance", int(1000 * args.duration_s), latency)
+    return systems.run_test(sut, len(images), settings, outdir)
 
 
 def offline(sut, predict, images, args, outdir):
     """LoadGen sizes its one Offline query from the expected QPS: an estimate that is low makes the
     run end before its minimum duration (INVALID), so the best of 3 warm passes, with 1.5x headroom."""
-    measure.warm_up(predict, images, (1024,))
-    qps = 1.5 * len(images) / min(measure.time_full_pass(predict, images, 1024) for _ in range(3))
-    settings = harness.settings_for("Offline", "performance", int(1000 * args.duration_s), qps=qps)
-    return harness.run_test(sut, len(images), settings, outdir)
+    clock.warm_up(predict, images, (1024,))
+    qps = 1.5 * len(images) / min(clock.time_full_pass(predict, images, 1024) for _ in range(3))
+    settings = systems.settings_for("Offline", "performance", int(1000 * args.duration_s), qps=qps)
+    return systems.run_test(sut, len(images), settings, outdir)
 
 
 def ladder(sut, count, args, outdir):
@@ -117,9 +118,9 @@ def ladder(sut, count, args, outdir):
     steps = []
     with tempfile.TemporaryDirectory() as scratch:
         def run_at(qps):
-            settings = harness.settings_for("Server", "performance", int(1000 * args.duration_s),
+            settings = systems.settings_for("Server", "performance", int(1000 * args.duration_s),
                                             qps=qps, p99_ms=args.p99_ms)
-            result = harness.run_test(sut, count, settings, os.path.join(scratch, f"{qps:.0f}"))
+            result = systems.run_test(sut, count, settings, os.path.join(scratch, f"{qps:.0f}"))
             # the bound is on the measured p99; LoadGen's own verdict (which also asks its early-stopping
             # test to be sure of the percentile) is kept beside it as "valid"
             result.update(offered_qps=qps, ok=result.get("p99_ns", float("inf")) <= args.p99_ms * 1e6
@@ -141,7 +142,7 @@ def ladder(sut, count, args, outdir):
         for step in steps:
             kept = os.path.join(outdir, f"server-{step['offered_qps']:.0f}qps")
             os.makedirs(kept, exist_ok=True)
-            for name in harness.KEPT_LOGS if step is best else harness.KEPT_LOGS[:1]:
+            for name in systems.KEPT_LOGS if step is best else systems.KEPT_LOGS[:1]:
                 shutil.copy(os.path.join(scratch, f"{step['offered_qps']:.0f}", name), kept)
     steps.sort(key=lambda s: s["offered_qps"])
     return {"steps": steps, "best_qps": best["offered_qps"] if best else None,
@@ -151,12 +152,13 @@ def ladder(sut, count, args, outdir):
 def in_process_rows(args, sources, logs):
     images, labels = sources.test_set
     rows = {}
-    for name, make in in_process_backends(args, sources).items():
-        predict = make()
-        direct = accuracy(measure.full_pass(predict, images, 1024), labels)
-        sut = harness.InProcess(predict, images)
+    for entry in in_process_entries(args, sources):
+        name = entry.label
+        predict = entry.runner(sources).logits
+        direct = accuracy(clock.full_pass(predict, images, 1024), labels)
+        sut = systems.InProcess(predict, images)
         folder = os.path.join(logs, slug(name))
-        rows[name] = {"direct_accuracy": direct,
+        rows[name] = {"key": entry.key, "direct_accuracy": direct,
                       "loadgen": accuracy_run(sut, images, labels, os.path.join(folder, "accuracy")),
                       "single_stream": single_stream(sut, predict, images, args, os.path.join(folder, "singlestream")),
                       "offline": offline(sut, predict, images, args, os.path.join(folder, "offline"))}
@@ -169,7 +171,7 @@ def in_process_rows(args, sources, logs):
 def start_server(kind, args):
     port = free_port()
     if kind in BARE.values():
-        command = [sys.executable, "-m", "moebench.bare_http", "--server", kind, "--port", str(port)]
+        command = [sys.executable, "-m", "moebench.serving.bare_http", "--server", kind, "--port", str(port)]
     else:
         command = [sys.executable, "serve.py", "--model", os.path.abspath(args.model), "--port", str(port),
                    "--threads", "1", *SERVERS_FLAGS[kind]]
@@ -181,14 +183,14 @@ def over_http(url, pixels, labels, args, folder, answers=True):
     time (SingleStream), and the Server ladder."""
     row = {}
     if answers:
-        checked = harness.OverHttp(url, pixels, per_request=100, connections=1)
+        checked = systems.OverHttp(url, pixels, per_request=100, connections=1)
         row["loadgen"] = accuracy_run(checked, pixels, labels, os.path.join(folder, "accuracy"))
         checked.close()
-    one_by_one = harness.OverHttp(url, pixels, connections=1)
-    settings = harness.settings_for("SingleStream", "performance", int(1000 * args.duration_s), 0.001)
-    row["single_stream"] = harness.run_test(one_by_one, len(pixels), settings, os.path.join(folder, "singlestream"))
+    one_by_one = systems.OverHttp(url, pixels, connections=1)
+    settings = systems.settings_for("SingleStream", "performance", int(1000 * args.duration_s), 0.001)
+    row["single_stream"] = systems.run_test(one_by_one, len(pixels), settings, os.path.join(folder, "singlestream"))
     one_by_one.close()
-    sut = harness.OverHttp(url, pixels)
+    sut = systems.OverHttp(url, pixels)
     row["ladder"] = ladder(sut, len(pixels), args, folder)
     sut.close()
     return row
@@ -215,10 +217,10 @@ def server_rows(args, images, labels, logs):
     each server; and the ceiling's name."""
     pixels = np.round(images[:, 0] * 255).astype(np.uint8)
     baseline_predict = onnx_runtime.runner(args.model).logits
-    direct = accuracy(measure.full_pass(baseline_predict, images, 1024), labels)
+    direct = accuracy(clock.full_pass(baseline_predict, images, 1024), labels)
     bare = dict(list(BARE.items())[:1]) if args.quick else BARE
     rows = {name: server_row(name, kind, args, pixels, labels, direct, logs) for name, kind in bare.items()}
-    sut = harness.InProcess(baseline_predict, images, worker=True)
+    sut = systems.InProcess(baseline_predict, images, worker=True)
     rows[BASELINE] = {"ladder": ladder(sut, len(images), args, os.path.join(logs, slug(BASELINE))),
                       "direct_accuracy": direct}
     report_ladder(BASELINE, rows[BASELINE])
@@ -250,7 +252,7 @@ def main(argv=None):
                                    {"dense": args.model, "loop": args.loop_model}, calibration_images=300)
         in_process = in_process_rows(args, sources, logs)
         server, ceiling = server_rows(args, images, labels, logs)
-    report = {"machine": f"{measure.cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
+    report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
               "loadgen_version": getattr(mlperf_loadgen, "__version__", "6.0.17"), "in_process": in_process,
               "server": server, "ceiling": ceiling, "settings": {"images": len(images), "duration_s": args.duration_s,
                                              "p99_ms": args.p99_ms, "start_qps": args.start_qps,

@@ -1,12 +1,16 @@
 """INT8 on ONNX Runtime CPU: dynamic quantization and static QDQ quantization calibrated on
 training images (never test images); each compared with the fp32 model's accuracy."""
 import os
+from dataclasses import replace
 
 from data import load_split
-from moebench import contract, measure, onnx_scripts, viewer
+from moebench import contract, netron, onnx_backend
 from moebench.cli import ArgumentParser, positive_int, run
 from moebench.convert import quantize
+from moebench.measuring.clock import full_pass
+from moebench.measuring.compare import accuracy
 from moebench.runners import onnx_runtime
+from moebench.test_set import load_test_set
 
 
 def quantized_copies(path, args):
@@ -20,37 +24,36 @@ def quantized_copies(path, args):
 
 
 def fp32_accuracy(path, args):
-    images, labels = measure.load_test_set(args)
-    predict = onnx_runtime.runner(path).logits
-    return 100.0 * float((measure.full_pass(predict, images, 1000).argmax(1) == labels).mean())
+    images, labels = load_test_set(args.data_dir, args.test_limit)
+    with onnx_runtime.runner(path) as fp32:
+        return accuracy(full_pass(fp32.clock(), images, 1000), labels)
 
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    onnx_scripts.add_model_args(parser, "fp32 ONNX model from export_onnx.py")
+    onnx_backend.add_model_args(parser, "fp32 ONNX model from export_onnx.py")
     parser.add_argument("--calibration-images", type=positive_int, default=1000,
                         help="training images used to calibrate static quantization (default 1000)")
     parser.add_argument("--per-channel", action="store_true", help="per-channel weight scales")
     parser.add_argument("--reduce-range", action="store_true",
                         help="7-bit weights: avoids int16 overflow on CPUs without VNNI")
-    args = onnx_scripts.parse_args(parser, argv)
-    contract.check_onnx(args.model)
-    netron, args.netron = args.netron, False  # show the static QDQ graph once, after both runs
-    baseline = fp32_accuracy(args.model, args)
-    fp32_size = os.path.getsize(args.model)
+    args = parser.parse_args(argv)
+    fp32 = onnx_backend.Run.from_flags(args)
+    contract.check_onnx(fp32.model)
+    baseline = fp32_accuracy(fp32.model, args)
+    fp32_size = os.path.getsize(fp32.model)
     results = {}
-    for method, path in quantized_copies(args.model, args).items():
-        args.model = path
+    for method, path in quantized_copies(fp32.model, args).items():
         size = os.path.getsize(path)
-        records = onnx_scripts.run_backend(args, f"ONNX Runtime INT8 {method}", ["CPUExecutionProvider"], details={
+        # Netron shows the static QDQ graph once, after both runs
+        records = onnx_backend.run_backend(replace(fp32, model=path, netron=None), f"ONNX Runtime INT8 {method}", ["CPUExecutionProvider"], details={
             "quantized": f"per-channel {args.per_channel}, reduce-range {args.reduce_range}, "
                          f"{args.calibration_images if method != 'dynamic' else 0} training images for calibration",
             "size": f"{size / 1e6:.2f} MB vs {fp32_size / 1e6:.2f} MB fp32 ({size / fp32_size:.0%})",
             "vs fp32": f"fp32 accuracy {baseline:.2f}%"})
         print(f"   change        {records[0]['accuracy'] - baseline:+.2f} points of accuracy against fp32")
         results[method] = records[0]
-    if netron:
-        viewer.serve(results["static QDQ"]["model"], args)
+    netron.serve_if_asked(results["static QDQ"]["model"], fp32.netron)
     return results
 
 

@@ -2,15 +2,16 @@
 symbolically shape-inferred copy of the model: one optimisation profile for the dynamic batch,
 engine and timing caches, optional fp16. --check-only runs the static support check on any machine."""
 import os
+from dataclasses import replace
 
-from moebench import contract, onnx_scripts, tensorrt_support
+from moebench import contract, onnx_backend, tensorrt_support
 from moebench.cli import ArgumentParser, UserError, positive_int, run
 from moebench.runners.onnx_runtime import GPU_INSTALL, gpu_name, require_providers
 from moebench.tensorrt_support import TENSORRT_INSTALL, shape_inferred_copy, tensorrt_options
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    onnx_scripts.add_model_args(parser, "ONNX model from export_onnx.py")
+    onnx_backend.add_model_args(parser, "ONNX model from export_onnx.py")
     parser.add_argument("--engine-cache", default="trt_cache", help="engine and timing cache directory")
     parser.add_argument("--fp16", action="store_true", help="let TensorRT build fp16 kernels")
     parser.add_argument("--max-batch", type=positive_int, default=10000,
@@ -19,14 +20,15 @@ def parse_args(argv=None):
     parser.add_argument("--check-only", action="store_true",
                         help="only check the graph against onnx-tensorrt's support matrix (exit 1 if a node "
                              "is not supported); needs no GPU")
-    return onnx_scripts.parse_args(parser, argv, on_gpu=True)
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    static_check = tensorrt_support.summary(contract.check_onnx(args.model))
+    run = onnx_backend.Run.from_flags(args, on_gpu=True)
+    static_check = tensorrt_support.summary(contract.check_onnx(run.model))
     if args.check_only:
-        print(f"{args.model}: {static_check}")
+        print(f"{run.model}: {static_check}")
         if "not supported" in static_check:
             raise SystemExit(1)
         return static_check
@@ -37,9 +39,8 @@ def main(argv=None):
     except UserError as error:
         raise UserError(str(error).replace(GPU_INSTALL, GPU_INSTALL + ", then " + TENSORRT_INSTALL))
     os.makedirs(args.engine_cache, exist_ok=True)
-    args.model = shape_inferred_copy(args.model)
-    return onnx_scripts.run_backend(
-        args, f"ONNX Runtime TensorRT{' fp16' if args.fp16 else ''} on {gpu_name(args.device_id)}",
+    return onnx_backend.run_backend(
+        replace(run, model=shape_inferred_copy(run.model)), f"ONNX Runtime TensorRT{' fp16' if args.fp16 else ''} on {gpu_name(args.device_id)}",
         providers, device="cuda", device_id=args.device_id,
         details={"profile": f"batch 1 / {args.batch_size} / {max(args.max_batch, args.batch_size)} (min/opt/max)",
                  "static check": static_check})

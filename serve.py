@@ -7,7 +7,8 @@ local cluster.
 POST / with raw uint8 pixels (784 bytes per 28x28 image, any number of images) or JSON
 {"images": [[784 values 0-255], ...]} (28x28 nested lists work too); the answer is JSON with each
 image's class, logits and chosen experts with their gate weights, and which server, process and
-backend answered. GET / says what is served. Bad bodies get a 400 or 413, a full queue a 503."""
+backend answered. GET / says what is served. Bad bodies get a 400 or 413, a body that does not arrive in time a 408,
+a full queue a 503."""
 import os
 import signal
 import socket
@@ -16,18 +17,20 @@ import threading
 import time
 import urllib.request
 
-from moebench import checkpoint, contract, serving
+from moebench import checkpoint, contract
 from moebench.cli import (ArgumentParser, UserError, error_line, for_the_user, non_negative_float, non_negative_int,
                           port_number, positive_int, run)
 from moebench.runners import registry
-from moebench.runners.served import FROM_CHECKPOINT
+from moebench.serving.engine import Engine
+from moebench.serving.http_app import BODY_TIMEOUT_S
 
 
 def parse_args(argv=None):
+    backends = registry.servable()
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="model.onnx", help="ONNX model from export_onnx.py (default model.onnx)")
-    parser.add_argument("--backend", choices=tuple(registry.SERVED), default="onnxruntime",
-                        help="; ".join(f"{name}: {what}" for name, what in registry.SERVED.items())
+    parser.add_argument("--backend", choices=tuple(backends), default="onnxruntime",
+                        help="; ".join(f"{name}: {served.what}" for name, served in backends.items())
                         + " (default onnxruntime)")
     parser.add_argument("--checkpoint", default=checkpoint.DEFAULT_PATH,
                         help=f"what --backend fused-int8 is built from (default {checkpoint.DEFAULT_PATH})")
@@ -39,8 +42,7 @@ def parse_args(argv=None):
                         help="model replicas: worker processes, or with --ray Ray Serve replicas (default 1)")
     parser.add_argument("--max-batch-size", type=positive_int, default=64,
                         help="the most images one model call takes (default 64); 1 turns batching off")
-    # no wait by default: without one the default server carried more in loadgen.py's ladders here, and
-    # Ray Serve's median latency at 2,800 requests/s halved
+    # no wait by default: docs/serving.md has the ladders that chose it for both servers
     parser.add_argument("--batch-wait-ms", type=non_negative_float, default=0.0,
                         help="under load (the last batch held more than one request), how long a batch waits "
                              "for more before the model runs; a lone request never waits (default 0: a batch is "
@@ -48,6 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-images", type=positive_int, default=1024, help="images one request may carry")
     parser.add_argument("--max-queued", type=positive_int, default=256,
                         help="requests waiting (per worker, or per Ray Serve deployment) before new ones get 503")
+    parser.add_argument("--body-timeout-s", type=non_negative_float, default=BODY_TIMEOUT_S,
+                        help="a request's body must arrive whole within this, or it gets a 408 and its place goes to "
+                             f"others (default {BODY_TIMEOUT_S:g})")
     parser.add_argument("--threads", type=non_negative_int, default=1,
                         help="compute threads per replica (default 1; 0: the backend's own choice)")
     ray = parser.add_argument_group("Ray Serve (--ray)")
@@ -60,7 +65,8 @@ def parse_args(argv=None):
                      help="CPUs Ray reserves for each replica (default 1)")
     args = parser.parse_args(argv)
     args.ray = args.ray or bool(args.address)
-    if args.ray and args.backend in FROM_CHECKPOINT:
+    args.served = backends[args.backend]
+    if args.ray and args.served.from_checkpoint:
         parser.error(f"--backend {args.backend} reads the checkpoint with this repository's own files, which Ray "
                      "workers do not have: serve it without --ray, or use onnxruntime or openvino with --ray")
     return args
@@ -99,7 +105,7 @@ def check_backend(args, payload):
     """Make the backend once here, so that what cannot run (no compiler, no OpenVINO, a checkpoint
     the fused operator cannot take) is one line before any worker starts."""
     try:
-        return serving.Engine(payload, args.backend, args.threads, args.precision, args.checkpoint).describe()
+        return Engine(args.served, payload, args.threads, args.precision, args.checkpoint).describe()
     except Exception as error:
         if for_the_user(error):
             raise
@@ -118,30 +124,37 @@ def announce_when_answering(args, described):
     else:  # never a URL where nothing answers
         print(f"error: no worker answered at {url} within 120 s; see the messages above", file=sys.stderr, flush=True)
         return
-    print(f"serving {args.model if args.backend not in FROM_CHECKPOINT else args.checkpoint} on {args.backend} "
+    print(f"serving {args.checkpoint if args.served.from_checkpoint else args.model} on {args.backend} "
           f"({described['engine']}, {described['precision']}) with {args.replicas} worker(s), batching up to "
           f"{args.max_batch_size} images per call, at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
 
 
+def batching(args):
+    """What a worker's or a replica's application takes from the flags."""
+    return {"max_batch_images": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+            "max_queued": args.max_queued, "max_images": args.max_images, "body_timeout_s": args.body_timeout_s}
+
+
 def serve_here(args, payload):
-    from moebench import http_server
+    from moebench.serving import http_app
     require_free_port(args.host, args.port)
     described = check_backend(args, payload)
     settings = {"model": os.path.abspath(args.model), "checkpoint": os.path.abspath(args.checkpoint),
-                "backend": args.backend, "threads": args.threads, "precision": args.precision,
-                **http_server.batching_settings(args)}
+                "backend": args.backend, "threads": args.threads, "precision": args.precision, **batching(args)}
     threading.Thread(target=announce_when_answering, args=(args, described), daemon=True).start()
-    http_server.serve(settings, args.host, args.port, args.replicas)  # until Ctrl-C or SIGTERM
+    http_app.serve(settings, args.host, args.port, args.replicas)  # until Ctrl-C or SIGTERM
     print("stopped", flush=True)
 
 
 def serve_with_ray(args, payload):
-    from moebench import ray_serving
+    from moebench.serving import ray_serve
     state = {"started_serve": False, "deployed": False}
+    replicas = ray_serve.Replicas(args.replicas, args.max_ongoing, args.max_queued, args.cpus_per_replica)
     try:
         if not args.address:
             require_free_port(args.host, args.port)
-        url = ray_serving.start(args, state, payload)
+        url = ray_serve.start(args.address, args.host, args.port, state, lambda: ray_serve.deployment(
+            replicas, args.served, payload, args.threads, args.precision, batching(args)))
         stop_on_signals()
         print(f"serving {args.model} on {args.backend} with Ray Serve, {args.replicas} replica(s), batching "
               + (f"up to {args.max_batch_size} images per call, {args.batch_wait_ms:g} ms wait" if args.max_batch_size > 1
@@ -151,13 +164,13 @@ def serve_with_ray(args, payload):
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
     finally:
-        ray_serving.stop(state)
+        ray_serve.stop(state)
     print("stopped", flush=True)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    payload = model_bytes(args.model) if args.backend not in FROM_CHECKPOINT else b""
+    payload = b"" if args.served.from_checkpoint else model_bytes(args.model)
     (serve_with_ray if args.ray else serve_here)(args, payload)
 
 

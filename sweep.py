@@ -14,9 +14,11 @@ from tqdm import tqdm
 import config
 from data import add_data_args, load_split
 from moe import build_model
-from moebench import checkpoint, fused, measure, roofline
+from moebench import checkpoint, fused
+from moebench.measuring import clock, roofline
+from moebench.measuring.machine import cpu_name
 from moebench.cli import ArgumentParser, positive_int, run, save_figure
-from moebench.report import write as write_report
+from moebench.reports.files import write as write_report
 from moebench.runners import registry
 
 BATCH_SIZES = (1, 4, 16, 64, 256, 1024, 4096, 10000)
@@ -41,8 +43,8 @@ def parse_args(argv=None):
 def per_image_us(predict, images, batch_size, repeats):
     """Median over `repeats` of the wall time per image for a pass at `batch_size`, after a warm-up."""
     images = images[:max(min(len(images), 2048), batch_size)]
-    measure.warm_up(predict, images, (min(batch_size, len(images)),))
-    times = [measure.time_full_pass(predict, images, batch_size) for _ in range(repeats)]
+    clock.warm_up(predict, images, (min(batch_size, len(images)),))
+    times = [clock.time_full_pass(predict, images, batch_size) for _ in range(repeats)]
     return 1e6 * statistics.median(times) / len(images)
 
 
@@ -69,18 +71,16 @@ def size_sweep(workdir, test_set, experts, hidden_sizes, repeats):
     """[{EXPERTS, HIDDEN_SIZE, engine, bulk_us, b1_us, activated_macs, graph_macs}]."""
     points, pixels = [], test_set[0]
     configs = [(e, h) for h in hidden_sizes for e in experts]
-    entries = registry.onnx_entries() + registry.openvino_entries()
-    names = [f"{engine}, {routing}" for engine in ("ONNX Runtime CPU", f"OpenVINO CPU {registry.openvino_precision()}")
-             for routing in config.ROUTINGS]
+    entries = [registry.entry(f"{engine}-{routing}") for engine in ("ort", f"openvino-{registry.openvino_precision()}")
+               for routing in config.ROUTINGS]
     for e, h in tqdm(configs, desc="size sweep", unit="model", disable=None):
         structure = {**config.defaults(), "EXPERTS": e, "HIDDEN_SIZE": h}
         folder = os.path.join(workdir, f"e{e}h{h}")
         os.makedirs(folder)
         sources = registry.Sources.of_model(random_model(structure), structure, folder, test_set)
-        for name in names:
-            found = registry.entry(name + (", torchscript" if name.startswith("ONNX") else ""), entries)
-            predict, routing = found.runner(sources).clock(), found.routing
-            points.append({"EXPERTS": e, "HIDDEN_SIZE": h, "engine": name,
+        for entry in entries:
+            predict, routing = entry.runner(sources).clock(), entry.routing
+            points.append({"EXPERTS": e, "HIDDEN_SIZE": h, "engine": entry.label,
                            "bulk_us": per_image_us(predict, pixels, 1024, repeats),
                            "b1_us": per_image_us(predict, pixels[:200], 1, repeats),
                            "activated_macs": roofline.activated_macs(structure),
@@ -145,15 +145,14 @@ def readable_log_axes(ax):
 # ---------------------------------------------------------------- main
 
 def trained_engines(sources):
-    """{name: make() -> Clock} of the best rows of each engine on the trained model (the benchmark's
+    """{label: make() -> Clock} of the best rows of each engine on the trained model (the benchmark's
     fastest), from the registry; and what this machine lacks."""
     structure = sources.structure
-    entries, lacking = registry.cpu_entries(structure)
-    names = [f"ONNX Runtime CPU, {r}, torchscript" for r in config.ROUTINGS]
-    names += [f"ONNX Runtime INT8 dynamic, {r}" for r in config.ROUTINGS]
-    names += [f"OpenVINO CPU {registry.openvino_precision()}, {r}" for r in config.ROUTINGS]
-    names += ["OpenVINO CPU INT8 (NNCF), loop"] + ([fused.label(fused.chosen_kernel())] if fused.takes(structure) else [])
-    engines = {name: lambda e=registry.entry(name, entries): e.runner(sources).clock() for name in names}
+    entries, lacking = registry.runnable(structure)
+    keys = [f"ort-{r}" for r in config.ROUTINGS] + ["ort-int8-dynamic", "ort-int8-dynamic-loop"]
+    keys += [f"openvino-{registry.openvino_precision()}-{r}" for r in config.ROUTINGS]
+    keys += ["openvino-int8-loop"] + ([f"fused-int8-{fused.chosen_kernel()}"] if fused.takes(structure) else [])
+    engines = {e.label: lambda e=e: e.runner(sources).clock() for e in (registry.entry(k, entries) for k in keys)}
     return structure, engines, [line for line in lacking if "fused" in line or "bf16" in line]
 
 
@@ -170,7 +169,7 @@ def main(argv=None):
         structure, engines, not_measured = trained_engines(sources)
         batch = batch_sweep(engines, images, sizes, args.repeats)
         size = size_sweep(workdir, (images[:SIZE_IMAGES], test_set[1][:SIZE_IMAGES]), experts, hidden, args.repeats)
-    report = {"machine": f"{measure.cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
+    report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
               "peaks": peaks, "activated_macs": roofline.activated_macs(structure), "batch": batch, "size": size,
               "not_measured": not_measured,
               "settings": {"images": len(images), "repeats": args.repeats, "quick": args.quick}}

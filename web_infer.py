@@ -10,9 +10,12 @@ onnxruntime-web comes from the npm registry: npm ci --prefix web (the README's m
 import sys
 import time
 
-from moebench import compare, contract, measure, onnx_scripts, viewer, web
+from moebench import contract, netron, onnx_backend, web
 from moebench.cli import UserError, non_negative_float, non_negative_int, port_number, run
+from moebench.measuring.block import print_block
+from moebench.measuring.compare import compare
 from moebench.runners import onnx_runtime
+from moebench.test_set import load_test_set
 
 PROVIDERS = {"wasm": "WebAssembly SIMD", "webgpu": "WebGPU"}
 
@@ -20,7 +23,7 @@ PROVIDERS = {"wasm": "WebAssembly SIMD", "webgpu": "WebGPU"}
 def parse_args(argv=None):
     from moebench.cli import ArgumentParser
     parser = ArgumentParser(description=__doc__)
-    onnx_scripts.add_model_args(parser, "ONNX model from export_onnx.py", timing=False)
+    onnx_backend.add_model_args(parser, "ONNX model from export_onnx.py", timing=False)
     parser.add_argument("--provider", choices=("wasm", "webgpu", "both"), default="both",
                         help="onnxruntime-web execution provider; both: wasm, then WebGPU if the browser offers "
                              "it, else one line saying it does not (default both)")
@@ -34,7 +37,9 @@ def parse_args(argv=None):
                         help="port for the pages (default: 8070 with --demo, a free one otherwise)")
     parser.add_argument("--browser-timeout", type=non_negative_float, default=900,
                         help="seconds the measurement page may take (default 900)")
-    return onnx_scripts.parse_args(parser, argv)
+    args = parser.parse_args(argv)
+    args.model = onnx_backend.Run.from_flags(args).model
+    return args
 
 
 def model_bytes(path):
@@ -91,11 +96,11 @@ def measure_provider(args, browser, server, provider, images, labels, reference)
     }
     label = f"ONNX Runtime Web, {PROVIDERS[provider]} ({threads} thread{'s' if threads != 1 else ''}, Chromium)"
     versions = {"onnxruntime-web": page["ortVersion"], "Chromium": browser.version}
-    return measure.report(args, label, result, page["setupMs"] / 1e3, versions, details)
+    return print_block(label, args.model, result, page["setupMs"] / 1e3, versions, details, args.json)
 
 
 def compare_line(logits, reference):
-    found = compare.compare(logits, reference)
+    found = compare(logits, reference)
     return (f"max |logit difference| {found['max_logit_diff']:.2e}, {found['agreement']:.2f}% the same "
             "class as ONNX Runtime CPU in Python")
 
@@ -107,9 +112,9 @@ def main(argv=None):
     payload = model_bytes(args.model)
     web.require_ort_web()
     web.chromium_paths()  # before the test set is loaded
-    images, labels = measure.load_test_set(args)
-    session = onnx_runtime.create_session(args.model, ["CPUExecutionProvider"])
-    reference = session.run(["logits"], {"pixels": images})[0]
+    images, labels = load_test_set(args.data_dir, args.test_limit)
+    with onnx_runtime.runner(args.model) as python_side:
+        reference = python_side.logits(images)
     server = web.PageServer(web.test_set_files(payload, images), args.host, args.port or 0)
     browser = web.Browser()
     records = []
@@ -119,8 +124,7 @@ def main(argv=None):
     finally:
         browser.close()
         server.close()
-    if args.netron:
-        viewer.serve(args.model, args)
+    netron.serve_if_asked(args.model, netron.asked(args))
     if args.provider != "both" and records[0] is None:
         sys.exit(1)  # the one provider asked for is not here
     return records

@@ -17,7 +17,7 @@ from onnx.reference import ReferenceEvaluator
 import config
 
 from .cli import UserError, atomic_path, error_line
-from .compare import accuracy, compare
+from .measuring.compare import accuracy, compare
 from .runners import onnx_runtime
 
 OPSET = 17  # TorchScript exporter; the dynamo exporter picks its own

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from . import measure
+from .measuring.machine import cpu_flags
 from .cli import UserError, atomic_path, error_line
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_moe.cpp")
@@ -33,7 +33,7 @@ def x86():
 def missing_cpu_features(kernel):
     """The CPU flags this machine lacks for `kernel` (on a CPU that is not x86, every x86 path lacks all)."""
     needs = KERNELS[kernel][0]
-    return list(needs) if needs and not x86() else [flag for flag in needs if flag not in measure.cpu_flags()]
+    return list(needs) if needs and not x86() else [flag for flag in needs if flag not in cpu_flags()]
 
 
 def available_kernels():

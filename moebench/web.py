@@ -159,18 +159,18 @@ def measure_in_page(browser, url, provider, settings, timeout_s, progress=None):
 
 
 def as_measurement(page, labels):
-    """The page's numbers (one batch size) as measure.measure() returns them, for measure.report()."""
-    from . import measure
+    """The page's numbers (one batch size) as clock.measure() returns them, for a printed block."""
+    from .measuring import clock
     (size, passes_ms), = page["passesMs"].items()
-    return measure.summary(page["logits"], labels, int(size), [ms / 1e3 for ms in passes_ms],
-                           [ms / 1e3 for ms in page["latenciesMs"]], TIMING)
+    return clock.summary(page["logits"], labels, int(size), [ms / 1e3 for ms in passes_ms],
+                         [ms / 1e3 for ms in page["latenciesMs"]], TIMING)
 
 
 def time_against_floor(browser, url, sizes, repeats, latency_runs, threads=0):
     """benchmark.py's row for the wasm provider: blocks that alternate the model and the floor MLP
     (served as /floor.onnx), each a page load of its own in the same browser, as floor.py times the
     other rows."""
-    from .floor import against_floor
+    from .measuring.floor import against_floor
     latency = {"model": [], "floor": []}
     full = {who: {str(size): [] for size in sizes} for who in latency}
     for _ in range(repeats):

@@ -6,15 +6,12 @@ project set itself; the user-facing report (benchmark.md) shows only measurement
 import json
 import sys
 
-DENSE = "ONNX Runtime CPU, dense, torchscript"
-LOOP = "ONNX Runtime CPU, loop, torchscript"
-DATALOADER = "ONNX Runtime CPU, loop, fed by a per-image PIL Dataset and a DataLoader (b=64)"
-AUTO = "ONNX Runtime CPU, auto (dense for small batches, loop for large)"
+DENSE, LOOP, DATALOADER, AUTO = "ort-dense", "ort-loop", "ort-loop-dataloader", "ort-auto"  # the registry's keys
 
 
 def targets(rows, count):
-    by_name = {row["name"]: row for row in rows}
-    fast, graph, way = by_name[DENSE], by_name[LOOP], by_name[DATALOADER]
+    by_key = {row["key"]: row for row in rows}
+    fast, graph, way = by_key[DENSE], by_key[LOOP], by_key[DATALOADER]
     fp32 = fast["accuracy"]
     checks = [
         ("ONNX Runtime CPU dense graph, batch-1 p50 vs floor", fast["vs_floor_b1"], "<=", 2.0),
@@ -32,7 +29,7 @@ def targets(rows, count):
 def frontier_targets(rows, fp32, count):
     """The fastest path that keeps accuracy (>= 98.0%, within 0.3 points of fp32, argmax
     agreement >= 99.9%) at bulk and at batch 1, and what the dense/loop choice costs."""
-    by_name = {row["name"]: row for row in rows}
+    by_key = {row["key"]: row for row in rows}
     keeps = [r for r in rows if "latency_us" in r["model"] and r["accuracy"] >= 98.0 and r["accuracy"] >= fp32 - 0.3
              and r.get("agreement", 0) >= 99.9]
     checks = []
@@ -55,7 +52,7 @@ def frontier_targets(rows, fp32, count):
     else:
         checks.append(("a path that keeps accuracy (>= 98.0%, within 0.3 points, agreement >= 99.9%): best accuracy",
                        max(r["accuracy"] for r in rows), ">=", 98.0))
-    auto, dense, loop = by_name[AUTO], by_name[DENSE], by_name[LOOP]
+    auto, dense, loop = by_key[AUTO], by_key[DENSE], by_key[LOOP]
     checks += [("auto routing vs the better of dense and loop, batch-1 p50",
                 auto["model"]["latency_us"]["p50"] / min(dense["model"]["latency_us"]["p50"],
                                                          loop["model"]["latency_us"]["p50"]), "<=", 1.3),

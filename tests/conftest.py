@@ -1,6 +1,12 @@
 import gzip
+import json
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -49,6 +55,14 @@ def tiny_models(tmp_path_factory, mnist_dir):
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_copy(tmp_path_factory, tiny_models):
+    """The shared tiny model in a folder of the test module's own, for tests that write beside it."""
+    folder = tmp_path_factory.mktemp("tiny-copy") / "tiny"
+    shutil.copytree(tiny_models, folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def small_models(tmp_path_factory, mnist_dir):
     """A small model trained well enough that its answers mean something (60k images, 2 epochs,
@@ -61,6 +75,93 @@ def small_models(tmp_path_factory, mnist_dir):
         export_onnx.main(["--checkpoint", str(folder / "checkpoint.pt"), "--routing", routing,
                           "--output", str(folder / name), "--data-dir", mnist_dir, "--test-limit", "300"])
     return folder
+
+
+def run_script(*args, env=None):
+    """A repository script run as a user runs it, from the repository's root."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def one_line_error(result):
+    """The one line a script printed on stderr as it failed, without a traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def without_gpus(env=None):
+    """An environment for a subprocess that sees no GPU, on any machine: what a test of the 'no GPU
+    here' path needs, instead of assuming the machine has none."""
+    return {**(env or os.environ), "CUDA_VISIBLE_DEVICES": "", "HIP_VISIBLE_DEVICES": ""}
+
+
+SERVED_IMAGES = 200
+
+
+def post(url, body, content_type="application/octet-stream", timeout=30):
+    """(status, parsed JSON) of one POST."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        text = error.read()
+        try:
+            return error.code, json.loads(text or b"{}")
+        except ValueError:  # Ray Serve's own refusals are plain text
+            return error.code, {"error": text.decode(errors="replace")}
+
+
+@pytest.fixture(scope="module")
+def served_images(mnist_dir):
+    """The serving tests' images as a client sends them (uint8), and their labels."""
+    images, labels = data.load_split("test", mnist_dir, SERVED_IMAGES)
+    return np.round(images.numpy()[:, 0] * 255).astype(np.uint8), labels.numpy()
+
+
+@pytest.fixture(scope="module")
+def served_expected(tiny_models, served_images):
+    """What ONNX Runtime itself says for the same uint8 pixels: (logits, gates)."""
+    from moebench.runners import onnx_runtime
+    session = onnx_runtime.create_session(str(tiny_models / "model.onnx"), ["CPUExecutionProvider"])
+    pixels = (served_images[0].astype(np.float32) / 255).reshape(-1, 1, 28, 28)
+    return session.run(["logits", "gates"], {"pixels": pixels})
+
+
+BODY_TIMEOUT_S = 2
+SERVERS = {"embedded": ["--max-batch-size", "8", "--max-queued", "2", "--body-timeout-s", str(BODY_TIMEOUT_S)],
+           "ray": ["--ray", "--max-batch-size", "8", "--max-ongoing", "2", "--max-queued", "2", "--body-timeout-s",
+                   str(BODY_TIMEOUT_S)]}
+
+
+@pytest.fixture(scope="module", params=list(SERVERS))
+def server(request, tiny_models):
+    """serve.py started as a user starts it, each of the two servers in turn: (process, url, port)."""
+    from moebench.serving.server_process import ServerProcess
+    port = free_port()
+    started = ServerProcess([sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"), "--port", str(port),
+                             "--threads", "1", "--max-images", "500", *SERVERS[request.param]], ROOT, port)
+    yield started, started.url, port
+    if started.process.poll() is None:
+        started.process.kill()
+
+
+def check_answers(predictions, expected, rows):
+    logits, gates = expected
+    for answer, row in zip(predictions, rows):
+        assert answer["class"] == int(logits[row].argmax())
+        np.testing.assert_allclose(answer["logits"], logits[row], atol=1e-4)
+        chosen = {e["expert"]: e["weight"] for e in answer["experts"]}
+        assert set(chosen) == set(np.flatnonzero(gates[row]).tolist())
+        assert all(abs(w - gates[row][e]) < 1e-4 for e, w in chosen.items())
 
 
 def idx_bytes(array, magic):

@@ -1,8 +1,6 @@
 """Export and every backend script, end to end on a tiny trained model and a small test subset."""
 import json
 import os
-import subprocess
-import sys
 
 import onnx
 import pytest
@@ -15,18 +13,17 @@ import torch_infer
 import train
 from moebench import checkpoint, export
 from moebench.cli import UserError
-from conftest import ROOT, train_tiny
+from conftest import one_line_error, run_script, without_gpus
 
 SUBSET = "300"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, mnist_dir):
-    folder = tmp_path_factory.mktemp("tiny")
-    train_tiny(folder, mnist_dir)
-    export_onnx.main(["--checkpoint", str(folder / "checkpoint.pt"), "--output", str(folder / "model.onnx"),
-                      "--data-dir", mnist_dir, "--test-limit", SUBSET, "--dot", str(folder / "model.dot")])
-    return folder
+def trained(tiny_copy, mnist_dir):
+    """The shared tiny model, exported again here with its picture (the scripts write beside it)."""
+    export_onnx.main(["--checkpoint", str(tiny_copy / "checkpoint.pt"), "--output", str(tiny_copy / "model.onnx"),
+                      "--data-dir", mnist_dir, "--test-limit", SUBSET, "--dot", str(tiny_copy / "model.dot")])
+    return tiny_copy
 
 
 def backend_args(trained, mnist_dir, model="model.onnx", *extra):
@@ -97,9 +94,11 @@ def test_onnx_cpu_accuracy_equals_torch_and_json_has_every_field(trained, mnist_
         assert line["images_per_s"] == pytest.approx(line["images"] / line["test_set_s"])
 
 
-def test_fp16_runs_on_cpu_and_says_so(trained, mnist_dir):
+def test_fp16_runs_where_it_says(trained, mnist_dir):
+    import onnxruntime as ort
     record = onnx_fp16_infer.main(backend_args(trained, mnist_dir))[0]
-    assert record["backend"].startswith("ONNX Runtime FP16 on CPU")
+    where = "CUDA" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPU"
+    assert record["backend"].startswith(f"ONNX Runtime FP16 on {where}")
     assert abs(record["accuracy"] - torch_accuracy(trained, mnist_dir)) <= 1.0
     model = onnx.load(str(trained / "model.fp16.onnx"))
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -121,22 +120,10 @@ def test_int8_models_are_smaller_and_within_half_a_point(small_models, mnist_dir
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in static.graph.node}
 
 
-def run_script(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-def one_line_error(result):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 @pytest.mark.parametrize("script, provider", [("onnx_cuda_infer.py", "CUDAExecutionProvider"),
                                               ("onnx_trt_infer.py", "TensorrtExecutionProvider")])
 def test_gpu_scripts_without_their_provider_fail_clearly(trained, mnist_dir, script, provider):
-    line = one_line_error(run_script(script, *backend_args(trained, mnist_dir)))
+    line = one_line_error(run_script(script, *backend_args(trained, mnist_dir), env=without_gpus()))
     assert provider in line and "requirements-gpu.txt" in line
 
 

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from moebench.http_server import Batcher, Full
+from moebench.serving.batcher import Batcher, Full
 
 
 def request_images(marker, count):

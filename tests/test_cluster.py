@@ -5,6 +5,7 @@ node. Everything is torn down afterwards, whatever happened."""
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +14,9 @@ import tempfile
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, one_line_error
 from moebench.runners import onnx_runtime
 from data import load_split
-from test_backends import one_line_error
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 PORT, HTTP_PORT = 6379, 8124
@@ -39,6 +39,8 @@ def sh(*command, check=True, **kwargs):
 @pytest.fixture(scope="module")
 def two_hosts():
     """(namespace, address) of two hosts on one veth link."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("needs root and iproute2's ip (network namespaces stand for the two hosts): run as root")
     tag = os.getpid() % 200 + 20
     hosts = [(f"moe-{tag}-{side}", f"10.231.{tag}.{n}") for n, side in ((1, "a"), (2, "b"))]
     link = [f"moe{tag}va", f"moe{tag}vb"]

@@ -1,6 +1,5 @@
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -9,7 +8,7 @@ import torch
 
 import data
 from data import DataError
-from conftest import ROOT, idx_bytes, write_idx_set
+from conftest import idx_bytes, run_script, write_idx_set
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -89,11 +88,6 @@ def test_real_mnist_has_the_expected_shape(mnist_dir):
     images, labels = data.load_split("test", mnist_dir)
     assert images.shape == (10000, 1, 28, 28)
     assert torch.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-
-
-def run_script(*args, env=None):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
 
 
 def test_cli_missing_data_is_one_line_and_non_zero(tmp_path):

@@ -14,7 +14,7 @@ import torch_infer
 from moebench import checkpoint
 from moebench.cli import UserError, atomic_path, error_line
 from moebench.runners import pytorch
-from test_backends import ROOT, one_line_error, run_script
+from conftest import ROOT, one_line_error, run_script
 
 USER_FILES = ("checkpoint.pt", "model.pt", "model.onnx", "model.loop.onnx", "training.png")
 

@@ -12,30 +12,31 @@ import config
 import openvino_infer
 import sweep
 import torch_infer
-from moebench import contract, convert, export, measure, roofline
+from moebench import contract, convert, export
 from moebench.cli import UserError
-from moebench.compare import compare
+from moebench.measuring import clock, roofline
+from moebench.measuring.compare import compare
 from moebench.runners import onnx_runtime, openvino_cpu, registry
 from data import load_split
-from test_backends import one_line_error, run_script
+from moebench.test_set import load_test_set
+from conftest import one_line_error, run_script
 
 IMAGES = 2000
 
 
 @pytest.fixture(scope="module")
 def test_set(mnist_dir):
-    args = type("Args", (), {"data_dir": mnist_dir, "test_limit": IMAGES})
-    return measure.load_test_set(args)
+    return load_test_set(mnist_dir, IMAGES)
 
 
 @pytest.mark.parametrize("graph", ["model.onnx", "model.loop.onnx"])
 def test_openvino_fp32_agrees_with_onnxruntime_on_every_image(tiny_models, test_set, graph):
     images, _ = test_set
     path = str(tiny_models / graph)
-    ort_logits = measure.full_pass(onnx_runtime.runner(path).logits, images, 500)
+    ort_logits = clock.full_pass(onnx_runtime.runner(path).logits, images, 500)
     compiled = openvino_cpu.compile_model(openvino_cpu.read(path), "f32")
     assert openvino_cpu.precision_used(compiled) == "f32"
-    ov_logits = measure.full_pass(openvino_cpu.clock(compiled), images, 500)
+    ov_logits = clock.full_pass(openvino_cpu.clock(compiled), images, 500)
     np.testing.assert_array_equal(ov_logits.argmax(1), ort_logits.argmax(1))
     np.testing.assert_allclose(ov_logits, ort_logits, rtol=1e-3, atol=1e-3)
 
@@ -64,10 +65,9 @@ def test_every_faster_path_keeps_the_fp32_answers(small_models, mnist_dir, path)
     batch, so an image's answer depends on its batch: it is held to 99.5% (benchmark.py reports
     each row's agreement on the trained model). All 10k test images: the criterion is a rate, and on
     a 2000-image slice three near-tied images (logit margins under 0.06) decide it."""
-    args = type("Args", (), {"data_dir": mnist_dir, "test_limit": 10000})
-    images, labels = measure.load_test_set(args)
+    images, labels = load_test_set(mnist_dir, 10000)
     graph = str(small_models / ("model.loop.onnx" if "loop" in path else "model.onnx"))
-    fp32 = measure.full_pass(onnx_runtime.runner(graph).logits, images, 500)
+    fp32 = clock.full_pass(onnx_runtime.runner(graph).logits, images, 500)
     if path.startswith("onnxruntime int8"):
         target = str(small_models / f"{path[-5:].strip(', ')}.int8.onnx")
         quantized = convert.quantize(graph, target, "dynamic")
@@ -79,7 +79,7 @@ def test_every_faster_path_keeps_the_fp32_answers(small_models, mnist_dir, path)
     else:
         predict = onnx_runtime.auto_runner(str(small_models / "model.onnx"), str(small_models / "model.loop.onnx"),
                                            config.AUTO_LOOP_FROM).clock()
-    found = compare(measure.full_pass(predict, images, 500), fp32, labels)
+    found = compare(clock.full_pass(predict, images, 500), fp32, labels)
     assert found["agreement"] >= (99.5 if "dynamic" in path else 99.9), found
     assert abs(found["accuracy"] - found["reference_accuracy"]) <= 0.3, found
 
@@ -141,7 +141,8 @@ def test_sweep_quick_writes_both_plots(tiny_models, mnist_dir, tmp_path):
     report = sweep.main(["--checkpoint", str(tiny_models / "checkpoint.pt"), "--data-dir", mnist_dir,
                          "--test-limit", "300", "--quick", "--repeats", "1", "--out-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "sweep.json").read_text())
-    assert set(saved["batch"]) >= {registry.REFERENCE, f"OpenVINO CPU {registry.openvino_precision()}, loop"}
+    assert set(saved["batch"]) >= {registry.entry(key).label for key in (
+        registry.REFERENCE, f"openvino-{registry.openvino_precision()}-loop")}
     assert all(set(curve) == {"1", "16", "256"} and min(curve.values()) > 0 for curve in saved["batch"].values())
     assert {(p["EXPERTS"], p["HIDDEN_SIZE"]) for p in report["size"]} == {(4, 32), (8, 32)}
     for name in ("sweep_batch.png", "sweep_size.png"):

@@ -17,7 +17,7 @@ from moebench import checkpoint, export, fused
 from moebench.runners import onnx_runtime
 from moebench.cli import UserError
 from data import load_split
-from test_backends import ROOT
+from conftest import ROOT
 
 IMAGES = 10000  # the agreement criterion is a rate: on a 2000-image slice a few near-tied images decide it
 KERNELS = fused.available_kernels()  # on this project's CPU all three; elsewhere those the CPU has, never a skip
@@ -151,7 +151,7 @@ def test_structures_the_kernel_cannot_take_are_one_clear_error(tiny_models):
 def test_the_path_is_picked_for_the_cpu_and_the_environment_can_force_one(monkeypatch):
     monkeypatch.delenv(fused.ENV, raising=False)
     assert fused.chosen_kernel() == KERNELS[0]
-    monkeypatch.setattr(fused.measure, "cpu_flags", lambda: {"avx2", "fma", "sse4_2"})  # an AVX2-only CPU
+    monkeypatch.setattr(fused, "cpu_flags", lambda: {"avx2", "fma", "sse4_2"})  # an AVX2-only CPU
     assert fused.available_kernels() == (["avx2", "portable"] if fused.x86() else ["portable"])
     assert fused.unavailable_kernels()["vnni"].startswith("this CPU lacks avx512f, avx512bw, avx512_vnni")
     monkeypatch.setenv(fused.ENV, "portable")

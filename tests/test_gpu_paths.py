@@ -10,9 +10,11 @@ from onnx import TensorProto, helper
 
 import onnx_cpu_infer
 import onnx_trt_infer
-from moebench import measure, tensorrt_support
+from moebench import tensorrt_support
+from moebench.measuring import clock
 from moebench.runners import onnx_runtime
-from test_backends import one_line_error, run_script
+from moebench.test_set import load_test_set
+from conftest import one_line_error, run_script, without_gpus
 
 
 def test_support_matrix_is_pinned_with_its_version_and_source():
@@ -52,7 +54,8 @@ def test_trt_check_only_needs_no_gpu_and_exits_by_its_verdict(tiny_models):
 
 
 def test_trt_without_its_provider_says_how_to_install_it(tiny_models):
-    line = one_line_error(run_script("onnx_trt_infer.py", "--model", str(tiny_models / "model.onnx")))
+    line = one_line_error(run_script("onnx_trt_infer.py", "--model", str(tiny_models / "model.onnx"),
+                                     env=without_gpus()))
     assert "TensorrtExecutionProvider is not available" in line
     assert "requirements-gpu.txt" in line and "tensorrt-cu13==10.16.1.11" in line
 
@@ -70,12 +73,12 @@ def test_tensorrt_options_follow_the_provider_documentation():
 
 
 def test_resident_iobinding_runner_gives_session_run_logits(tiny_models, mnist_dir):
-    images, _ = measure.load_test_set(type("Args", (), {"data_dir": mnist_dir, "test_limit": 700}))
-    session = onnx_runtime.create_session(str(tiny_models / "model.onnx"), ["CPUExecutionProvider"])
-    host, resident = onnx_runtime.clocks(session, "both")
-    assert "IOBinding" in resident.timing and "host" in host.timing
-    np.testing.assert_array_equal(measure.full_pass(resident, images, 256), measure.full_pass(host, images, 256))
-    assert len(measure.time_single_images(resident, images, 5)) == 5
+    images, _ = load_test_set(mnist_dir, 700)
+    with onnx_runtime.runner(str(tiny_models / "model.onnx")) as runner:
+        host, resident = runner.clock("host"), runner.clock("resident")
+        assert "IOBinding" in resident.timing and "host" in host.timing
+        np.testing.assert_array_equal(clock.full_pass(resident, images, 256), clock.full_pass(host, images, 256))
+        assert len(clock.time_single_images(resident, images, 5)) == 5
 
 
 def test_cpu_script_prints_both_timing_modes(tiny_models, mnist_dir, tmp_path):
@@ -95,5 +98,5 @@ def test_cpu_script_prints_both_timing_modes(tiny_models, mnist_dir, tmp_path):
     ("train.py", ["--device", "cuda"])])
 def test_gpu_scripts_without_a_gpu_say_so(tiny_models, script, flags):
     flags = [str(tiny_models / flag) if flag.startswith(("model", "checkpoint")) else flag for flag in flags]
-    line = one_line_error(run_script(script, *flags))
+    line = one_line_error(run_script(script, *flags, env=without_gpus()))
     assert "CUDA" in line and "requirements-gpu.txt" in line

@@ -1,25 +1,33 @@
-"""The repository's shape: entry scripts at the top, the library in moebench/, the model's own files
-below both; imports point one way; no file grows past what one reads top to bottom; a Ray worker
-that gets only the package can serve."""
+"""The repository's shape: entry scripts at the top, the library in moebench/ grouped in subpackages
+named for what they hold, the model's own files below both; imports point one way; library functions
+take plain values; no file grows past what one reads top to bottom; a Ray worker that gets only the
+package can serve."""
 import ast
 import glob
 import json
 import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
 from data import load_split
-from moebench.runners import onnx_runtime
+from moebench.measuring import clock
+from moebench.runners import onnx_runtime, registry
 
 MODEL_FILES = {"config", "moe", "data"}  # the model's own files: structure, network, data reader
 ENTRY_SCRIPTS = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))} - MODEL_FILES
 PACKAGE = "moebench"
 MAX_LINES = 350
+MAX_TOP_MODULES = 16  # modules directly in moebench/; the rest live in subpackages
+SUBPACKAGES = {"measuring", "reports", "runners", "serving"}
+FLAG_READERS = {"from_flags", "asked"}  # the only library functions that read an argparse Namespace
 
 
 def imported_modules(path):
@@ -58,6 +66,25 @@ def test_the_package_imports_no_entry_script(path):
     assert not imported_modules(path) & ENTRY_SCRIPTS
 
 
+def test_the_library_is_grouped_in_subpackages_that_say_what_they_hold():
+    top = [p for p in python_files(PACKAGE) if os.path.basename(p) != "__init__.py"]
+    assert len(top) <= MAX_TOP_MODULES, sorted(os.path.basename(p) for p in top)
+    folders = {os.path.basename(os.path.dirname(p)) for p in python_files(PACKAGE, recursive=True)} - {PACKAGE}
+    assert folders == SUBPACKAGES
+    for folder in folders:
+        with open(os.path.join(ROOT, PACKAGE, folder, "__init__.py")) as f:
+            assert ast.get_docstring(ast.parse(f.read())), f"{folder}/__init__.py says nothing of what it holds"
+
+
+@pytest.mark.parametrize("path", python_files(PACKAGE, recursive=True), ids=lambda p: os.path.relpath(p, ROOT))
+def test_library_functions_take_plain_values_not_the_scripts_flags(path):
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    takes_flags = [node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                   and "args" in [a.arg for a in node.args.args] and node.name not in FLAG_READERS]
+    assert not takes_flags, f"{takes_flags} take the scripts' argparse Namespace"
+
+
 def test_the_runner_modules_import_nothing_from_the_top_level():
     for path in python_files(os.path.join(PACKAGE, "runners")):
         if os.path.basename(path) != "registry.py":  # it makes runners from the checkpoint, so it reads config.py
@@ -78,8 +105,9 @@ def test_a_ray_worker_with_only_the_package_serves_and_says_what_ran(tiny_models
     pixels = np.round(images * 255).astype(np.uint8)
     np.save(tmp_path / "pixels.npy", pixels)
     shutil.copy(tiny_models / "model.onnx", tmp_path / "model.onnx")
-    program = ("import json, sys, numpy as np; from moebench import serving; "
-               "engine = serving.Engine(open('model.onnx', 'rb').read(), 'onnxruntime', threads=1); "
+    (tmp_path / "served.pickle").write_bytes(pickle.dumps(registry.servable()["onnxruntime"]))  # what Ray sends
+    program = ("import json, pickle, sys, numpy as np; from moebench.serving.engine import Engine; "
+               "engine = Engine(pickle.load(open('served.pickle', 'rb')), open('model.onnx', 'rb').read(), threads=1); "
                "assert 'config' not in sys.modules and 'data' not in sys.modules; "
                "print(json.dumps({'described': engine.describe(), "
                "'classes': [a['class'] for a in engine.classify(np.load('pixels.npy').reshape(-1, 784))]}))")
@@ -91,3 +119,29 @@ def test_a_ray_worker_with_only_the_package_serves_and_says_what_ran(tiny_models
     assert answer["classes"] == expected.tolist()
     assert answer["described"]["provider"] == "CPUExecutionProvider" and answer["described"]["threads"] == 1
     assert answer["described"]["engine"].startswith("ONNX Runtime ")
+
+
+def doc_code_blocks(name):
+    with open(os.path.join(ROOT, "docs", name)) as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
+
+
+def test_the_documented_way_to_add_a_backend_works(tiny_models, mnist_dir, tmp_path):
+    """docs/adding-a-backend.md's runner and entry, run as written: the entry's runner answers as ONNX
+    Runtime does, holds its engine, is timed by its clock, and lets its engine go on close()."""
+    runner_code, entry_code = doc_code_blocks("adding-a-backend.md")[:2]
+    module = types.ModuleType("moebench.runners.onnx_reference")
+    exec(runner_code.replace("from .. import", "from moebench import").replace("from .base", "from moebench.runners.base"),
+         module.__dict__)
+    entry = eval(entry_code, {"Entry": registry.Entry, "onnx_reference": module})
+    assert entry.key == "onnx-reference-dense" and entry.key not in {e.key for e in registry.catalogue()}
+    images = load_split("test", mnist_dir, 50)[0].numpy()
+    sources = registry.Sources(None, str(tmp_path), onnx_files={"dense": str(tiny_models / "model.onnx")})
+    expected = onnx_runtime.runner(str(tiny_models / "model.onnx")).predict(images)
+    with entry.runner(sources) as made:
+        assert made.engine is not None and made.describe()["engine"].startswith("onnx ")
+        logits, gates = made.predict(images)
+        np.testing.assert_allclose(logits, expected[0], atol=1e-4)
+        np.testing.assert_allclose(gates, expected[1], atol=1e-5)
+        np.testing.assert_array_equal(clock.full_pass(made.clock(), images, 16).argmax(1), expected[0].argmax(1))
+    assert made.engine is None and not made.clocks

@@ -13,9 +13,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, train_tiny
+from conftest import ROOT, free_port, train_tiny
 from moebench import web
-from moebench.server_process import free_port
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (requirements.txt)")

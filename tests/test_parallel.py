@@ -15,7 +15,7 @@ import torch
 import export_onnx
 import train
 from moebench import checkpoint
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 SMALL = ["--train-limit", "512", "--test-limit", "200", "--experts", "4", "--top", "2", "--emb-size", "32",
          "--hidden-size", "32", "--noisy-gating", "off", "--quiet"]
@@ -136,9 +136,8 @@ def test_ctrl_c_stops_every_rank(tmp_path, mnist_dir):
 def test_the_readme_s_two_node_recipe_trains_as_one_process(one_process, mnist_dir, mode):
     """Two torchrun commands, node ranks 0 and 1, one process each, meeting at a c10d rendezvous
     (README); on loopback here: --local-addr and GLOO_SOCKET_IFNAME keep every connection on lo."""
-    import loadgen
     folder, single = one_process
-    endpoint = f"127.0.0.1:{loadgen.free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "PYTHONPATH": ROOT, "GLOO_SOCKET_IFNAME": "lo"}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
                                "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,

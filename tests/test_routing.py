@@ -12,17 +12,16 @@ import torch
 
 import benchmark
 import train
-from moebench import checkpoint, export, floor
+from moebench import checkpoint, export
+from moebench.measuring import floor
 from moebench.runners import onnx_runtime, registry
-from conftest import ROOT, train_tiny
+from conftest import ROOT
 from moe import build_model
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, mnist_dir):
-    folder = tmp_path_factory.mktemp("routing")
-    train_tiny(folder, mnist_dir)
-    return folder
+def trained(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -111,19 +110,21 @@ def test_benchmark_quick_run_writes_every_file_and_field(trained, mnist_dir, tmp
     saved = json.loads((out / "benchmark.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(report["rows"]))
     names = [row["name"] for row in saved["rows"]]
-    for expected in (registry.REFERENCE, "ONNX Runtime CPU, loop, torchscript", benchmark.DATALOADER_ROW,
-                     "PyTorch eager CPU, dense", "PyTorch TorchScript (frozen) CPU, dense", "ONNX Runtime CPU, dense, dynamo",
-                     "ONNX Runtime FP16 on CPU, dense", "ONNX Runtime INT8 static QDQ, dense"):
-        assert expected in names
+    keys = [row["key"] for row in saved["rows"]]
+    for expected in (registry.REFERENCE, "ort-loop", "ort-loop-dataloader", "torch-eager-dense", "torch-script-dense",
+                     "ort-dense-dynamo", "ort-fp16-dense", "ort-int8-static"):
+        assert expected in keys
+    assert len(set(keys)) == len(keys)
+    assert all(registry.entry(row["key"]).label == row["name"] for row in saved["rows"])  # labels only display
     for row in saved["rows"]:
         assert 0 <= row["accuracy"] <= 100 and row["vs_floor_test_set"] > 0
         assert row["model"]["images_per_s"] > 0 and row["floor"]["best_test_set_ms"] > 0
-        if row["name"] != benchmark.DATALOADER_ROW:
+        if row["key"] != "ort-loop-dataloader":
             assert set(row["model"]["latency_us"]) == {"p50", "p90", "p99"}
             assert set(row["model"]["test_set_ms"]) == {"64", "1024", "200"}
             assert row["vs_floor_b1"] > 0 and 0 <= row["agreement"] <= 100
             assert {"engine", "provider", "precision", "threads"} <= set(row["described"])
-    reference = next(row for row in saved["rows"] if row["name"] == registry.REFERENCE)
+    reference = next(row for row in saved["rows"] if row["key"] == registry.REFERENCE)
     assert reference["agreement"] == 100.0 and reference["max_logit_diff"] == 0.0
     assert reference["described"]["provider"] == "CPUExecutionProvider"
     assert saved["machine"]["cores"] and saved["machine"]["versions"]["onnxruntime"]

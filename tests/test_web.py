@@ -18,9 +18,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 from moebench import web
-from moebench.server_process import ServerProcess, free_port
+from moebench.serving.server_process import ServerProcess
 
 pytest.importorskip("selenium", reason="selenium is not installed (requirements.txt)")
 pytestmark = pytest.mark.skipif(

@@ -1,27 +1,62 @@
-"""A runner: one backend with the model loaded, ready to answer."""
-from .. import measure
+"""A runner: one backend with the model loaded, ready to answer, holding its engine's own handle."""
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..cli import UserError
+from ..measuring.clock import Clock
 
 
+@dataclass
 class Runner:
     """predict(pixels) -> (logits, gates or None) as numpy, for float32 pixels (N, 1, 28, 28);
-    describe() says what really ran (engine, provider or device, precision, threads); clock() says
-    how to time it: end to end from host arrays unless the backend gives another mode."""
+    logits(pixels) skips the gates' copy where an engine can; describe() says what really ran
+    (engine, provider or device, precision, threads); clock(timing) says how to time it: "host"
+    (end to end from host arrays) always, "resident" where the engine can hold inputs on its device.
+    close() lets the engine go."""
+    name: str
+    predict: Callable
+    described: dict
+    engine: Any = None  # the engine's handle: an InferenceSession, an OpenVINO CompiledModel, a torch module
+    logits: Callable = None
+    clocks: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    release: Callable = None  # what close() calls besides dropping the handle
 
-    def __init__(self, name, predict, described, logits=None, clock=None):
-        self.name, self.predict, self.described = name, predict, described
-        self.logits = logits or (lambda pixels: predict(pixels)[0])  # some engines skip the gates' copy
-        self._clock = clock
+    def __post_init__(self):
+        if self.logits is None:
+            self.logits = lambda pixels: self.predict(pixels)[0]
+        self.clocks = {"host": Clock(self.logits), **self.clocks}
 
     def describe(self):
         return dict(self.described)
 
-    def clock(self):
-        return self._clock or measure.Clock(self.logits)
+    def clock(self, timing="host"):
+        if timing not in self.clocks:
+            raise UserError(f"{self.name} has no {timing} timing (it has {', '.join(self.clocks)})")
+        return self.clocks[timing]
 
-    def timed_by(self, clock):
-        """The same runner, timed another way (device-resident inputs, ...)."""
-        self._clock = clock
+    def close(self):
+        if self.release:
+            self.release()
+        self.engine = self.predict = self.logits = None
+        self.clocks = {}
+
+    def __enter__(self):
         return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __repr__(self):
         return f"Runner({self.name!r}, {self.described})"
+
+
+@dataclass(frozen=True)
+class Served:
+    """How serve.py makes a runner for --backend `backend`: make(model_path, checkpoint_path, threads,
+    precision) -> Runner. A Ray replica calls make, so it lives in a runner module, never in one that
+    reads the repository's own files; `from_checkpoint` ones need those files and serve on one machine."""
+    backend: str
+    what: str
+    make: Callable
+    from_checkpoint: bool = False

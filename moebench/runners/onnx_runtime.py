@@ -6,7 +6,8 @@ import os
 
 import numpy as np
 
-from .. import contract, measure
+from .. import contract
+from ..measuring.clock import Clock
 from ..cli import UserError, error_line
 from .base import Runner
 
@@ -65,8 +66,10 @@ def create_session(path, providers, options=None):
                                        providers=providers)
     except Exception as error:
         contract.load_onnx(path)  # a file that is no ONNX model gets that said plainly; parsed only on failure
+        gpu_hint = "" if wanted[0] == "CPUExecutionProvider" else ("; check that a GPU is visible and the "
+                                                                   "CUDA/cuDNN/TensorRT libraries; " + GPU_INSTALL)
         raise UserError(f"{path}: onnxruntime could not load it with {wanted[0]} "
-                        f"({error_line(error, 300)})")
+                        f"({error_line(error, 300)}){gpu_hint}")
     if session.get_providers()[0] != wanted[0]:
         raise UserError(f"{wanted[0]} failed to start (onnxruntime fell back to "
                         f"{session.get_providers()[0]}); check the CUDA/cuDNN/TensorRT libraries; "
@@ -81,9 +84,9 @@ ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(d
 
 def session_io(session):
     """[(name, dtype, shape)] of a session's inputs and outputs, for contract.check()."""
-    def entries(args):
-        return [(a.name, ORT_TYPES.get(a.type, a.type), [d if isinstance(d, int) else None for d in a.shape])
-                for a in args]
+    def entries(ports):
+        return [(p.name, ORT_TYPES.get(p.type, p.type), [d if isinstance(d, int) else None for d in p.shape])
+                for p in ports]
     return entries(session.get_inputs()), entries(session.get_outputs())
 
 
@@ -114,10 +117,10 @@ def resident_clock(session, device="cpu", device_id=0):
         prepared[0].synchronize_outputs()
         return prepared[0]
 
-    return measure.Clock(run, prepare=prepare,
-                         fetch=lambda binding: binding.copy_outputs_to_cpu()[outputs.index(contract.LOGITS)],
-                         timing=f"device-resident: IOBinding, inputs and outputs on {device}:{device_id} "
-                                "before the clock starts")
+    return Clock(run, prepare=prepare,
+                 fetch=lambda binding: binding.copy_outputs_to_cpu()[outputs.index(contract.LOGITS)],
+                 timing=f"device-resident: IOBinding, inputs and outputs on {device}:{device_id} "
+                        "before the clock starts")
 
 
 def by_batch_size(small, large, threshold):
@@ -128,16 +131,9 @@ def by_batch_size(small, large, threshold):
     def sync():
         small.sync()
         large.sync()
-    return measure.Clock(lambda prepared: (prepared[0], prepared[0].run(prepared[1])),
-                         prepare=lambda batch: (pick(batch), pick(batch).prepare(batch)), sync=sync,
-                         fetch=lambda done: done[0].fetch(done[1]), timing=small.timing)
-
-
-def clocks(session, timing, device="cpu", device_id=0):
-    chosen = {"host": ["host"], "resident": ["resident"], "both": ["host", "resident"]}[timing]
-    made = {"host": lambda: measure.Clock(predictor(session)),
-            "resident": lambda: resident_clock(session, device, device_id)}
-    return [made[name]() for name in chosen]
+    return Clock(lambda prepared: (prepared[0], prepared[0].run(prepared[1])),
+                 prepare=lambda batch: (pick(batch), pick(batch).prepare(batch)), sync=sync,
+                 fetch=lambda done: done[0].fetch(done[1]), timing=small.timing)
 
 
 def cuda_graph_latency(path, device_id, images, runs):
@@ -205,8 +201,6 @@ def gpu_name(device_id=0):
     return f"GPU {device_id}"
 
 
-
-
 def describe(session, precision="fp32"):
     """What ran: the engine, the provider that really took the graph, the precision, the threads."""
     import onnxruntime as ort
@@ -215,27 +209,48 @@ def describe(session, precision="fp32"):
             "precision": precision, "threads": threads or "auto (one per physical core)"}
 
 
-def runner(path, name="ONNX Runtime CPU", providers=("CPUExecutionProvider",), options=None, precision="fp32"):
-    """The ONNX file at path in one session; predict() returns the gates too where the graph has them."""
+def versions():
+    import onnx
+    import onnxruntime as ort
+    return {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__}
+
+
+def runner(path, name="ONNX Runtime CPU", providers=("CPUExecutionProvider",), options=None, precision="fp32",
+           device="cpu", device_id=0):
+    """The ONNX file at path in one session; predict() returns the gates too where the graph has them.
+    Timed from host arrays, or device-resident through IOBinding on `device`."""
     session = create_session(path, list(providers), options)
     wanted = [contract.LOGITS] + [o.name for o in session.get_outputs() if o.name == contract.GATES]
 
     def predict(pixels):
         found = session.run(wanted, {contract.PIXELS: pixels})
         return found[0], found[1] if len(found) > 1 else None
-    made = Runner(name, predict, describe(session, precision), logits=predictor(session))
-    made.session = session
-    return made
+    return Runner(name, predict, describe(session, precision), engine=session, logits=predictor(session),
+                  clocks={"resident": resident_clock(session, device, device_id)}, versions=versions())
 
 
-def auto_runner(dense, loop, threshold, name="ONNX Runtime CPU, auto"):
+def auto_runner(dense, loop, threshold, name="ONNX Runtime CPU, auto", threads=0, opt_level="all"):
     """Two sessions, the dense graph for batches below `threshold` and the loop graph from it on;
     the loop session's idle threads do not spin, or they would slow the dense one."""
-    small = runner(dense, name, options=session_options(spinning=True))
-    large = runner(loop, name, options=session_options(spinning=False))
+    small = runner(dense, name, options=session_options(opt_level, threads, spinning=True))
+    large = runner(loop, name, options=session_options(opt_level, threads, spinning=False))
 
     def pick(pixels):
         return small if len(pixels) < threshold else large
-    clock = by_batch_size(small.clock(), large.clock(), threshold)
+    clocks = {timing: by_batch_size(small.clock(timing), large.clock(timing), threshold)
+              for timing in ("host", "resident")}
     return Runner(name, lambda pixels: pick(pixels).predict(pixels),
-                  {**small.describe(), "routing": f"dense below batch {threshold}, loop from it"}, clock=clock)
+                  {**small.describe(), "routing": f"dense below batch {threshold}, loop from it"},
+                  engine=(small.engine, large.engine), logits=lambda pixels: pick(pixels).logits(pixels),
+                  clocks=clocks, versions=small.versions, release=lambda: (small.close(), large.close()))
+
+
+def served(path, checkpoint_path=None, threads=0, precision="auto"):
+    """serve.py --backend onnxruntime: the CPU provider, `threads` intra-op threads."""
+    return runner(path, "ONNX Runtime CPU", options=session_options(threads=threads))
+
+
+def served_on_cuda(path, checkpoint_path=None, threads=0, precision="auto"):
+    """serve.py --backend onnxruntime-cuda: the CUDA provider, never a silent CPU fallback."""
+    return runner(path, "ONNX Runtime CUDA", ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                  session_options(threads=threads), device="cuda")

@@ -4,7 +4,9 @@ import logging
 
 import numpy as np
 
-from .. import compare, contract, measure
+from .. import contract
+from ..measuring.clock import Clock, full_pass
+from ..measuring.compare import accuracy as percent_right
 from ..cli import UserError, error_line, for_the_user
 from .base import Runner
 
@@ -61,7 +63,7 @@ def settings_used(compiled):
 
 
 def clock(compiled):
-    """A measure.Clock: one synchronous request per call; under the throughput hint a whole
+    """A Clock: one synchronous request per call; under the throughput hint a whole
     pass goes through an AsyncInferQueue, one request per stream, as OpenVINO intends."""
     import openvino
     request = compiled.create_infer_request()
@@ -79,9 +81,9 @@ def clock(compiled):
         queue.wait_all()
         return outputs
     throughput = str(compiled.get_property("PERFORMANCE_HINT")).lower() == "throughput"
-    return measure.Clock(run, run_all=run_all if throughput else None,
-                         timing="end to end from host numpy arrays"
-                                + (" (whole passes through an AsyncInferQueue)" if throughput else ""))
+    return Clock(run, run_all=run_all if throughput else None,
+                 timing="end to end from host numpy arrays"
+                        + (" (whole passes through an AsyncInferQueue)" if throughput else ""))
 
 
 def gate_path(model):
@@ -125,8 +127,7 @@ def quantize_int8(model, calibration, batch_size=100):
 
 
 def accuracy(compiled, images, labels):
-    logits = measure.full_pass(clock(compiled), images, 1000)
-    return compare.accuracy(logits, labels)
+    return percent_right(full_pass(clock(compiled), images, 1000), labels)
 
 
 def version():
@@ -142,9 +143,14 @@ def versions(int8=False):
 def runner(path, name="OpenVINO CPU", precision="auto", hint="latency", calibration=None):
     """The ONNX file compiled for the CPU at `precision`; INT8 (NNCF) first when calibration
     images are given. describe() reads back the precision and threads the compiled model uses."""
+    import time
     model = read(path)
+    described = {}
     if calibration is not None:
-        model = quantize_int8(model, calibration)[0]
+        started = time.perf_counter()
+        model, quantized = quantize_int8(model, calibration)
+        described["quantized"] = (f"NNCF INT8: {len(quantized)} matrix products (embedding, experts), gate in "
+                                  f"float; {len(calibration)} training images, {time.perf_counter() - started:.1f} s")
     compiled = compile_model(model, precision, hint)
     request = compiled.create_infer_request()
     outputs = [compiled.output(contract.LOGITS)] + [o for o in compiled.outputs if contract.GATES in o.get_names()]
@@ -155,7 +161,11 @@ def runner(path, name="OpenVINO CPU", precision="auto", hint="latency", calibrat
     used = settings_used(compiled)
     described = {"engine": f"OpenVINO {version()}", "provider": "CPU",
                  "precision": ("int8 products, the rest " if calibration is not None else "") + used["precision"],
-                 "threads": used["threads"], "hint": used["hint"], "streams": used["streams"]}
-    made = Runner(name, predict, described, clock=clock(compiled))
-    made.compiled = compiled
-    return made
+                 "threads": used["threads"], "hint": used["hint"], "streams": used["streams"], **described}
+    return Runner(name, predict, described, engine=compiled, clocks={"host": clock(compiled)},
+                  versions=versions(calibration is not None))
+
+
+def served(path, checkpoint_path=None, threads=0, precision="auto"):
+    """serve.py --backend openvino: the CPU plugin at `precision` (auto: bf16 where the CPU has it)."""
+    return runner(path, f"OpenVINO CPU, {precision}", precision=precision)

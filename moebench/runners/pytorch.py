@@ -3,7 +3,9 @@ INT8 custom operator on the CPU, and on CUDA a CUDA-graph replay; timed from hos
 CUDA also device-resident."""
 import torch
 
-from .. import fused, measure
+from .. import fused
+from ..measuring.clock import Clock
+from ..measuring.machine import cpu_flags
 from ..cli import UserError
 from .base import Runner
 
@@ -43,10 +45,10 @@ def predictor(model, device, bf16=False):
 def resident_clock(model, device, bf16=False):
     """Inputs already on the device before the clock starts; the clock stops after synchronising."""
     forward = forward_logits(model, device, bf16)
-    return measure.Clock(forward, prepare=lambda batch: torch.from_numpy(batch).to(device),
-                         sync=torch.cuda.synchronize, fetch=lambda logits: logits.float().cpu().numpy(),
-                         timing=f"device-resident: torch tensors already on {device}, synchronised before "
-                                "the clock is read")
+    return Clock(forward, prepare=lambda batch: torch.from_numpy(batch).to(device),
+                 sync=torch.cuda.synchronize, fetch=lambda logits: logits.float().cpu().numpy(),
+                 timing=f"device-resident: torch tensors already on {device}, synchronised before "
+                        "the clock is read")
 
 
 def frozen_script(model):
@@ -105,7 +107,7 @@ def cuda_graphed(model, structure):
 
 
 def has_bf16(device):
-    return device == "cuda" or bool({"avx512_bf16", "amx_bf16"} & measure.cpu_flags())
+    return device == "cuda" or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def ready_model(variant, model, structure, device, kernel=None):
@@ -125,19 +127,33 @@ def device_name(device):
     return torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
 
 
-def clocks(model, device, bf16=False):
-    """The timing modes for a device: host arrays everywhere, and device-resident on CUDA."""
-    predict = fused.predictor(model) if isinstance(model, fused.FusedInt8) else predictor(model, device, bf16)
-    host = measure.Clock(predict)
-    return [host] + ([resident_clock(model, torch.device(device), bf16)] if device == "cuda" else [])
+BUILT_BY = {"compile": "compilation", "compile-bf16": "compilation", "cuda-graph": "graph capture",
+            "fused-int8": "the operator's build (cached after the first) and weight packing"}
+
+
+def available(variant, device):
+    """'' where `variant` runs on `device`, else why not (one clause)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "PyTorch sees no CUDA device"
+    if variant == "cuda-graph" and device != "cuda":
+        return "needs a CUDA device"
+    if variant == "compile-bf16" and not has_bf16(device):
+        return "the CPU has no avx512_bf16/amx_bf16"
+    if variant == "fused-int8" and device != "cpu":
+        return "CPU only"
+    return ""
 
 
 def runner(variant, model, structure, device="cpu", name=None, kernel=None):
     """The trained model made ready as `variant` on `device` (compiled, frozen, packed or captured
-    here, before any timing); predict() returns logits and gates as numpy."""
+    here, before any timing); predict() returns logits and gates as numpy. On CUDA it is also timed
+    device-resident."""
+    import time
+    started = time.perf_counter()
     ready = ready_model(variant, model, structure, device, kernel)
+    setup_s = time.perf_counter() - started
     bf16 = variant == "compile-bf16"
-    forward = forward_logits(ready, torch.device(device), bf16) if not isinstance(ready, fused.FusedInt8) else None
+    fused_op = isinstance(ready, fused.FusedInt8)
 
     def predict(pixels):
         with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
@@ -146,9 +162,11 @@ def runner(variant, model, structure, device="cpu", name=None, kernel=None):
     precision = {"compile-bf16": "bf16 autocast", "fused-int8": "int8"}.get(variant, "fp32")
     described = {"engine": f"PyTorch {torch.__version__}", "provider": f"{LABELS[variant]} on {device.upper()}",
                  "precision": precision, "threads": torch.get_num_threads() if device == "cpu" else device_name(device)}
-    if variant == "fused-int8":
+    if variant in BUILT_BY:
+        described["setup holds"] = f"{BUILT_BY[variant]}, {setup_s:.1f} s"
+    if fused_op:
         described["kernel"] = fused.describe(ready.kernel)
-    made = Runner(name or f"PyTorch {LABELS[variant]} {device.upper()}", predict, described,
-                  logits=fused.predictor(ready) if forward is None else predictor(ready, device, bf16))
-    made.model = ready
-    return made
+    resident = {"resident": resident_clock(ready, torch.device(device), bf16)} if device == "cuda" else {}
+    return Runner(name or f"PyTorch {LABELS[variant]} {device.upper()}", predict, described, engine=ready,
+                  logits=fused.predictor(ready) if fused_op else predictor(ready, device, bf16), clocks=resident,
+                  versions={"torch": torch.__version__})

@@ -1,5 +1,7 @@
-"""Every runner this project has, by name: what benchmark.py, sweep.py, loadgen.py and serve.py
-compose. An entry says what it is (group, routing, precision) and makes its runner from Sources."""
+"""Every runner this project has, under a stable key ("ort-dense", "fused-int8-vnni", ...): what
+benchmark.py, sweep.py, loadgen.py and serve.py select from. An entry says what it is (label for
+display, group, routing, precision), whether it runs here and why not, how it is timed, whether
+serve.py can serve it, and makes its runner from Sources."""
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -7,14 +9,12 @@ from typing import Callable
 import config
 
 from .. import checkpoint, convert, fused
-from . import onnx_runtime, openvino_cpu, pytorch, served
-from .base import Runner
+from . import onnx_runtime, openvino_cpu, pytorch
+from .base import Runner, Served
 
-SERVED = served.SERVED  # serve.py's runners: a part of the registry a Ray worker can import on its own
-REFERENCE = "ONNX Runtime CPU, dense, torchscript"  # fp32, what the other rows are compared with
+REFERENCE = "ort-dense"  # fp32 ONNX Runtime on the dense graph: what the other rows are compared with
 INT8_VARIANTS = (("dynamic", False, False), ("dynamic", True, False), ("dynamic", False, True),
                  ("static QDQ", False, False), ("static QDQ", True, False), ("static QDQ", False, True))
-CPU = ["CPUExecutionProvider"]
 CUDA = [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
 
 
@@ -89,144 +89,210 @@ class Sources:
                                                        per_channel, reduce_range))
 
 
+def runs_anywhere(structure):
+    return ""
+
+
 @dataclass(frozen=True)
 class Entry:
-    name: str
-    group: str  # torch, onnx, fp16, int8, openvino, gpu: the benchmark's colours and sections
+    key: str  # stable: what scripts, reports and tests select by
+    label: str  # for display only
+    group: str  # torch, onnx, fp16, int8, openvino, web, dataloader, gpu: the benchmark's colours and sections
     routing: str  # dense, loop or fused: which multiply-adds it does (the roofline needs it)
     precision: str  # fp32, bf16, fp16 or int8: which peak it is held to
-    make: Callable[[Sources], Runner]
+    make: Callable[[Sources], Runner] = None
     quick: bool = False  # also in a smoke run
+    device: str = "cpu"
+    timing: str = "host"  # which of the runner's clocks times it
+    measured_by: str = "runner"  # runner; or browser, dataloader: rows benchmark.py measures its own way
+    lacks: Callable[[dict], str] = runs_anywhere  # why it cannot run here ('' where it can)
+    served: Served = None  # how serve.py serves it, if it can
 
     def runner(self, sources):
-        made = self.make(sources)
-        made.name = self.name
-        return made
+        return self.make(sources)
 
 
-def int8_name(method, per_channel, reduce_range):
+def provider_missing(provider):
+    def lacks(structure):
+        import onnxruntime as ort
+        return "" if provider in ort.get_available_providers() else f"onnxruntime here has no {provider}"
+    return lacks
+
+
+def torch_lacks(variant, device="cpu"):
+    return lambda structure: pytorch.available(variant, device)
+
+
+def no_bf16(structure):
+    return "" if pytorch.has_bf16("cpu") else "the CPU has no avx512_bf16/amx_bf16"
+
+
+def fused_lacks(kernel):
+    def lacks(structure):
+        if not fused.takes(structure):
+            return "it needs EMB_SIZE and HIDDEN_SIZE multiples of 64 and at most 16 experts"
+        return fused.unavailable_kernels().get(kernel, "")
+    return lacks
+
+
+def serve_fused(path, checkpoint_path, threads=0, precision="auto"):
+    """The fused operator reads the checkpoint, and with it the model's own files (config.py, moe.py):
+    it runs where the repository is, never on a Ray worker that has only this package."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    model, structure, _ = checkpoint.load_model(checkpoint_path, {"ROUTING": "dense"})
+    return pytorch.runner("fused-int8", model, structure, name="fused INT8 operator")
+
+
+SERVE_ORT = Served("onnxruntime", "ONNX Runtime, CPU", onnx_runtime.served)
+SERVE_ORT_CUDA = Served("onnxruntime-cuda", "ONNX Runtime, CUDA (a CUDA machine with onnxruntime-gpu)",
+                        onnx_runtime.served_on_cuda)
+SERVE_OPENVINO = Served("openvino", "OpenVINO, CPU (bf16 where the CPU has it, unless --precision says otherwise)",
+                        openvino_cpu.served)
+SERVE_FUSED = Served("fused-int8", "the fused INT8 operator (PyTorch custom op) built from --checkpoint; CPU, "
+                                   "one machine only", serve_fused, from_checkpoint=True)
+TORCH_KEYS = {"eager": "eager", "torchscript": "script", "compile": "compile", "compile-bf16": "compile-bf16",
+              "cuda-graph": "cuda-graph"}
+
+
+def torch_runner(variant, routing, device="cpu", kernel=None):
+    return lambda s: pytorch.runner(variant, s.model(routing), {**s.structure, "ROUTING": routing}, device, kernel=kernel)
+
+
+def torch_entries():
+    entries = []
+    for routing in config.ROUTINGS:
+        dense = routing == "dense"
+        entries += [Entry(f"torch-eager-{routing}", f"PyTorch eager CPU, {routing}", "torch", routing, "fp32",
+                          torch_runner("eager", routing), quick=dense),
+                    Entry(f"torch-script-{routing}", f"PyTorch TorchScript (frozen) CPU, {routing}", "torch", routing,
+                          "fp32", torch_runner("torchscript", routing), quick=dense)]
+        if dense:
+            entries += [Entry(f"fused-int8-{kernel}", fused.label(kernel), "int8", "fused", "int8",
+                              torch_runner("fused-int8", routing, kernel=kernel), quick=True, lacks=fused_lacks(kernel),
+                              served=SERVE_FUSED) for kernel in fused.KERNELS]
+        entries += [Entry(f"torch-compile-{routing}", f"PyTorch torch.compile CPU, {routing}", "torch", routing, "fp32",
+                          torch_runner("compile", routing), quick=dense),
+                    Entry(f"torch-compile-bf16-{routing}", f"PyTorch torch.compile CPU, bf16 autocast, {routing}",
+                          "torch", routing, "bf16", torch_runner("compile-bf16", routing), lacks=torch_lacks("compile-bf16"))]
+    return entries
+
+
+def int8_key(method, per_channel, reduce_range):
+    return (f"ort-int8-{method.split()[0]}" + ("-per-channel" if per_channel else "")
+            + ("-reduce-range" if reduce_range else ""))
+
+
+def int8_label(method, per_channel, reduce_range):
     return (f"ONNX Runtime INT8 {method}, dense" + (", per-channel" if per_channel else "")
             + (", reduce-range" if reduce_range else ""))
 
 
-def torch_entries(structure):
-    entries = []
-    for routing in config.ROUTINGS:
-        def torch_runner(variant, routing=routing, kernel=None):
-            return lambda s: pytorch.runner(variant, s.model(routing), {**s.structure, "ROUTING": routing},
-                                            kernel=kernel)
-        entries += [Entry(f"PyTorch eager CPU, {routing}", "torch", routing, "fp32", torch_runner("eager"),
-                          quick=routing == "dense"),
-                    Entry(f"PyTorch TorchScript (frozen) CPU, {routing}", "torch", routing, "fp32",
-                          torch_runner("torchscript"), quick=routing == "dense")]
-        if routing == "dense" and fused.takes(structure):
-            entries += [Entry(fused.label(kernel), "int8", "fused", "int8", torch_runner("fused-int8", kernel=kernel),
-                              quick=True) for kernel in fused.available_kernels()]
-        entries.append(Entry(f"PyTorch torch.compile CPU, {routing}", "torch", routing, "fp32",
-                             torch_runner("compile"), quick=routing == "dense"))
-        if pytorch.has_bf16("cpu"):
-            entries.append(Entry(f"PyTorch torch.compile CPU, bf16 autocast, {routing}", "torch", routing, "bf16",
-                                 torch_runner("compile-bf16")))
-    return entries
-
-
 def onnx_entries():
-    entries = [Entry(f"ONNX Runtime CPU, {routing}, {exporter}", "onnx", routing, "fp32",
-                     lambda s, r=routing, e=exporter: onnx_runtime.runner(s.onnx(r, e)), quick=True)
+    entries = [Entry(f"ort-{routing}{'-dynamo' if exporter == 'dynamo' else ''}",
+                     f"ONNX Runtime CPU, {routing}, {exporter}", "onnx", routing, "fp32",
+                     lambda s, r=routing, e=exporter: onnx_runtime.runner(s.onnx(r, e)), quick=True,
+                     served=SERVE_ORT if (routing, exporter) == ("dense", "torchscript") else None)
                for routing in config.ROUTINGS for exporter in ("torchscript", "dynamo")]
-    entries.append(Entry("ONNX Runtime FP16 on CPU, dense", "fp16", "dense", "fp32",
+    entries.append(Entry("ort-fp16-dense", "ONNX Runtime FP16 on CPU, dense", "fp16", "dense", "fp32",
                          lambda s: onnx_runtime.runner(s.fp16(), precision="fp16 weights, fp32 compute"), quick=True))
-    entries += [Entry(int8_name(*variant), "int8", "dense", "int8",
+    entries += [Entry(int8_key(*variant), int8_label(*variant), "int8", "dense", "int8",
                       lambda s, v=variant: onnx_runtime.runner(s.int8(*v), precision="int8"),
                       quick=variant in INT8_VARIANTS[::3]) for variant in INT8_VARIANTS]
-    entries += [Entry("ONNX Runtime CPU, auto (dense for small batches, loop for large)", "onnx", "loop", "fp32",
-                      lambda s: onnx_runtime.auto_runner(s.onnx("dense"), s.onnx("loop"), config.AUTO_LOOP_FROM),
+    entries += [Entry("ort-auto", "ONNX Runtime CPU, auto (dense for small batches, loop for large)", "onnx", "loop",
+                      "fp32", lambda s: onnx_runtime.auto_runner(s.onnx("dense"), s.onnx("loop"), config.AUTO_LOOP_FROM),
                       quick=True),
-                Entry("ONNX Runtime INT8 dynamic, loop", "int8", "loop", "int8",
-                      lambda s: onnx_runtime.runner(s.int8(routing="loop"), precision="int8"), quick=True)]
+                Entry("ort-int8-dynamic-loop", "ONNX Runtime INT8 dynamic, loop", "int8", "loop", "int8",
+                      lambda s: onnx_runtime.runner(s.int8(routing="loop"), precision="int8"), quick=True),
+                Entry("web-wasm-dense", "ONNX Runtime Web, WebAssembly, dense (headless Chromium)", "web", "dense",
+                      "fp32", quick=True, measured_by="browser"),
+                Entry("ort-loop-dataloader", "ONNX Runtime CPU, loop, fed by a per-image PIL Dataset and a "
+                      "DataLoader (b=64)", "dataloader", "loop", "fp32", quick=True, measured_by="dataloader")]
     return entries
 
 
 def openvino_entries():
-    precisions = ("f32", "bf16") if pytorch.has_bf16("cpu") else ("f32",)
     entries = []
     for routing in config.ROUTINGS:
-        entries += [Entry(f"OpenVINO CPU {precision}, {routing}", "openvino", routing,
-                          "fp32" if precision == "f32" else "bf16",
-                          lambda s, r=routing, p=precision: openvino_cpu.runner(s.onnx(r), precision=p), quick=True)
-                    for precision in precisions]
-        entries.append(Entry(f"OpenVINO CPU INT8 (NNCF), {routing}", "openvino", routing, "int8",
-                             lambda s, r=routing: openvino_cpu.runner(s.onnx(r), calibration=s.calibration()),
+        entries += [Entry(f"openvino-{precision}-{routing}", f"OpenVINO CPU {precision}, {routing}", "openvino",
+                          routing, "fp32" if precision == "f32" else "bf16",
+                          lambda s, r=routing, p=precision: openvino_cpu.runner(s.onnx(r), precision=p), quick=True,
+                          lacks=no_bf16 if precision == "bf16" else runs_anywhere,
+                          served=SERVE_OPENVINO if (routing, precision) == ("dense", "f32") else None)
+                    for precision in ("f32", "bf16")]
+        entries.append(Entry(f"openvino-int8-{routing}", f"OpenVINO CPU INT8 (NNCF), {routing}", "openvino", routing,
+                             "int8", lambda s, r=routing: openvino_cpu.runner(s.onnx(r), calibration=s.calibration()),
                              quick=True))
     return entries
 
 
-def cpu_entries(structure):
-    """(every CPU entry this machine has, [what it lacks, one line each])."""
-    import onnxruntime as ort
-    import torch
-    entries = torch_entries(structure) + onnx_entries() + openvino_entries()
-    lacking = [f"ONNX Runtime {label}: onnxruntime here has no {provider}" for provider, label in (
-        ("CUDAExecutionProvider", "CUDA"), ("TensorrtExecutionProvider", "TensorRT"))
-        if provider not in ort.get_available_providers()]
-    if not torch.cuda.is_available():
-        lacking.insert(0, "PyTorch CUDA: PyTorch sees no CUDA device")
-    if not pytorch.has_bf16("cpu"):
-        lacking.append("bf16 rows (torch.compile bf16 autocast, OpenVINO bf16): the CPU has no avx512_bf16/amx_bf16")
-    lacking += [f"{fused.label(kernel)}: {why}" for kernel, why in fused.unavailable_kernels().items()]
-    if not fused.takes(structure):
-        lacking.append("PyTorch custom op, fused INT8: it needs EMB_SIZE and HIDDEN_SIZE multiples of 64 and at "
-                       "most 16 experts")
-    return entries, lacking + ["GPU rows: run benchmark.py --device cuda on a CUDA machine"]
-
-
 def gpu_entries():
-    """(every GPU entry this machine has, each timed from host arrays and device-resident, [what it
-    lacks]). PyTorch's CUDA graph needs the dense routing."""
-    import onnxruntime as ort
-    import torch
-    entries, lacking = [], []
-    if torch.cuda.is_available():
-        for routing in config.ROUTINGS:
-            for variant in ("eager", "torchscript", "compile", "cuda-graph")[:4 if routing == "dense" else 3]:
-                for timing in ("host", "resident"):
-                    entries.append(Entry(f"PyTorch {pytorch.LABELS[variant]} CUDA, {routing}, {timing}", "torch",
-                                         routing, "fp32", lambda s, r=routing, v=variant, t=timing:
-                                         torch_gpu_runner(s, r, v, t)))
-    else:
-        lacking.append("PyTorch CUDA: PyTorch sees no CUDA device")
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" not in available:
-        return entries, lacking + ["ONNX Runtime CUDA: onnxruntime here has no CUDAExecutionProvider"]
-    files = {"ONNX Runtime CUDA, dense": (lambda s: s.onnx("dense"), CUDA, "fp32"),
-             "ONNX Runtime CUDA, loop": (lambda s: s.onnx("loop"), CUDA, "fp32"),
-             "ONNX Runtime FP16 on CUDA, dense": (lambda s: s.fp16(), CUDA, "fp16")}
-    if "TensorrtExecutionProvider" in available:
-        from ..tensorrt_support import shape_inferred_copy, tensorrt_options
-        for fp16 in (False, True):
-            options = lambda s, f=fp16: tensorrt_options(0, f, 1024, len(s.test_set[0]), s.scratch("trt_cache"))
-            files[f"ONNX Runtime TensorRT{' fp16' if fp16 else ''}, dense"] = (
-                lambda s: s.once("trt", lambda: shape_inferred_copy(s.onnx("dense"))),
-                lambda s, o=options: [("TensorrtExecutionProvider", o(s))] + CUDA, "fp16" if fp16 else "fp32")
-    else:
-        lacking.append("ONNX Runtime TensorRT: onnxruntime here has no TensorrtExecutionProvider")
-    for name, (path, providers, precision) in files.items():
-        for timing in ("host", "resident"):
-            entries.append(Entry(f"{name}, {timing}", "gpu", "loop" if "loop" in name else "dense", precision,
-                                 lambda s, p=path, v=providers, t=timing, q=precision: onnx_gpu_runner(
-                                     p(s), v(s) if callable(v) else v, t, q)))
-    return entries, lacking
+    """Each GPU entry twice: timed from host arrays and device-resident. PyTorch's CUDA graph needs
+    the dense routing."""
+    entries = []
+    for routing in config.ROUTINGS:
+        for variant in ("eager", "torchscript", "compile", "cuda-graph")[:4 if routing == "dense" else 3]:
+            entries += [Entry(f"torch-{TORCH_KEYS[variant]}-cuda-{routing}-{timing}",
+                              f"PyTorch {pytorch.LABELS[variant]} CUDA, {routing}, {timing}", "torch", routing, "fp32",
+                              torch_runner(variant, routing, "cuda"), device="cuda", timing=timing,
+                              lacks=torch_lacks(variant, "cuda"))
+                        for timing in ("host", "resident")]
+    files = [("ort-cuda-dense", "ONNX Runtime CUDA, dense", lambda s: s.onnx("dense"), lambda s: CUDA, "fp32"),
+             ("ort-cuda-loop", "ONNX Runtime CUDA, loop", lambda s: s.onnx("loop"), lambda s: CUDA, "fp32"),
+             ("ort-fp16-cuda-dense", "ONNX Runtime FP16 on CUDA, dense", lambda s: s.fp16(), lambda s: CUDA, "fp16")]
+    for fp16 in (False, True):
+        files.append((f"ort-trt{'-fp16' if fp16 else ''}-dense", f"ONNX Runtime TensorRT{' fp16' if fp16 else ''}, dense",
+                      trt_model, lambda s, f=fp16: [("TensorrtExecutionProvider", trt_options(s, f))] + CUDA,
+                      "fp16" if fp16 else "fp32"))
+    for key, label, path, providers, precision in files:
+        provider = "TensorrtExecutionProvider" if "trt" in key else "CUDAExecutionProvider"
+        entries += [Entry(f"{key}-{timing}", f"{label}, {timing}", "gpu", "loop" if "loop" in key else "dense",
+                          precision, lambda s, p=path, v=providers, q=precision: onnx_runtime.runner(
+                              p(s), providers=v(s), precision=q, device="cuda"),
+                          device="cuda", timing=timing, lacks=provider_missing(provider),
+                          served=SERVE_ORT_CUDA if (key, timing) == ("ort-cuda-dense", "host") else None)
+                    for timing in ("host", "resident")]
+    return entries
 
 
-def torch_gpu_runner(sources, routing, variant, timing):
-    import torch
-    made = pytorch.runner(variant, sources.model(routing), {**sources.structure, "ROUTING": routing}, "cuda")
-    return made.timed_by(pytorch.resident_clock(made.model, torch.device("cuda"))) if timing == "resident" else made
+def trt_model(sources):
+    from ..tensorrt_support import shape_inferred_copy
+    return sources.once("trt", lambda: shape_inferred_copy(sources.onnx("dense")))
 
 
-def onnx_gpu_runner(path, providers, timing, precision):
-    made = onnx_runtime.runner(path, providers=providers, precision=precision)
-    return made.timed_by(onnx_runtime.resident_clock(made.session, "cuda")) if timing == "resident" else made
+def trt_options(sources, fp16):
+    from ..tensorrt_support import tensorrt_options
+    return tensorrt_options(0, fp16, 1024, len(sources.test_set[0]), sources.scratch("trt_cache"))
+
+
+def catalogue():
+    """Every entry, whether or not this machine can run it."""
+    return torch_entries() + onnx_entries() + openvino_entries() + gpu_entries()
+
+
+def runnable(structure, device="cpu"):
+    """(the entries of `device` this machine runs, [what it lacks: one line per reason, naming its rows])."""
+    entries, lacking = [], {}
+    for entry in catalogue():
+        if entry.device != device:
+            continue
+        why = entry.lacks(structure)
+        if why:
+            lacking.setdefault(why, []).append(entry.label)
+        else:
+            entries.append(entry)
+    lines = [f"{labels[0]}{f' and {len(labels) - 1} more' if len(labels) > 1 else ''}: {why}"
+             for why, labels in lacking.items()]
+    if device == "cpu":
+        lines.append("GPU rows: run benchmark.py --device cuda on a CUDA machine")
+    return entries, lines
+
+
+def servable():
+    """{serve.py --backend: Served}: those served from the ONNX file first, in the catalogue's order."""
+    found = {entry.served.backend: entry.served for entry in catalogue() if entry.served}
+    return dict(sorted(found.items(), key=lambda item: item[1].from_checkpoint))
 
 
 def openvino_precision():
@@ -234,8 +300,8 @@ def openvino_precision():
     return "bf16" if pytorch.has_bf16("cpu") else "f32"
 
 
-def entry(name, entries):
-    found = {e.name: e for e in entries}
-    if name not in found:
-        raise KeyError(f"no runner named {name!r}; there are: {', '.join(found)}")
-    return found[name]
+def entry(key, entries=None):
+    found = {e.key: e for e in (catalogue() if entries is None else entries)}
+    if key not in found:
+        raise KeyError(f"no runner with the key {key!r}; there are: {', '.join(found)}")
+    return found[key]

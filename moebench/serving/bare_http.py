@@ -5,13 +5,14 @@ aiohttp's server, and uvicorn with a plain ASGI handler (serve.py's own HTTP sta
 uvloop). loadgen.py measures both beside the real servers, with the same client, so each server's QPS
 can be read as a share of the faster one.
 
-    python -m moebench.bare_http --server aiohttp|uvicorn --port 8000"""
+    python -m moebench.serving.bare_http --server aiohttp|uvicorn --port 8000"""
 import argparse
 
 import orjson
 
-from .http_server import read_body, respond
-from .serving import PIXELS_PER_IMAGE
+from .http_app import read_body, respond
+from .requests import PIXELS_PER_IMAGE
+
 CANNED = {"class": 7, "logits": [-3.91825, -6.77241, 1.76233, 4.24012, -8.09416, -3.54183, -17.44731, 13.63474,
                                  -3.33364, 1.99935],
           "experts": [{"expert": 3, "weight": 0.53419}, {"expert": 6, "weight": 0.46581}]}

@@ -7,7 +7,7 @@ import subprocess
 import tempfile
 import time
 
-from .cli import UserError
+from ..cli import UserError
 
 
 def free_port():

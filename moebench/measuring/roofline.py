@@ -91,7 +91,7 @@ def placement(best_ms, images, s, routing, precision, peaks):
     time against the best possible time (the folded activated path at that precision's peak)."""
     peak = peaks[precision]["gflops"]
     achieved = 2.0 * graph_macs(s, routing) * images / (best_ms * 1e-3) / 1e9
-    floor_ms = best_possible_ms(folded_macs(s), images, peak)
+    roofline_ms = best_possible_ms(folded_macs(s), images, peak)
     return {"precision": precision, "graph_macs": graph_macs(s, routing), "folded_macs": folded_macs(s),
-            "gflops": achieved, "peak_fraction": achieved / peak, "roofline_ms": floor_ms,
-            "vs_roofline": best_ms / floor_ms}
+            "gflops": achieved, "peak_fraction": achieved / peak, "roofline_ms": roofline_ms,
+            "vs_roofline": best_ms / roofline_ms}

@@ -1,7 +1,7 @@
 """loadgen.py's report: the in-process SingleStream and Offline table, the Server table with each
 system's share of the HTTP ceiling, one-request-at-a-time latency over HTTP, and the p99 picture."""
-from . import harness
-from .cli import save_figure
+from ..cli import save_figure
+from ..measuring import loadgen_systems
 
 
 def markdown(report):
@@ -29,7 +29,7 @@ def markdown(report):
               f"'x ceiling' is that QPS over the ceiling's, measured in the same run: the faster bare HTTP "
               f"server with no model ({report.get('ceiling', 'the bare server')}). "
               "'LoadGen VALID' is LoadGen's own verdict, which also asks its early-stopping test to be sure "
-              f"of the percentile from at least {harness.SERVER_MIN_QUERIES} queries.", "",
+              f"of the percentile from at least {loadgen_systems.SERVER_MIN_QUERIES} queries.", "",
               "| system | highest QPS under the bound | x ceiling | its p99 (ms) | its p50 (ms) | LoadGen VALID there | "
               "first failing step | accuracy over HTTP | the backend alone |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

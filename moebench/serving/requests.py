@@ -1,11 +1,9 @@
-"""What a serving replica does with one HTTP body, independent of Ray: parse one or many 28x28
-images (raw uint8 bytes, or JSON), run the model, and answer with each image's class, logits and
-chosen experts. Bad requests become a RequestError with an HTTP status and a one-line message."""
+"""What a server does with one HTTP body, independent of Ray: parse one or many 28x28 images (raw
+uint8 bytes, or JSON), and answer with each image's class, logits and chosen experts.
+Bad requests become a RequestError with an HTTP status and a one-line message."""
 import json
 
 import numpy as np
-
-from .runners.served import served_runner
 
 PIXELS_PER_IMAGE = 28 * 28
 
@@ -35,6 +33,8 @@ def images_from_json(body, max_images):
     """{"images": [image, ...]}, each image 784 numbers or 28 rows of 28, pixel values 0-255."""
     try:
         document = json.loads(body)
+    except RecursionError:
+        raise RequestError(400, "JSON nested too deeply; send {\"images\": [[784 pixel values 0-255], ...]}")
     except (ValueError, UnicodeDecodeError) as error:
         raise RequestError(400, f"bad JSON ({error}); send {{\"images\": [[784 pixel values 0-255], ...]}}")
     images = document.get("images") if isinstance(document, dict) else None
@@ -44,7 +44,7 @@ def images_from_json(body, max_images):
         raise RequestError(413, f"{len(images)} images in one request; at most {max_images}")
     try:
         array = np.asarray(images, dtype=np.float64)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         raise RequestError(400, "every image must be 784 numbers or 28 rows of 28 numbers")
     if array.shape[1:] not in ((PIXELS_PER_IMAGE,), (28, 28)):
         raise RequestError(400, f"images of shape {array.shape[1:]}; each must be 784 numbers or 28x28")
@@ -75,22 +75,3 @@ def answers(logits, gates):
         results.append({"class": label, "logits": values,
                         "experts": [{"expert": e, "weight": round(row[e], 5)} for e in chosen]})
     return results
-
-
-class Engine:
-    """The model on one of the registry's served runners, answering for uint8 images: what a Ray
-    Serve replica and a worker of the default server each hold."""
-
-    def __init__(self, model_bytes, backend="onnxruntime", threads=0, precision="auto", checkpoint_path=None):
-        self.backend = backend
-        self.runner = served_runner(backend, model_bytes, threads, precision, checkpoint_path)
-
-    def describe(self):
-        return {"backend": self.backend, **self.runner.describe()}
-
-    def compute(self, images_uint8):
-        """(logits, gates): the engine call, which holds the GIL little (a model thread can run it)."""
-        return self.runner.predict(to_pixels(images_uint8))
-
-    def classify(self, images_uint8):
-        return answers(*self.compute(images_uint8))

@@ -5,7 +5,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 
-from .cli import UserError, error_line
+from ..cli import UserError, error_line
 
 # Ray 2.60's `ray start` turns token authentication on; a driver must say so too.
 AUTH_HELP = ("clusters started with `ray start` require token authentication: export RAY_AUTH_MODE=token, "

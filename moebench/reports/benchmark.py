@@ -2,9 +2,9 @@
 row for each use, and a picture of both."""
 import numpy as np
 
-from . import roofline
-from .cli import save_figure
-from .report import machine_line
+from ..cli import save_figure
+from ..measuring import roofline
+from ..measuring.machine import machine_line
 
 COLOURS = {"torch": "tab:orange", "onnx": "tab:blue", "fp16": "tab:cyan", "int8": "tab:green",
            "openvino": "tab:purple", "gpu": "tab:red", "dataloader": "tab:brown",
@@ -13,6 +13,7 @@ COLOURS = {"torch": "tab:orange", "onnx": "tab:blue", "fp16": "tab:cyan", "int8"
 
 def recommendation(rows, reference):
     """The fastest row for each use, among rows within 0.3 points of the reference row's accuracy."""
+    reference = next(r for r in rows if r["key"] == reference)["name"]
     fp32 = next(r["accuracy"] for r in rows if r["name"] == reference)
     usable = [r for r in rows if r["accuracy"] >= fp32 - 0.3 and "latency_us" in r["model"]]
     latency = min(usable, key=lambda r: r["model"]["latency_us"]["p50"])

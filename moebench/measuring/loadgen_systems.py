@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from . import collector
+from .. import gc_settings
 
 SCENARIOS = ("SingleStream", "Offline", "Server")
 KEPT_LOGS = ("mlperf_log_summary.txt", "mlperf_log_detail.txt")
@@ -147,7 +147,7 @@ def run_test(sut, count, settings, outdir, keep=KEPT_LOGS):
         log_settings.log_output.outdir = scratch
         log_settings.log_output.copy_summary_to_stdout = False
         log_settings.enable_trace = False
-        with collector.settled():  # the client must not time its own pauses
+        with gc_settings.settled():  # the client must not time its own pauses
             lg.StartTestWithLogSettings(system, samples, settings, log_settings)
         os.makedirs(outdir, exist_ok=True)
         for name in keep:

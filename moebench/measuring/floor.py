@@ -10,8 +10,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from . import measure
-from .runners import onnx_runtime
+from ..runners import onnx_runtime
+from . import clock
 
 SETTLE_S = 0.05  # ONNX Runtime's and OpenMP's idle threads spin for a while after a run
 DATALOADER_BATCH = 64
@@ -64,15 +64,15 @@ def percentiles(seconds):
 def time_against_floor(predict, floor, images, repeats, latency_runs):
     """Blocks alternate model and floor so that machine noise hits both alike."""
     sizes = (64, 1024, len(images))
-    measure.warm_up(predict, images, (1,) + sizes)
+    clock.warm_up(predict, images, (1,) + sizes)
     latency = {"model": [], "floor": []}
     full = {"model": {s: [] for s in sizes}, "floor": {s: [] for s in sizes}}
     for block in range(repeats):
         for who, fn in (("model", predict), ("floor", floor)):
             time.sleep(SETTLE_S)  # the other engine's worker threads stop spinning before this one is timed
-            latency[who] += measure.time_single_images(fn, images, latency_runs, block * latency_runs)
+            latency[who] += clock.time_single_images(fn, images, latency_runs, block * latency_runs)
             for size in sizes:
-                full[who][size].append(measure.time_full_pass(fn, images, size))
+                full[who][size].append(clock.time_full_pass(fn, images, size))
     return against_floor(latency, full, len(images))
 
 
@@ -122,7 +122,7 @@ def through_a_dataloader(path, images, labels, repeats, floor):
         started = time.perf_counter()
         one_pass()
         times.append(time.perf_counter() - started)
-        floor_times.append(measure.time_full_pass(floor, images, 1024))
+        floor_times.append(clock.time_full_pass(floor, images, 1024))
     seconds, floor_s = statistics.median(times), statistics.median(floor_times)
     return {"accuracy": 100.0 * correct / len(labels), "model": {
         "test_set_ms": {str(DATALOADER_BATCH): 1e3 * seconds}, "best_batch": DATALOADER_BATCH,

@@ -1,8 +1,7 @@
 """Python's collector kept out of the way of latency, in a server and in the load generator: a full
-collection over a heap with the model and its libraries loaded took 68 ms in a Ray replica and
-150-250 ms in loadgen.py's client (torch, ONNX Runtime and OpenVINO loaded), stalling every request
-in flight; at thousands of requests/s, requests in flight get promoted and set one off every second
-or so."""
+collection over a heap with the model and its libraries loaded stalls every request in flight, and
+under load requests in flight get promoted and set one off often (docs/serving.md has the pauses
+measured)."""
 import contextlib
 import gc
 

@@ -16,7 +16,7 @@ def add_netron_args(parser):
                        help="do not start a browser, only print the URL (headless servers)")
 
 
-def serve(path, args):
+def serve(path, host="localhost", port=8080, browse=True):
     """Serve `path` until Ctrl-C; netron.wait() stops the server cleanly on KeyboardInterrupt."""
     netron = require_module("netron", "--netron")
     # Ctrl-C stops it even where the shell that started us ignores SIGINT (a background job)
@@ -24,11 +24,21 @@ def serve(path, args):
     if not os.path.isfile(path):
         raise UserError(f"{path} not found; nothing to show in Netron")
     try:
-        host, port = netron.start(path, address=(args.netron_host, args.netron_port),
-                                  browse=not args.no_browser)
+        host, port = netron.start(path, address=(host, port), browse=browse)
     except OSError as error:
-        raise UserError(f"--netron-host {args.netron_host} --netron-port {args.netron_port}: "
+        raise UserError(f"--netron-host {host} --netron-port {port}: "
                         f"cannot serve there ({error.strerror or error}); choose another port")
     print(f"Netron is serving {path}: open http://{host}:{port} (Ctrl-C stops)", flush=True)
     netron.wait()
     print("Netron stopped", flush=True)
+
+
+def asked(args):
+    """(host, port, browse) when the flags add_netron_args() added ask for Netron, else None."""
+    return (args.netron_host, args.netron_port, not args.no_browser) if args.netron else None
+
+
+def serve_if_asked(path, where):
+    """serve(path) at `where` (what asked() returned), unless it is None."""
+    if where:
+        serve(path, *where)

