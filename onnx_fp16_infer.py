@@ -20,7 +20,8 @@ def main(argv=None):
             "a CPU mostly converts it back to fp32")
     where = f"CUDA on {gpu_name()}" if on_gpu else "CPU"
     return onnx_backend.run_backend(run, f"ONNX Runtime FP16 on {where}", providers, device="cuda" if on_gpu else "cpu",
-                                    details={"converted": f"{source} -> {run.model}", "note": note})
+                                    details={"converted": f"{source} -> {run.model}", "note": note},
+                                    precision="fp16" if on_gpu else "fp16 weights, fp32 compute")
 
 
 if __name__ == "__main__":

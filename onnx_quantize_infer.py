@@ -50,7 +50,7 @@ def main(argv=None):
             "quantized": f"per-channel {args.per_channel}, reduce-range {args.reduce_range}, "
                          f"{args.calibration_images if method != 'dynamic' else 0} training images for calibration",
             "size": f"{size / 1e6:.2f} MB vs {fp32_size / 1e6:.2f} MB fp32 ({size / fp32_size:.0%})",
-            "vs fp32": f"fp32 accuracy {baseline:.2f}%"})
+            "vs fp32": f"fp32 accuracy {baseline:.2f}%"}, precision="int8")
         print(f"   change        {records[0]['accuracy'] - baseline:+.2f} points of accuracy against fp32")
         results[method] = records[0]
     netron.serve_if_asked(results["static QDQ"]["model"], fp32.netron)

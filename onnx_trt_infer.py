@@ -43,7 +43,7 @@ def main(argv=None):
         replace(run, model=shape_inferred_copy(run.model)), f"ONNX Runtime TensorRT{' fp16' if args.fp16 else ''} on {gpu_name(args.device_id)}",
         providers, device="cuda", device_id=args.device_id,
         details={"profile": f"batch 1 / {args.batch_size} / {max(args.max_batch, args.batch_size)} (min/opt/max)",
-                 "static check": static_check})
+                 "static check": static_check}, precision="fp16" if args.fp16 else "fp32")
 
 
 if __name__ == "__main__":

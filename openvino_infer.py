@@ -42,7 +42,6 @@ def main(argv=None):
     used = runner.describe()
     details["precision"] = (f"{used['precision']} (asked: {args.precision}; from the compiled model's "
                             "INFERENCE_PRECISION_HINT)")
-    details["settings"] = f"{used['hint']} hint, {used['streams']} streams, {used['threads']} threads"
     label = f"OpenVINO CPU{' INT8' if args.int8 else ''} ({used['precision'].split()[-1]}, {used['hint']} hint)"
     with runner:
         record = block.measure_runner(runner, test_set, block.Settings.from_flags(args), ("host",), label,

@@ -65,7 +65,8 @@ def kernels_details(paths, providers, options_kwargs, sample):
     return details
 
 
-def run_backend(run, backend, providers, options_kwargs=None, details=None, device="cpu", device_id=0):
+def run_backend(run, backend, providers, options_kwargs=None, details=None, device="cpu", device_id=0,
+                precision="fp32"):
     """The model (or, for --routing auto, both graphs) in the ONNX Runtime runner that
     runners/onnx_runtime.py makes, measured in each of run.timings; returns the printed blocks' records."""
     options_kwargs = options_kwargs or {}
@@ -76,7 +77,7 @@ def run_backend(run, backend, providers, options_kwargs=None, details=None, devi
                                                                  **options_kwargs))
     else:
         runner, setup_s = timed(lambda: onnx_runtime.runner(run.model, backend, providers, onnx_runtime.session_options(
-            **options_kwargs), device=device, device_id=device_id))
+            **options_kwargs), precision, device, device_id))
     paths = [run.model] + ([run.large_model] if run.large_model else [])
     shown = {**(details or {}), **kernels_details(paths, providers, options_kwargs, test_set[0][:1])}
     batch = run.settings.batch_size

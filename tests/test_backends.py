@@ -99,6 +99,7 @@ def test_fp16_runs_where_it_says(trained, mnist_dir):
     record = onnx_fp16_infer.main(backend_args(trained, mnist_dir))[0]
     where = "CUDA" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPU"
     assert record["backend"].startswith(f"ONNX Runtime FP16 on {where}")
+    assert record["details"]["precision"] == ("fp16" if where == "CUDA" else "fp16 weights, fp32 compute")
     assert abs(record["accuracy"] - torch_accuracy(trained, mnist_dir)) <= 1.0
     model = onnx.load(str(trained / "model.fp16.onnx"))
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -114,6 +115,7 @@ def test_int8_models_are_smaller_and_within_half_a_point(small_models, mnist_dir
     fp32_size = os.path.getsize(small_models / "model.onnx")
     expected = torch_accuracy(small_models, mnist_dir, 2000)
     for method, record in results.items():
+        assert record["details"]["precision"] == "int8", method
         assert os.path.getsize(record["model"]) < 0.5 * fp32_size, method
         assert abs(record["accuracy"] - expected) <= 0.5, method
     static = onnx.load(results["static QDQ"]["model"])

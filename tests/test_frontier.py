@@ -90,7 +90,7 @@ def test_openvino_script_says_which_precision_ran_and_the_int8_change(tiny_model
               "--latency-runs", "20", "--quiet", "--json", str(results)]
     plain = openvino_infer.main(common + ["--precision", "f32", "--hint", "throughput"])
     assert plain["details"]["precision"].startswith("f32 (asked: f32")
-    assert "throughput hint" in plain["details"]["settings"] and "AsyncInferQueue" in plain["timing"]
+    assert plain["details"]["hint"] == "throughput" and "AsyncInferQueue" in plain["timing"]
     int8 = openvino_infer.main(common + ["--int8", "--calibration-images", "100"])
     assert "NNCF INT8" in int8["details"]["quantized"] and "change" in int8["details"]["vs fp32"]
     assert int8["backend"].startswith("OpenVINO CPU INT8")
