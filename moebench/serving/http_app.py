@@ -121,8 +121,9 @@ def classifier(engine, settings, served_by):
         if declared is not None and declared > limit:  # refused from the header: its body is never awaited
             return await respond(send, 413, too_big, CLOSE)
         try:
-            body = await asyncio.wait_for(read_body(receive, limit), body_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(body_timeout_s):  # a timer handle, no task per request as wait_for makes
+                body = await read_body(receive, limit)
+        except TimeoutError:
             return await respond(send, 408, {"error": f"the body did not arrive whole within {body_timeout_s:g} s"},
                                  CLOSE)
         if body is None:
