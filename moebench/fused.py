@@ -23,7 +23,7 @@ KERNELS = {"vnni": (("avx512f", "avx512bw", "avx512_vnni", "fma"), ["-mavx512f",
                     "AVX-512 VNNI"),
            "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"], "AVX2"),
            "portable": ((), [], "portable C++")}
-LOCK_STALE_S = 600  # a build takes well under a minute; an older lock was left by a killed build
+LOCK_STALE_S = 300  # a build takes well under a minute; an older lock was left by a killed build
 
 
 def x86():
@@ -80,17 +80,24 @@ def build_directory(name):
     return folder
 
 
-def clear_stale_lock(folder):
-    """PyTorch's builder waits forever on the lock file of a build that was killed midway."""
+def clear_stale_lock(folder, poll_s=1.0):
+    """PyTorch's loader waits forever on the lock file of a build, also on one that a killed build left
+    (and it takes the lock even where the build is cached). So wait here while another build may still
+    be running, and take over a lock older than a build ever takes."""
     lock = os.path.join(folder, "lock")
-    if os.path.exists(lock):
+    announced = False
+    while os.path.exists(lock):
         age = time.time() - os.path.getmtime(lock)
-        if age < LOCK_STALE_S:
-            print(f"waiting for another build of the fused operator ({lock}, {age:.0f} s old) ...", flush=True)
+        if age >= LOCK_STALE_S:
+            os.remove(lock)
+            print(f"removed a stale lock left by an interrupted build of the fused operator ({lock}, "
+                  f"{age:.0f} s old)", flush=True)
             return
-        os.remove(lock)
-        print(f"removed a stale lock left by an interrupted build of the fused operator ({lock}, "
-              f"{age / 60:.0f} min old)", flush=True)
+        if not announced:
+            print(f"waiting for another build of the fused operator ({lock}, {age:.0f} s old; taken over once "
+                  f"{LOCK_STALE_S} s old) ...", flush=True)
+            announced = True
+        time.sleep(poll_s)
 
 
 def require_toolchain():
@@ -126,9 +133,9 @@ def build(kernel=None):
     built_from = os.path.join(folder, "built-from.cpp")  # the source of the build in the folder
     source = read_bytes(SOURCE)
     cached = os.path.exists(os.path.join(folder, f"{name}.so")) and read_bytes(built_from) == source
+    clear_stale_lock(folder)
     if not cached:
         require_toolchain()
-        clear_stale_lock(folder)
         print(f"building the fused INT8 operator, {kernel} path, into {folder} (once; 20-60 s) ...", flush=True)
     started = time.perf_counter()
     try:
