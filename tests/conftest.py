@@ -2,7 +2,6 @@ import gzip
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -16,6 +15,7 @@ sys.path.insert(0, ROOT)
 
 import config  # noqa: E402
 import data  # noqa: E402
+from moebench.serving.server_process import free_port  # noqa: E402,F401  (the tests' servers get ports as loadgen's do)
 
 # Real MNIST, fetched once by data.py's own acquisition if it is not there yet.
 MNIST_DIR = os.environ.get("MNIST_DIR", os.path.join(ROOT, "data"))
@@ -89,12 +89,6 @@ def one_line_error(result):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines
     return lines[0]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def without_gpus(env=None):

@@ -1,6 +1,7 @@
 """A server started as a user starts it, from its command line, for loadgen.py and the tests: it is
 ready once it prints its 'serving' line, and Ctrl-C (SIGINT) stops it. Its output goes to a log file,
 never to a pipe that nobody reads, which would stall the server once full."""
+import random
 import signal
 import socket
 import subprocess
@@ -9,11 +10,33 @@ import time
 
 from ..cli import UserError
 
+RAY_WORKER_PORTS_END = 20000  # Ray's workers take ports from 10002 to 19999 by default
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def ephemeral_ports():
+    """The range the kernel hands out for port 0 (Linux's default where it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(n) for n in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(host="127.0.0.1"):
+    """A port free now, below the kernel's ephemeral range: a server started after this call (Ray
+    above all) binds ports of its own from that range, and could take one picked from it before the
+    server that was meant to have it binds it."""
+    low = min(ephemeral_ports()[0], 32768)
+    start = RAY_WORKER_PORTS_END if low > RAY_WORKER_PORTS_END + 100 else 1024
+    for port in random.sample(range(start, low), min(200, low - start)):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise UserError(f"no free port found between {start} and {low}")
 
 
 class ServerProcess:
