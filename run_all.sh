@@ -57,6 +57,9 @@ script openvino_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
 script openvino_infer.py --routing loop --int8 --json "$jsonl" ${each[@]+"${each[@]}"}
 script onnx_fp16_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
 script onnx_quantize_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
+script iree_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
+script mnn_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
+script mnn_infer.py --routing loop --json "$jsonl" ${each[@]+"${each[@]}"}
 if [ ${#web[@]} -gt 0 ]; then
   script web_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
 fi

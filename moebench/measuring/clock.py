@@ -34,6 +34,19 @@ class Clock:
         self.run_all = run_all or (lambda batches: [run(batch) for batch in batches])
 
 
+def by_batch_size(small, large, threshold):
+    """A Clock that gives batches below `threshold` to `small` and the rest to `large`."""
+    def pick(batch):
+        return small if len(batch) < threshold else large
+
+    def sync():
+        small.sync()
+        large.sync()
+    return Clock(lambda prepared: (prepared[0], prepared[0].run(prepared[1])),
+                 prepare=lambda batch: (pick(batch), pick(batch).prepare(batch)), sync=sync,
+                 fetch=lambda done: done[0].fetch(done[1]), timing=small.timing)
+
+
 def as_clock(predict):
     """A plain predict(numpy batch) -> numpy logits, timed end to end from host arrays."""
     return predict if isinstance(predict, Clock) else Clock(predict)

@@ -8,7 +8,7 @@ from ..measuring.machine import machine_line
 
 COLOURS = {"torch": "tab:orange", "onnx": "tab:blue", "fp16": "tab:cyan", "int8": "tab:green",
            "openvino": "tab:purple", "gpu": "tab:red", "dataloader": "tab:brown",
-           "web": "tab:olive"}
+           "web": "tab:olive", "compiler": "tab:pink"}
 
 
 def recommendation(rows, reference):

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from .. import contract
-from ..measuring.clock import Clock
+from ..measuring.clock import Clock, by_batch_size
 from ..cli import UserError, error_line
 from .base import Runner
 
@@ -121,19 +121,6 @@ def resident_clock(session, device="cpu", device_id=0):
                  fetch=lambda binding: binding.copy_outputs_to_cpu()[outputs.index(contract.LOGITS)],
                  timing=f"device-resident: IOBinding, inputs and outputs on {device}:{device_id} "
                         "before the clock starts")
-
-
-def by_batch_size(small, large, threshold):
-    """A Clock that gives batches below `threshold` to `small` and the rest to `large`."""
-    def pick(batch):
-        return small if len(batch) < threshold else large
-
-    def sync():
-        small.sync()
-        large.sync()
-    return Clock(lambda prepared: (prepared[0], prepared[0].run(prepared[1])),
-                 prepare=lambda batch: (pick(batch), pick(batch).prepare(batch)), sync=sync,
-                 fetch=lambda done: done[0].fetch(done[1]), timing=small.timing)
 
 
 def cuda_graph_latency(path, device_id, images, runs):

@@ -9,7 +9,7 @@ from typing import Callable
 import config
 
 from .. import checkpoint, convert, fused
-from . import onnx_runtime, openvino_cpu, pytorch
+from . import iree_runtime, mnn_runtime, onnx_runtime, openvino_cpu, pytorch
 from .base import Runner, Served
 
 REFERENCE = "ort-dense"  # fp32 ONNX Runtime on the dense graph: what the other rows are compared with
@@ -266,9 +266,34 @@ def trt_options(sources, fp16):
     return tensorrt_options(0, fp16, 1024, len(sources.test_set[0]), sources.scratch("trt_cache"))
 
 
+def module_missing(module, package):
+    def lacks(structure):
+        import importlib.util
+        return "" if importlib.util.find_spec(module) else f"{package} is not installed (pip install -r requirements.txt)"
+    return lacks
+
+
+def compiler_entries():
+    """The deep-learning compiler and the mobile runtime that take this model's ONNX file as it is:
+    IREE (the dense graph only) and MNN (both graphs, fp32, and int8 weights)."""
+    entries = [Entry("iree-dense", "IREE llvm-cpu, dense (local-sync below batch 64, local-task from it)", "compiler",
+                     "dense", "fp32", lambda s: iree_runtime.runner(s.onnx("dense"), s.scratch("compiled")), quick=True,
+                     lacks=module_missing("iree.runtime", "iree-base-runtime"))]
+    for routing in config.ROUTINGS:
+        entries += [Entry(f"mnn-{routing}-{threads}t", f"MNN CPU, {routing}, {threads} thread{'s' if threads > 1 else ''}",
+                          "compiler", routing, "fp32", lambda s, r=routing, t=threads: mnn_runtime.runner(
+                              s.onnx(r), s.scratch("compiled"), threads=t), quick=threads == 1,
+                          lacks=module_missing("MNN", "mnn")) for threads in (1, 2)]
+    entries.append(Entry("mnn-dense-int8-weights", "MNN CPU, dense, int8 weights (fp32 compute), 1 thread", "compiler",
+                         "dense", "fp32", lambda s: mnn_runtime.runner(s.onnx("dense"), s.scratch("compiled"),
+                                                                       weight_bits=8),
+                         lacks=module_missing("MNN", "mnn")))
+    return entries
+
+
 def catalogue():
     """Every entry, whether or not this machine can run it."""
-    return torch_entries() + onnx_entries() + openvino_entries() + gpu_entries()
+    return torch_entries() + onnx_entries() + openvino_entries() + compiler_entries() + gpu_entries()
 
 
 def runnable(structure, device="cpu"):
