@@ -56,6 +56,22 @@ class Run:
                    netron.asked(args))
 
 
+def add_cache_arg(parser, what):
+    from .runners.compiled import CACHE_ENV
+    parser.add_argument("--cache-dir", help=f"where {what} are kept (default ${CACHE_ENV} or ~/.cache/moebench)")
+
+
+def measure_made(run, make, label):
+    """An engine's runner made from run.model by make(model) (its build timed apart), measured into
+    one printed block; label(runner) heads it. Returns the block's record."""
+    test_set = load_test_set(run.data_dir, run.test_limit)
+    runner, setup_s = timed(lambda: make(run.model))
+    with runner:
+        record = block.measure_runner(runner, test_set, run.settings, ("host",), label(runner), run.model, setup_s)[0]
+    netron.serve_if_asked(run.model, run.netron)
+    return record
+
+
 def kernels_details(paths, providers, options_kwargs, sample):
     """{'kernels on ...': 'provider count, ...'} for each graph: shows what fell back to the CPU."""
     details = {}
