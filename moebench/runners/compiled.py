@@ -3,7 +3,6 @@ folder of their own, never beside the user's files, and made again when what is 
 import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
 import time
 
@@ -60,23 +59,33 @@ def quiet_output(what):
     terminal; their last line is in the error if the block fails."""
     saved = [os.dup(1), os.dup(2)]
     with tempfile.TemporaryFile() as log:
+        flush_c_streams()
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
             yield
         except Exception as error:
+            flush_c_streams()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             log.seek(0)
             said = [line for line in log.read().decode(errors="replace").splitlines() if line.strip()]
             raise UserError(f"{what} failed ({error_line(error, 200)}{'; ' + said[-1][:200] if said else ''})")
         finally:
+            flush_c_streams()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
 
 
-def require_tool(name, purpose):
-    if shutil.which(name) is None:
-        raise UserError(f"{purpose} needs {name} on the PATH: pip install -r requirements.txt")
+def flush_c_streams():
+    """What native code printed through C's stdio buffers goes out now, to wherever fd 1 and 2 point."""
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        import ctypes
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass

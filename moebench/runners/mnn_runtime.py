@@ -35,8 +35,8 @@ def convert_flags(weight_bits):
 def build(onnx_path, weight_bits):
     def write(target):
         mnn()
-        tools = require_module("_tools", "MNN's converter", INSTALL)  # MNN's C++ converter, without the logging wrapper
         with compiled.quiet_output(f"MNN's converter on {onnx_path}"):
+            tools = require_module("_tools", "MNN's converter", INSTALL)  # its C++ entry point, no logging wrapper
             tools.mnnconvert(["mnnconvert", *convert_flags(weight_bits), "--modelFile", onnx_path,
                               "--MNNModel", target])
     return write
@@ -50,6 +50,9 @@ def load(path, threads):
                                               runtime_manager=manager)
     if module is None:
         raise UserError(f"{path} is no MNN model MNN can load")
+    with compiled.quiet_output(f"a first run of {path} in MNN"):  # where MNN prints its banner on this CPU
+        expr = mnn().expr
+        module.onForward([expr.const(np.zeros((1, 1, 28, 28), np.float32), (1, 1, 28, 28), expr.NCHW)])
     return module, manager
 
 
@@ -70,6 +73,6 @@ def runner(path, cache_dir=None, threads=1, weight_bits=0):
     described = {"engine": f"MNN {versions()['mnn']}", "provider": "CPU backend, Module API",
                  "precision": "fp32" + (f" compute, int{weight_bits} weights" if weight_bits else ""),
                  "threads": threads,
-                 "convert": "cached model, " + target if convert_s is None else f"{convert_s:.1f} s, into {target}"}
+                 "convert": "cached model, " + target if convert_s is None else f"{convert_s:.2f} s, into {target}"}
     return Runner(f"MNN CPU, {threads} thread{'s' if threads > 1 else ''}", predict, described,
                   engine=(module, manager), versions=versions())
