@@ -97,7 +97,7 @@ def runs_anywhere(structure):
 class Entry:
     key: str  # stable: what scripts, reports and tests select by
     label: str  # for display only
-    group: str  # torch, onnx, fp16, int8, openvino, web, dataloader, gpu: the benchmark's colours and sections
+    group: str  # torch, onnx, fp16, int8, openvino, compiler, web, dataloader, gpu: the benchmark's colours
     routing: str  # dense, loop or fused: which multiply-adds it does (the roofline needs it)
     precision: str  # fp32, bf16, fp16 or int8: which peak it is held to
     make: Callable[[Sources], Runner] = None
