@@ -19,7 +19,7 @@ import urllib.request
 
 from moebench import checkpoint, contract
 from moebench.cli import (ArgumentParser, UserError, error_line, for_the_user, non_negative_float, non_negative_int,
-                          port_number, positive_int, run)
+                          port_number, positive_float, positive_int, run)
 from moebench.runners import registry
 from moebench.serving.engine import Engine
 from moebench.serving.http_app import BODY_TIMEOUT_S
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-images", type=positive_int, default=1024, help="images one request may carry")
     parser.add_argument("--max-queued", type=positive_int, default=256,
                         help="requests waiting (per worker, or per Ray Serve deployment) before new ones get 503")
-    parser.add_argument("--body-timeout-s", type=non_negative_float, default=BODY_TIMEOUT_S,
+    parser.add_argument("--body-timeout-s", type=positive_float, default=BODY_TIMEOUT_S,
                         help="a request's body must arrive whole within this, or it gets a 408 and its place goes to "
                              f"others (default {BODY_TIMEOUT_S:g})")
     parser.add_argument("--threads", type=non_negative_int, default=1,

@@ -107,6 +107,10 @@ def non_negative_int(text):
     return checked_number(text, int, "an integer", lambda v: v >= 0, "must be >= 0")
 
 
+def positive_float(text):
+    return checked_number(text, float, "a number", lambda v: v > 0, "must be > 0")
+
+
 def non_negative_float(text):
     return checked_number(text, float, "a number", lambda v: v >= 0, "must be >= 0")
 
