@@ -66,10 +66,17 @@ def measure_made(run, make, label):
     one printed block; label(runner) heads it. Returns the block's record."""
     test_set = load_test_set(run.data_dir, run.test_limit)
     runner, setup_s = timed(lambda: make(run.model))
+    return measured(run, runner, setup_s, test_set, label(runner), ("host",))[0]
+
+
+def measured(run, runner, setup_s, test_set, backend, timings, model=None, details=None):
+    """The runner measured into one printed block per timing mode, then let go; Netron afterwards if
+    asked. Returns the blocks' records."""
     with runner:
-        record = block.measure_runner(runner, test_set, run.settings, ("host",), label(runner), run.model, setup_s)[0]
+        records = block.measure_runner(runner, test_set, run.settings, timings, backend, model or run.model, setup_s,
+                                       details)
     netron.serve_if_asked(run.model, run.netron)
-    return record
+    return records
 
 
 def kernels_details(paths, providers, options_kwargs, sample):
@@ -101,12 +108,8 @@ def run_backend(run, backend, providers, options_kwargs=None, details=None, devi
         shown["routing"] = (f"auto: {run.model} for batches below {config.AUTO_LOOP_FROM}, {run.large_model} "
                             f"from {config.AUTO_LOOP_FROM} (here: batch 1 on the first, batch {batch} "
                             f"on the {'second' if batch >= config.AUTO_LOOP_FROM else 'first'})")
-    with runner:
-        records = block.measure_runner(runner, test_set, run.settings, run.timings,
-                                       f"{backend} [providers: {provider_list(runner)}]", " and ".join(paths), setup_s,
-                                       shown)
-    netron.serve_if_asked(run.model, run.netron)
-    return records
+    return measured(run, runner, setup_s, test_set, f"{backend} [providers: {provider_list(runner)}]", run.timings,
+                    " and ".join(paths), shown)
 
 
 def provider_list(runner):

@@ -5,7 +5,6 @@ alike. On a local cluster with the ingress settings that cut Ray Serve's overhea
 the throughput-optimized mode)."""
 import os
 import socket
-
 from dataclasses import dataclass
 
 from .. import gc_settings
