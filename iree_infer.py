@@ -1,3 +1,8 @@
+"""IREE, the MLIR-based compiler and runtime: the exported ONNX model imported to MLIR, compiled ahead
+of time for this CPU (llvm-cpu, the host's own instruction set) into a module that is cached, and run
+by IREE's runtime. The synchronous driver (local-sync) takes small batches, where it is faster, and
+the task-parallel one (local-task) large ones; --driver picks one of them throughout. IREE takes the
+dense graph: the loop graph's unchosen experts make empty tensors, which its runtime refuses."""
 from moebench import onnx_backend
 from moebench.cli import ArgumentParser, run
 from moebench.runners import iree_runtime

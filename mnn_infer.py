@@ -1,3 +1,7 @@
+"""Alibaba's MNN, a mobile inference engine: the exported ONNX model converted once to an .mnn model
+(cached), run through MNN's Module API on its CPU backend at fp32, on one thread (as on a phone's core)
+or more; --weight-bits 8 stores the weights as int8 (MNN's weight quantization; the arithmetic stays
+fp32). MNN takes both graphs."""
 from moebench import onnx_backend
 from moebench.cli import ArgumentParser, positive_int, run
 from moebench.runners import mnn_runtime

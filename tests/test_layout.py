@@ -61,6 +61,12 @@ def test_no_entry_script_imports_another_and_model_files_import_no_package(path)
         assert PACKAGE not in imported, f"{name}.py (a model file) imports {PACKAGE}"
 
 
+@pytest.mark.parametrize("path", python_files(""), ids=os.path.basename)
+def test_every_script_says_what_it_does_in_its_help(path):
+    with open(path) as f:
+        assert ast.get_docstring(ast.parse(f.read())), f"{os.path.basename(path)} has no docstring: its --help is bare"
+
+
 @pytest.mark.parametrize("path", python_files(PACKAGE, recursive=True), ids=lambda p: os.path.relpath(p, ROOT))
 def test_the_package_imports_no_entry_script(path):
     assert not imported_modules(path) & ENTRY_SCRIPTS
