@@ -94,13 +94,14 @@ def record_of(backend, model, measured, versions, json_path):
 def measure_runner(runner, test_set, settings, timings=("host",), backend=None, model="", setup_s=0.0,
                    details=None):
     """One block per timing mode of `runner` (its clock(timing)); returns their records. The block's
-    details are what the runner says ran, then `details`."""
+    details are what the runner says ran (asked once it has run), then `details`."""
     images, labels = test_set
-    shown = {**{k: v for k, v in runner.describe().items() if k not in ("engine",)}, **(details or {})}
     records = []
     for timing in timings:
         result = measure(runner.clock(timing), images, labels, settings.batch_size, settings.latency_runs,
                          settings.progress)
+        # asked after measuring: an engine that builds per batch size says what it built for these
+        shown = {**{k: v for k, v in runner.describe().items() if k not in ("engine",)}, **(details or {})}
         records.append(print_block(backend or runner.name, model, result, setup_s, runner.versions, shown,
                                    settings.json_path))
     return records

@@ -1,5 +1,5 @@
-"""What compilers and converters make from an ONNX file (an IREE module, an MNN model), kept in a cache
-folder of their own, never beside the user's files, and made again when what is there cannot be read."""
+"""What compilers and converters make from a model (an IREE module, an MNN model, a LiteRT file), kept
+in a cache folder of their own, never beside the user's files, and made again when what is there cannot be read."""
 import contextlib
 import hashlib
 import os
@@ -19,12 +19,29 @@ def cache_root():
     return os.path.join(base, "moebench")
 
 
-def artifact_path(engine, model_path, settings, suffix, cache_dir=None):
-    """Where `engine`'s build of the model at model_path with `settings` (a string) is kept: named by a
-    hash of the model's bytes and the settings, so a changed model or flag never reuses a stale build."""
-    with open(model_path, "rb") as f:
-        digest = hashlib.sha256(f.read() + f"\0{engine}\0{settings}".encode()).hexdigest()[:20]
+def artifact_path(engine, source, settings, suffix, cache_dir=None):
+    """Where `engine`'s build of a model with `settings` (a string) is kept: named by a hash of the
+    model (source: its file's path, or a torch model) and the settings, so a changed model or flag never
+    reuses a stale build."""
+    digest = hashlib.sha256(model_bytes(source) + f"\0{engine}\0{settings}".encode()).hexdigest()[:20]
     return os.path.join(cache_dir or cache_root(), engine, digest + suffix)
+
+
+def digest(array):
+    """A short name for an array's contents (calibration images), for build settings."""
+    return hashlib.sha256(array.tobytes()).hexdigest()[:12]
+
+
+def model_bytes(source):
+    """A model file's bytes, or a torch model's weights (its state dict as torch.save writes it)."""
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            return f.read()
+    import io
+    import torch
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    return buffer.getvalue()
 
 
 def built(path, build):
@@ -68,6 +85,8 @@ def quiet_output(what):
             flush_c_streams()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
+            if isinstance(error, UserError):  # already one line for the user
+                raise
             log.seek(0)
             said = [line for line in log.read().decode(errors="replace").splitlines() if line.strip()]
             raise UserError(f"{what} failed ({error_line(error, 200)}{'; ' + said[-1][:200] if said else ''})")

@@ -2,91 +2,21 @@
 benchmark.py, sweep.py, loadgen.py and serve.py select from. An entry says what it is (label for
 display, group, routing, precision), whether it runs here and why not, how it is timed, whether
 serve.py can serve it, and makes its runner from Sources."""
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import config
 
-from .. import checkpoint, convert, fused
-from . import iree_runtime, mnn_runtime, onnx_runtime, openvino_cpu, pytorch
+from .. import checkpoint, fused
+from . import (executorch_runtime, iree_runtime, litert_runtime, mnn_runtime, ncnn_runtime, onnx_runtime, openvino_cpu,
+               pytorch, tvm_compiler)
 from .base import Runner, Served
+from .sources import Sources
 
 REFERENCE = "ort-dense"  # fp32 ONNX Runtime on the dense graph: what the other rows are compared with
 INT8_VARIANTS = (("dynamic", False, False), ("dynamic", True, False), ("dynamic", False, True),
                  ("static QDQ", False, False), ("static QDQ", True, False), ("static QDQ", False, True))
 CUDA = [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
-
-
-class Sources:
-    """What runners are made from, each made once when first asked for: the checkpoint's model per
-    routing, its ONNX exports (checked against torch before they appear), their FP16 and INT8
-    copies, and training images for calibration. `onnx_files` names exports that already exist."""
-
-    def __init__(self, checkpoint_path=checkpoint.DEFAULT_PATH, workdir=None, test_set=None, data_dir="data",
-                 onnx_files=None, calibration_images=1000):
-        self.checkpoint_path, self.workdir, self.test_set = checkpoint_path, workdir, test_set
-        self.data_dir, self.calibration_images = data_dir, calibration_images
-        self.files = {key if isinstance(key, tuple) else (key, "torchscript"): path
-                      for key, path in (onnx_files or {}).items()}
-        self.made = {}
-
-    @classmethod
-    def of_model(cls, model, structure, workdir, test_set):
-        """Sources for weights that are no checkpoint (the sweep's random models)."""
-        import copy
-        sources = cls(None, workdir, test_set)
-        for routing in config.ROUTINGS:
-            sources.made[("model", routing)] = copy.deepcopy(model)
-            sources.made[("model", routing)].moe.routing = routing
-        sources.made["structure"] = structure
-        return sources
-
-    def once(self, key, make):
-        if key not in self.made:
-            self.made[key] = make()
-        return self.made[key]
-
-    def model(self, routing="dense"):
-        return self.once(("model", routing), lambda: checkpoint.load_model(
-            self.checkpoint_path, {"ROUTING": routing})[0])
-
-    @property
-    def structure(self):
-        """The checkpoint's structure; an export's metadata where only exports were given."""
-        def read():
-            if self.files and not (self.checkpoint_path and os.path.exists(self.checkpoint_path)):
-                return onnx_runtime.stored_structure(next(iter(self.files.values())))
-            return checkpoint.load_model(self.checkpoint_path)[1]
-        return self.once("structure", read)
-
-    def scratch(self, name):
-        return os.path.join(self.workdir, name)
-
-    def onnx(self, routing="dense", exporter="torchscript"):
-        if (routing, exporter) not in self.files:
-            from ..export import write_checked
-            import torch
-            images, labels = self.test_set
-            path = self.scratch(config.onnx_path(routing, exporter))
-            write_checked(self.model(routing), {**self.structure, "ROUTING": routing}, path, exporter,
-                          torch.from_numpy(images), torch.from_numpy(labels))
-            self.files[(routing, exporter)] = path
-        return self.files[(routing, exporter)]
-
-    def fp16(self):
-        return self.once("fp16", lambda: convert.fp16_copy(self.onnx(), self.scratch("fp16.onnx")))
-
-    def calibration(self):
-        from data import load_split
-        return self.once("calibration", lambda: load_split("train", self.data_dir, self.calibration_images)[0].numpy())
-
-    def int8(self, method="dynamic", per_channel=False, reduce_range=False, routing="dense"):
-        key = ("int8", method, per_channel, reduce_range, routing)
-        target = self.scratch(f"int8-{method.split()[0]}-{int(per_channel)}{int(reduce_range)}-{routing}.onnx")
-        return self.once(key, lambda: convert.quantize(self.onnx(routing), target, method,
-                                                       self.calibration() if method != "dynamic" else None,
-                                                       per_channel, reduce_range))
 
 
 def runs_anywhere(structure):
@@ -274,20 +204,40 @@ def module_missing(module, package):
 
 
 def compiler_entries():
-    """The deep-learning compiler and the mobile runtime that take this model's ONNX file as it is:
-    IREE (the dense graph only) and MNN (both graphs, fp32, and int8 weights)."""
-    entries = [Entry("iree-dense", "IREE llvm-cpu, dense (local-sync below batch 64, local-task from it)", "compiler",
-                     "dense", "fp32", lambda s: iree_runtime.runner(s.onnx("dense"), s.scratch("compiled")), quick=True,
+    """The deep-learning compilers and mobile runtimes: TVM, IREE, MNN and ncnn from the ONNX file,
+    LiteRT and ExecuTorch from the PyTorch model. Only MNN takes the loop graph."""
+    cache = "compiled"
+    entries = [Entry("tvm-dense", "Apache TVM llvm, dense, untuned", "compiler", "dense", "fp32",
+                     lambda s: tvm_compiler.runner(s.onnx("dense"), s.scratch(cache)), quick=True,
+                     lacks=module_missing("tvm", "apache-tvm")),
+               Entry("iree-dense", "IREE llvm-cpu, dense (local-sync below batch 64, local-task from it)", "compiler",
+                     "dense", "fp32", lambda s: iree_runtime.runner(s.onnx("dense"), s.scratch(cache)), quick=True,
                      lacks=module_missing("iree.runtime", "iree-base-runtime"))]
     for routing in config.ROUTINGS:
         entries += [Entry(f"mnn-{routing}-{threads}t", f"MNN CPU, {routing}, {threads} thread{'s' if threads > 1 else ''}",
                           "compiler", routing, "fp32", lambda s, r=routing, t=threads: mnn_runtime.runner(
-                              s.onnx(r), s.scratch("compiled"), threads=t), quick=threads == 1,
+                              s.onnx(r), s.scratch(cache), threads=t), quick=threads == 1,
                           lacks=module_missing("MNN", "mnn")) for threads in (1, 2)]
-    entries.append(Entry("mnn-dense-int8-weights", "MNN CPU, dense, int8 weights (fp32 compute), 1 thread", "compiler",
-                         "dense", "fp32", lambda s: mnn_runtime.runner(s.onnx("dense"), s.scratch("compiled"),
-                                                                       weight_bits=8),
-                         lacks=module_missing("MNN", "mnn")))
+    entries += [Entry("mnn-dense-int8-weights", "MNN CPU, dense, int8 weights (fp32 compute), 1 thread", "compiler",
+                      "dense", "fp32", lambda s: mnn_runtime.runner(s.onnx("dense"), s.scratch(cache), weight_bits=8),
+                      lacks=module_missing("MNN", "mnn")),
+                Entry("ncnn-dense-1t", "ncnn CPU, dense, 1 thread, the gate as a custom layer", "compiler", "dense",
+                      "fp32", lambda s: ncnn_runtime.runner(s.onnx("dense"), s.scratch(cache)), quick=True,
+                      lacks=module_missing("ncnn", "ncnn")),
+                Entry("litert-dense", "LiteRT XNNPACK, dense, one thread per core", "compiler", "dense", "fp32",
+                      lambda s: litert_runtime.runner(s.model("dense"), s.scratch(cache)), quick=True,
+                      lacks=module_missing("litert_torch", "litert-torch")),
+                Entry("litert-dense-int8", "LiteRT XNNPACK INT8 (dynamic_wi8_afp32), dense, one thread per core",
+                      "compiler", "dense", "int8", lambda s: litert_runtime.runner(s.model("dense"), s.scratch(cache),
+                                                                                 int8=True),
+                      lacks=module_missing("ai_edge_quantizer", "ai-edge-quantizer")),
+                Entry("executorch-dense", "ExecuTorch XNNPACK, dense, one thread per core", "compiler", "dense", "fp32",
+                      lambda s: executorch_runtime.runner(s.model("dense"), s.scratch(cache)), quick=True,
+                      lacks=module_missing("executorch", "executorch")),
+                Entry("executorch-dense-int8", "ExecuTorch XNNPACK INT8 (static, per channel), dense, one thread per "
+                      "core", "compiler", "dense", "int8", lambda s: executorch_runtime.runner(
+                          s.model("dense"), s.scratch(cache), calibration=s.calibration()),
+                      lacks=module_missing("executorch", "executorch"))]
     return entries
 
 
