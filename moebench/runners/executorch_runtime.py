@@ -70,7 +70,8 @@ def build(model, built, calibration=None):
 
 def set_threads(threads):
     """ExecuTorch's one process-wide threadpool, which XNNPACK runs on: `threads` threads; returns its size."""
-    portable = require_module("executorch.extension.pybindings.portable_lib", "ExecuTorch", INSTALL)
+    with compiled.quiet_output("importing ExecuTorch"):  # its CPU probe and torchao print at import
+        portable = require_module("executorch.extension.pybindings.portable_lib", "ExecuTorch", INSTALL)
     if threads and threads != portable._threadpool_get_thread_count():
         portable._unsafe_reset_threadpool(threads)
     return portable._threadpool_get_thread_count()
