@@ -60,6 +60,7 @@ script onnx_quantize_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
 script iree_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
 script mnn_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
 script mnn_infer.py --routing loop --json "$jsonl" ${each[@]+"${each[@]}"}
+script mnn_infer.py --int8 --json "$jsonl" ${each[@]+"${each[@]}"}
 script tvm_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
 script ncnn_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}
 script litert_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}

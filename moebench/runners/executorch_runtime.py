@@ -70,11 +70,11 @@ def build(model, built, calibration=None):
 
 def set_threads(threads):
     """ExecuTorch's one process-wide threadpool, which XNNPACK runs on: `threads` threads; returns its size."""
-    with compiled.quiet_output("importing ExecuTorch"):  # its CPU probe and torchao print at import
+    with compiled.quiet_output("starting ExecuTorch's threadpool"):  # its CPU probe prints as the pool starts
         portable = require_module("executorch.extension.pybindings.portable_lib", "ExecuTorch", INSTALL)
-    if threads and threads != portable._threadpool_get_thread_count():
-        portable._unsafe_reset_threadpool(threads)
-    return portable._threadpool_get_thread_count()
+        if threads and threads != portable._threadpool_get_thread_count():
+            portable._unsafe_reset_threadpool(threads)
+        return portable._threadpool_get_thread_count()
 
 
 def load(path):
