@@ -3,7 +3,8 @@ for this CPU (LLVM, the host's own instruction set) into a library that is cache
 virtual machine. Untuned by default (TVM's CPU pipeline, one library for every batch size);
 --tune-trials N searches schedules with MetaSchedule for batch 1 and for --batch-size (static shapes;
 other batches run in parts of that size, the last padded), and keeps the records and libraries in
-the cache, so the search is paid once. TVM takes the dense graph."""
+the cache, so the search is paid once. Untuned, TVM takes both graphs (--routing loop); tuned, the
+dense one."""
 from moebench import onnx_backend
 from moebench.cli import ArgumentParser, non_negative_int, run
 from moebench.runners import tvm_compiler
@@ -11,7 +12,7 @@ from moebench.runners import tvm_compiler
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    onnx_backend.add_model_args(parser, "dense ONNX model from export_onnx.py", timing=False)
+    onnx_backend.add_model_args(parser, "ONNX model from export_onnx.py", timing=False)
     parser.add_argument("--target-cpu", default="host",
                         help="the LLVM -mcpu to compile for (default host: this machine's CPU, as LLVM names it)")
     parser.add_argument("--tune-trials", type=non_negative_int, default=0,

@@ -38,6 +38,7 @@ def model_bytes(source):
         with open(source, "rb") as f:
             return f.read()
     import io
+
     import torch
     buffer = io.BytesIO()
     torch.save(source.state_dict(), buffer)

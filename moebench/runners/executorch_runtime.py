@@ -89,8 +89,8 @@ def runner(model, cache_dir=None, threads=0, calibration=None):
     calibration images (training images, never test images) are given."""
     import torch
     if getattr(model.moe, "routing", "dense") != "dense":
-        raise UserError("ExecuTorch takes the dense routing only: the loop routing's rows per expert depend on the "
-                        "data (torch.nonzero), which the XNNPACK delegate cannot take")
+        raise UserError("ExecuTorch takes the dense routing only: the loop routing (rows per expert known only at "
+                        "run time, torch.nonzero) exports and lowers, but its program fails to run (error 0x12)")
     built = {}
     settings = f"xnnpack, batch up to {MAX_BATCH}" + ("" if calibration is None else ", int8 static per channel, "
                                                     + compiled.digest(calibration))

@@ -13,19 +13,26 @@ from ..measuring.clock import Clock
 from . import compiled
 from .base import Runner
 
-INSTALL = "pip install -r requirements.txt (ai-edge-litert; litert-torch converts)"
+INSTALL = "pip install -r requirements.txt (ai-edge-litert, ai-edge-quantizer)"
+INSTALL_CONVERTER = "pip install --no-deps -r requirements-nodeps.txt (litert-torch)"
 
 
 def versions():
-    from importlib.metadata import version
-    return {"ai-edge-litert": version("ai-edge-litert"), "litert-torch": version("litert-torch"),
-            "ai-edge-quantizer": version("ai-edge-quantizer"), "numpy": np.__version__}
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+    return {name: of(name) for name in ("ai-edge-litert", "litert-torch", "ai-edge-quantizer")} | {
+        "numpy": np.__version__}
 
 
 def dense_only(model):
     if getattr(model.moe, "routing", "dense") != "dense":
-        raise UserError("LiteRT takes the dense routing only: the loop routing's rows per expert depend on the "
-                        "data (torch.nonzero), which a LiteRT file's static shapes cannot hold")
+        raise UserError("LiteRT takes the dense routing only: litert-torch cannot convert the loop routing, whose "
+                        "rows per expert depend on the data (torch.nonzero; its JAX lowering needs concrete shapes)")
 
 
 def build(model, batch_size, int8=False):
@@ -35,7 +42,7 @@ def build(model, batch_size, int8=False):
         import torch
         sample = torch.zeros(batch_size, 1, 28, 28)
         with compiled.quiet_output(f"litert-torch converting the model for batch {batch_size}"):
-            converter = require_module("litert_torch", "LiteRT's PyTorch converter", INSTALL)
+            converter = require_module("litert_torch", "LiteRT's PyTorch converter", INSTALL_CONVERTER)
             converter.convert(model.eval(), (sample,)).export(target)
         if int8:
             with compiled.quiet_output(f"AI Edge Quantizer on the model for batch {batch_size}"):

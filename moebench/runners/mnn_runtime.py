@@ -53,6 +53,7 @@ def quantize(path, calibration):
     activation ranges from the calibration images, which mnnquant reads as image files."""
     import json
     import tempfile
+
     from PIL import Image
     with tempfile.TemporaryDirectory() as scratch:
         folder = os.path.join(scratch, "images")

@@ -140,8 +140,8 @@ def runner(path, cache_dir=None, threads=1):
         raise UserError(f"--threads {threads}: ncnn needs at least one thread")
     model = contract.check_onnx(path)
     if "NonZero" in {node.op_type for node in model.graph.node}:
-        raise UserError(f"{path} is the loop graph, which ncnn cannot run (ncnn has no batch dimension to gather "
-                        "rows by, nor NonZero); use the dense graph, model.onnx")
+        raise UserError(f"{path} is the loop graph, which ncnn cannot run: pnnx leaves NonZero, Gather, ScatterND "
+                        "and torch.gt in it, which ncnn has no layers for; use the dense graph, model.onnx")
     top = int(onnx_runtime.stored_structure(path)["TOP"])
     target = compiled.artifact_path("ncnn", path, f"pnnx fp16=0, MoEGate top {top}", ".npz", cache_dir)
     (net, layers), convert_s = compiled.loaded(target, convert(path, top), lambda p: load(p, threads),

@@ -196,23 +196,23 @@ def trt_options(sources, fp16):
     return tensorrt_options(0, fp16, 1024, len(sources.test_set[0]), sources.scratch("trt_cache"))
 
 
-def module_missing(module, package):
+def module_missing(module, package, install="pip install -r requirements.txt"):
     def lacks(structure):
         import importlib.util
-        return "" if importlib.util.find_spec(module) else f"{package} is not installed (pip install -r requirements.txt)"
+        return "" if importlib.util.find_spec(module) else f"{package} is not installed ({install})"
     return lacks
 
 
 def compiler_entries():
     """The deep-learning compilers and mobile runtimes: TVM, IREE, MNN and ncnn from the ONNX file,
-    LiteRT and ExecuTorch from the PyTorch model. Only MNN takes the loop graph."""
+    LiteRT and ExecuTorch from the PyTorch model. TVM and MNN take the loop graph too."""
     cache = "compiled"
-    entries = [Entry("tvm-dense", "Apache TVM llvm, dense, untuned", "compiler", "dense", "fp32",
-                     lambda s: tvm_compiler.runner(s.onnx("dense"), s.scratch(cache)), quick=True,
-                     lacks=module_missing("tvm", "apache-tvm")),
-               Entry("iree-dense", "IREE llvm-cpu, dense (local-sync below batch 64, local-task from it)", "compiler",
-                     "dense", "fp32", lambda s: iree_runtime.runner(s.onnx("dense"), s.scratch(cache)), quick=True,
-                     lacks=module_missing("iree.runtime", "iree-base-runtime"))]
+    entries = [Entry(f"tvm-{routing}", f"Apache TVM llvm, {routing}, untuned", "compiler", routing, "fp32",
+                     lambda s, r=routing: tvm_compiler.runner(s.onnx(r), s.scratch(cache)), quick=routing == "dense",
+                     lacks=module_missing("tvm", "apache-tvm")) for routing in config.ROUTINGS]
+    entries += [Entry("iree-dense", "IREE llvm-cpu, dense (local-sync below batch 64, local-task from it)", "compiler",
+                      "dense", "fp32", lambda s: iree_runtime.runner(s.onnx("dense"), s.scratch(cache)), quick=True,
+                      lacks=module_missing("iree.runtime", "iree-base-runtime"))]
     for routing in config.ROUTINGS:
         entries += [Entry(f"mnn-{routing}-{threads}t", f"MNN CPU, {routing}, {threads} thread{'s' if threads > 1 else ''}",
                           "compiler", routing, "fp32", lambda s, r=routing, t=threads: mnn_runtime.runner(
@@ -229,11 +229,11 @@ def compiler_entries():
                       lacks=module_missing("ncnn", "ncnn")),
                 Entry("litert-dense", "LiteRT XNNPACK, dense, one thread per core", "compiler", "dense", "fp32",
                       lambda s: litert_runtime.runner(s.model("dense"), s.scratch(cache)), quick=True,
-                      lacks=module_missing("litert_torch", "litert-torch")),
+                      lacks=module_missing("litert_torch", "litert-torch", litert_runtime.INSTALL_CONVERTER)),
                 Entry("litert-dense-int8", "LiteRT XNNPACK INT8 (dynamic_wi8_afp32), dense, one thread per core",
                       "compiler", "dense", "int8", lambda s: litert_runtime.runner(s.model("dense"), s.scratch(cache),
                                                                                  int8=True),
-                      lacks=module_missing("ai_edge_quantizer", "ai-edge-quantizer")),
+                      lacks=module_missing("litert_torch", "litert-torch", litert_runtime.INSTALL_CONVERTER)),
                 Entry("executorch-dense", "ExecuTorch XNNPACK, dense, one thread per core", "compiler", "dense", "fp32",
                       lambda s: executorch_runtime.runner(s.model("dense"), s.scratch(cache)), quick=True,
                       lacks=module_missing("executorch", "executorch")),
