@@ -78,7 +78,8 @@ def test_resume_continues_where_it_stopped(tmp_path, mnist_dir, mode):
     straight = torchrun(*train_args(tmp_path, "straight.pt", mnist_dir, "--parallel", mode))
     first = torchrun(*train_args(tmp_path, "resumed.pt", mnist_dir, "--parallel", mode, epochs=1))
     resumed = torchrun(*train_args(tmp_path, "resumed.pt", mnist_dir, "--parallel", mode, "--resume"))
-    assert straight.returncode == first.returncode == resumed.returncode == 0, resumed.stderr[-2000:]
+    for name, run in (("straight", straight), ("first epoch", first), ("resumed", resumed)):
+        assert run.returncode == 0, f"{name} run failed: {run.stderr[-3000:]}"
     a, b = checkpoint.load(str(tmp_path / "straight.pt")), checkpoint.load(str(tmp_path / "resumed.pt"))
     assert [h["epoch"] for h in b["history"]] == [1, 2]
     assert_same_training(a, b)
