@@ -80,6 +80,11 @@ def onnx_io(model):
             [entry(v) for v in model.graph.output])
 
 
+def is_loop_graph(model):
+    """Whether a loaded ONNX model is the loop graph: its NonZero picks each expert's rows at run time."""
+    return "NonZero" in {node.op_type for node in model.graph.node}
+
+
 def check_onnx(path):
     """load_onnx(path), refusing a model that breaks the contract."""
     model = load_onnx(path)

@@ -70,7 +70,7 @@ def runner(path, cache_dir=None, driver="auto", target_cpu="host"):
     the loop graph's experts that no image chose make empty tensors, which IREE's runtime refuses."""
     if driver not in DRIVERS:
         raise UserError(f"--driver {driver}: expected one of {', '.join(DRIVERS)}")
-    if "NonZero" in {node.op_type for node in contract.check_onnx(path).graph.node}:
+    if contract.is_loop_graph(contract.check_onnx(path)):
         raise UserError(f"{path} is the loop graph, which IREE cannot run (an expert no image chose gives an "
                         "empty tensor, which IREE's runtime refuses); use the dense graph, model.onnx")
     target = compiled.artifact_path("iree", path, " ".join(compile_flags(target_cpu)), ".vmfb", cache_dir)

@@ -93,8 +93,7 @@ def runner(path, cache_dir=None, threads=1, weight_bits=0, calibration=None):
         raise UserError(f"--threads {threads}: MNN needs at least one thread")
     if weight_bits and calibration is not None:
         raise UserError("--weight-bits 8 and --int8 exclude each other: --int8 quantizes the weights too")
-    graph = contract.check_onnx(path).graph
-    if calibration is not None and "NonZero" in {node.op_type for node in graph.node}:
+    if contract.is_loop_graph(contract.check_onnx(path)) and calibration is not None:
         raise UserError(f"--int8 takes the dense graph only: mnnquant's int8 copy of the loop graph {path} answers "
                         "wrongly (10% accuracy on the test set, chance); use model.onnx")
     expr = mnn().expr

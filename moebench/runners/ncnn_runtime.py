@@ -139,7 +139,7 @@ def runner(path, cache_dir=None, threads=1):
     if threads < 1:
         raise UserError(f"--threads {threads}: ncnn needs at least one thread")
     model = contract.check_onnx(path)
-    if "NonZero" in {node.op_type for node in model.graph.node}:
+    if contract.is_loop_graph(model):
         raise UserError(f"{path} is the loop graph, which ncnn cannot run: pnnx leaves NonZero, Gather, ScatterND "
                         "and torch.gt in it, which ncnn has no layers for; use the dense graph, model.onnx")
     top = int(onnx_runtime.stored_structure(path)["TOP"])
