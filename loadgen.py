@@ -1,11 +1,13 @@
-"""MLPerf Inference LoadGen on the test set: SingleStream (90th-percentile latency) and Offline
-(samples/s) for each CPU backend in process; then over HTTP, one image per request, serve.py's
-embedded server and serve.py --ray, beside two bare HTTP servers with no model, aiohttp and uvicorn
-(the faster is this machine's HTTP ceiling, with this client), and plain in-process ONNX Runtime (no
-server): SingleStream (one request at a time) and Server (Poisson arrivals), the highest offered QPS
-whose 99th-percentile latency stays under --p99-ms, and that QPS as a share of the ceiling's.
-Accuracy mode checks LoadGen's accuracy log against the test labels for every system that has a
-model.
+"""The servers over HTTP, measured two ways. First wrk, a C load generator fast enough not to be the
+limit (a closed loop of 32 and 128 connections, one image per request): two bare HTTP servers with
+no model (aiohttp, and uvicorn as serve.py runs it), serve.py with ONNX Runtime, the fused INT8
+operator and OpenVINO, serve.py --ray, and Triton Inference Server (serve.py --triton), each as a
+share of the faster bare server at the same connection count, and every served class checked
+against ONNX Runtime's. Then MLPerf Inference LoadGen, whose Python client caps what it can measure
+here: SingleStream and Offline for each CPU backend in process, and over HTTP SingleStream (one
+request at a time) and Server (Poisson arrivals: the highest offered QPS whose p99 stays under
+--p99-ms) for the bare servers, serve.py, serve.py --ray and in-process ONNX Runtime. Accuracy mode
+checks LoadGen's accuracy log against the test labels for every system that has a model.
 
 Writes results/loadgen/ (LoadGen's summary and detail logs), results/loadgen.{md,json,png}."""
 import os
@@ -18,9 +20,9 @@ import numpy as np
 
 from data import add_data_args, load_split
 from moebench import checkpoint, contract
-from moebench.cli import (ArgumentParser, atomic_folder, non_negative_float, non_negative_int, positive_int,
+from moebench.cli import (ArgumentParser, UserError, atomic_folder, non_negative_float, non_negative_int, positive_int,
                           require_module, run)
-from moebench.measuring import clock, loadgen_systems as systems
+from moebench.measuring import clock, http_load, loadgen_systems as systems, wrk
 from moebench.measuring.compare import accuracy
 from moebench.measuring.machine import cpu_name
 from moebench.reports.files import write as write_report
@@ -34,7 +36,13 @@ BARE = {"bare HTTP server, no model: aiohttp": "aiohttp",
 BASELINE = "in-process ONNX Runtime, no server"
 EMBEDDED = "serve.py (uvicorn, dynamic batching)"
 RAY = "serve.py --ray (Ray Serve, HAProxy ingress)"
-SERVERS_FLAGS = {"embedded": [], "ray": ["--ray"]}
+SERVERS_FLAGS = {"embedded": [], "ray": ["--ray"], "fused-int8": ["--backend", "fused-int8"],
+                 "openvino": ["--backend", "openvino"], "triton": ["--triton"]}
+# servers measured with wrk only (and their answers checked), no LoadGen ladder: {name: kind}
+WRK_ONLY = {"serve.py --backend fused-int8": "fused-int8", "serve.py --backend openvino": "openvino",
+            "serve.py --triton (Triton Inference Server, python backend, ONNX Runtime)": "triton"}
+PROTOCOLS = {"aiohttp": ("own",), "uvicorn": ("own",), "embedded": ("own", "v2"), "ray": ("own",),
+             "fused-int8": ("own",), "openvino": ("own",), "triton": ("v2",)}
 
 
 def parse_args(argv=None):
@@ -55,6 +63,10 @@ def parse_args(argv=None):
                         help="steps between the last passing and the first failing QPS (default 3)")
     parser.add_argument("--server-url", help="a running serve.py to measure in the Server scenario, instead of "
                                              "starting serve.py in each setting itself")
+    parser.add_argument("--wrk-duration-s", type=non_negative_float, default=8.0,
+                        help="each wrk run's length (default 8 s)")
+    parser.add_argument("--connections", type=positive_int, nargs="+", default=list(http_load.CONNECTIONS),
+                        help="wrk's connection counts (default 32 128)")
     parser.add_argument("--out-dir", default="results")
     parser.add_argument("--test-limit", type=positive_int, help="use only the first N test images")
     parser.add_argument("--quick", action="store_true",
@@ -65,6 +77,7 @@ def parse_args(argv=None):
         parser.error("--qps-step must be > 1 and --start-qps, --p99-ms > 0")
     if args.quick:
         args.duration_s, args.max_steps, args.refine_steps = min(args.duration_s, 0.5), min(args.max_steps, 2), 0
+        args.wrk_duration_s = min(args.wrk_duration_s, 1.0)
         args.start_qps = max(args.start_qps, 200.0)
     return args
 
@@ -89,11 +102,15 @@ def slug(name):
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
-def accuracy_run(sut, images, labels, outdir):
+def accuracy_run(sut, images, labels, outdir, expected=None):
+    """LoadGen's accuracy mode; with `expected` classes, also the share of answers equal to them."""
     settings = systems.settings_for("Offline", "accuracy", 0)
     result = systems.run_test(sut, len(images), settings, outdir)
     classes = result.pop("classes")
-    return {"accuracy": 100.0 * float((classes == labels).mean()), "refused": result["refused"]}
+    found = {"accuracy": 100.0 * float((classes == labels).mean()), "refused": result["refused"]}
+    if expected is not None:
+        found["agreement"] = 100.0 * float((classes == expected).mean())
+    return found
 
 
 def single_stream(sut, predict, images, args, outdir):
@@ -173,18 +190,18 @@ def start_server(kind, args):
     if kind in BARE.values():
         command = [sys.executable, "-m", "moebench.serving.bare_http", "--server", kind, "--port", str(port)]
     else:
-        command = [sys.executable, "serve.py", "--model", os.path.abspath(args.model), "--port", str(port),
-                   "--threads", "1", *SERVERS_FLAGS[kind]]
+        command = [sys.executable, "serve.py", "--model", os.path.abspath(args.model), "--checkpoint",
+                   os.path.abspath(args.checkpoint), "--port", str(port), "--threads", "1", *SERVERS_FLAGS[kind]]
     return ServerProcess(command, os.path.dirname(os.path.abspath(__file__)), port)
 
 
-def over_http(url, pixels, labels, args, folder, answers=True):
-    """One server: its answers checked through LoadGen (never overloading it), one request at a
-    time (SingleStream), and the Server ladder."""
+def over_http(url, pixels, labels, args, folder, expected=None):
+    """One server under LoadGen: its answers checked (never overloading it; with `expected`, the
+    classes a model should give), one request at a time (SingleStream), and the Server ladder."""
     row = {}
-    if answers:
+    if expected is not None:
         checked = systems.OverHttp(url, pixels, per_request=100, connections=1)
-        row["loadgen"] = accuracy_run(checked, pixels, labels, os.path.join(folder, "accuracy"))
+        row["loadgen"] = accuracy_run(checked, pixels, labels, os.path.join(folder, "accuracy"), expected)
         checked.close()
     one_by_one = systems.OverHttp(url, pixels, connections=1)
     settings = systems.settings_for("SingleStream", "performance", int(1000 * args.duration_s), 0.001)
@@ -196,19 +213,33 @@ def over_http(url, pixels, labels, args, folder, answers=True):
     return row
 
 
-def server_row(name, kind, args, pixels, labels, direct, logs):
-    """One HTTP system, started here (kind 'aiohttp' or 'uvicorn' for a bare server, 'embedded' or
-    'ray') or at --server-url (None)."""
+def server_row(name, kind, args, pixels, labels, expected, logs, with_loadgen=True):
+    """One HTTP system, started here (kind 'aiohttp' or 'uvicorn' for a bare server, else a key of
+    SERVERS_FLAGS) or at --server-url (None): wrk first, then LoadGen, or its answers checked over the
+    Open Inference Protocol where it has no LoadGen run."""
+    print(f"{name}:", flush=True)
     server = start_server(kind, args) if kind else None
+    url = server.url if server else args.server_url
     bare = kind in BARE.values()
+    row = {"direct_accuracy": None if bare else 100.0 * float((expected == labels).mean())}
     try:
-        row = {**over_http(server.url if server else args.server_url, pixels, labels, args,
-                           os.path.join(logs, slug(name)), answers=not bare),
-               "direct_accuracy": None if bare else direct}
+        if wrk.available():
+            row["wrk"] = http_load.under_wrk(url, PROTOCOLS.get(kind, ("own",)), http_load.bodies(pixels[0]),
+                                             args.connections, args.wrk_duration_s, print)
+        if with_loadgen:
+            row.update(over_http(url, pixels, labels, args, os.path.join(logs, slug(name)),
+                                 None if bare else expected))
+        else:
+            classes = http_load.classes_over_v2(url, pixels)
+            row["answers"] = {"accuracy": 100.0 * float((classes == labels).mean()),
+                              "agreement": 100.0 * float((classes == expected).mean())}
+            print(f"  answers over the Open Inference Protocol: {row['answers']['agreement']:.2f}% equal to ONNX "
+                  f"Runtime's, accuracy {row['answers']['accuracy']:.2f}%", flush=True)
     finally:
         if server:
             server.stop()
-    report_ladder(name, row)
+    if with_loadgen:
+        report_ladder(name, row)
     return row
 
 
@@ -217,21 +248,30 @@ def server_rows(args, images, labels, logs):
     each server; and the ceiling's name."""
     pixels = np.round(images[:, 0] * 255).astype(np.uint8)
     baseline_predict = onnx_runtime.runner(args.model).logits
-    direct = accuracy(clock.full_pass(baseline_predict, images, 1024), labels)
+    expected = clock.full_pass(baseline_predict, images, 1024).argmax(1)
     bare = dict(list(BARE.items())[:1]) if args.quick else BARE
-    rows = {name: server_row(name, kind, args, pixels, labels, direct, logs) for name, kind in bare.items()}
+    rows = {name: server_row(name, kind, args, pixels, labels, expected, logs) for name, kind in bare.items()}
     sut = systems.InProcess(baseline_predict, images, worker=True)
     rows[BASELINE] = {"ladder": ladder(sut, len(images), args, os.path.join(logs, slug(BASELINE))),
-                      "direct_accuracy": direct}
+                      "direct_accuracy": 100.0 * float((expected == labels).mean())}
     report_ladder(BASELINE, rows[BASELINE])
     servers = ({f"serve.py at {args.server_url}": None} if args.server_url else
                {EMBEDDED: "embedded"} if args.quick else {EMBEDDED: "embedded", RAY: "ray"})
     for name, kind in servers.items():
-        rows[name] = server_row(name, kind, args, pixels, labels, direct, logs)
+        rows[name] = server_row(name, kind, args, pixels, labels, expected, logs)
+    if not (args.quick or args.server_url):
+        for name, kind in WRK_ONLY.items():
+            try:
+                rows[name] = server_row(name, kind, args, pixels, labels, expected, logs, with_loadgen=False)
+            except UserError as error:  # a backend this machine lacks: said in the report, the rest goes on
+                print(f"  not measured: {error}", flush=True)
+                rows[name] = {"not_measured": str(error)}
+    http_load.shares(rows, list(bare), args.connections)
     ceiling = max(bare, key=lambda name: rows[name]["ladder"]["best_qps"] or 0)
     best = rows[ceiling]["ladder"]["best_qps"]
     for row in rows.values():
-        row["vs_ceiling"] = row["ladder"]["best_qps"] / best if best and row["ladder"]["best_qps"] else None
+        ladder_best = row.get("ladder", {}).get("best_qps")
+        row["vs_ceiling"] = ladder_best / best if best and ladder_best else None
     return rows, ceiling
 
 
@@ -254,10 +294,11 @@ def main(argv=None):
         server, ceiling = server_rows(args, images, labels, logs)
     report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
               "loadgen_version": getattr(mlperf_loadgen, "__version__", "6.0.17"), "in_process": in_process,
-              "server": server, "ceiling": ceiling, "settings": {"images": len(images), "duration_s": args.duration_s,
-                                             "p99_ms": args.p99_ms, "start_qps": args.start_qps,
-                                             "qps_step": args.qps_step, "refine_steps": args.refine_steps,
-                                             "quick": args.quick}}
+              "server": server, "ceiling": ceiling, "wrk": wrk.available(),
+              "settings": {"images": len(images), "duration_s": args.duration_s, "p99_ms": args.p99_ms,
+                           "start_qps": args.start_qps, "qps_step": args.qps_step, "refine_steps": args.refine_steps,
+                           "wrk_duration_s": args.wrk_duration_s, "connections": args.connections,
+                           "quick": args.quick}}
     print(write_report(report, args.out_dir, "loadgen", markdown, {"loadgen.png": plot}))
     return report
 

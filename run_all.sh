@@ -41,7 +41,7 @@ web=()
 if ! command -v npm >/dev/null; then
   echo "skipped the browser rows: no npm here to install onnxruntime-web (install Node.js, then npm ci --prefix web)"
 elif ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
-  echo "skipped the browser rows: no Chromium and chromedriver here (bash tests/install_browser.sh)"
+  echo "skipped the browser rows: no Chromium and chromedriver here (bash tests/install_tools.sh)"
 else
   npm ci --prefix "$repo/web" --ignore-scripts --no-audit --no-fund --loglevel=error
   web=(--web)

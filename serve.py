@@ -2,12 +2,15 @@
 the model in process behind a dynamic batcher, supervised so that a worker that dies is replaced.
 With --ray (or --address): a Ray Serve application, replicas across processes and the nodes of a Ray
 cluster, each serving the same application as a worker does, behind Ray Serve's HAProxy ingress on a
-local cluster.
+local cluster. With --triton: Triton Inference Server (the binary nvidia-pytriton carries), its python
+backend running ONNX Runtime behind Triton's dynamic batcher.
 
 POST / with raw uint8 pixels (784 bytes per 28x28 image, any number of images) or JSON
 {"images": [[784 values 0-255], ...]} (28x28 nested lists work too); the answer is JSON with each
 image's class, logits and chosen experts with their gate weights, and which server, process and
-backend answered. GET / says what is served. Bad bodies get a 400 or 413, a body that does not arrive in time a 408,
+backend answered. GET / says what is served. The Open Inference Protocol (KServe v2, as Triton speaks
+it) is served too: GET /v2/health/ready, GET /v2/models/moe, POST /v2/models/moe/infer with JSON
+tensors or the binary tensor extension; --triton serves only that protocol. Bad bodies get a 400 or 413, a body that does not arrive in time a 408,
 a full queue a 503."""
 import os
 import signal
@@ -63,8 +66,16 @@ def parse_args(argv=None):
                      help="requests one replica works on at once (max_ongoing_requests, default 64)")
     ray.add_argument("--cpus-per-replica", type=non_negative_float, default=1.0,
                      help="CPUs Ray reserves for each replica (default 1)")
+    triton = parser.add_argument_group("Triton Inference Server (--triton)")
+    triton.add_argument("--triton", action="store_true",
+                        help="serve with Triton Inference Server: --replicas model instances, --max-batch-size and "
+                             "--batch-wait-ms for its dynamic batcher (its queue is unbounded: docs/serving.md); the "
+                             "Open Inference Protocol only, at most --max-batch-size images per request")
     args = parser.parse_args(argv)
     args.ray = args.ray or bool(args.address)
+    if args.triton and (args.ray or args.backend != "onnxruntime"):
+        parser.error("--triton serves the ONNX model with ONNX Runtime in Triton's python backend: leave out --ray, "
+                     "--address and --backend")
     args.served = backends[args.backend]
     if args.ray and args.served.from_checkpoint:
         parser.error(f"--backend {args.backend} reads the checkpoint with this repository's own files, which Ray "
@@ -105,7 +116,8 @@ def check_backend(args, payload):
     """Make the backend once here, so that what cannot run (no compiler, no OpenVINO, a checkpoint
     the fused operator cannot take) is one line before any worker starts."""
     try:
-        return Engine(args.served, payload, args.threads, args.precision, args.checkpoint).describe()
+        engine = Engine(args.served, payload, args.threads, args.precision, args.checkpoint)
+        return {**engine.describe(), "experts": engine.experts}
     except Exception as error:
         if for_the_user(error):
             raise
@@ -168,10 +180,25 @@ def serve_with_ray(args, payload):
     print("stopped", flush=True)
 
 
+def serve_with_triton(args, payload):
+    from moebench.serving import triton
+    require_free_port(args.host, args.port)
+    described = check_backend(args, payload)
+    settings = {**batching(args), "instances": args.replicas, "threads": args.threads}
+    stop_on_signals()
+
+    def announce(url):
+        print(f"serving {args.model} on Triton Inference Server (python backend, {described['engine']}) with "
+              f"{args.replicas} instance(s), dynamic batching up to {args.max_batch_size} images, "
+              f"{args.batch_wait_ms:g} ms queue delay, at {url}v2/models/moe (Ctrl-C stops)", flush=True)
+    triton.serve(payload, described["experts"], settings, args.host, args.port, announce)
+    print("stopped", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     payload = b"" if args.served.from_checkpoint else model_bytes(args.model)
-    (serve_with_ray if args.ray else serve_here)(args, payload)
+    (serve_with_ray if args.ray else serve_with_triton if args.triton else serve_here)(args, payload)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def chromium_paths():
     if not (chromium and driver):
         missing = " and ".join(name for name, path in (("Chromium", chromium), ("chromedriver", driver)) if not path)
         raise UserError(f"no {missing} on the PATH: install them (Debian: apt-get install chromium chromium-driver, "
-                        "or bash tests/install_browser.sh)")
+                        "or bash tests/install_tools.sh)")
     return chromium, driver
 
 

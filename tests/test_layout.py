@@ -117,7 +117,7 @@ def test_a_ray_worker_with_only_the_package_serves_and_says_what_ran(tiny_models
                "engine = Engine(pickle.load(open('served.pickle', 'rb')), open('model.onnx', 'rb').read(), threads=1); "
                "assert 'config' not in sys.modules and 'data' not in sys.modules; "
                "print(json.dumps({'described': engine.describe(), "
-               "'classes': [a['class'] for a in engine.classify(np.load('pixels.npy').reshape(-1, 784))]}))")
+               "'classes': [a['class'] for a in engine.classify(np.load('pixels.npy').astype(np.float32).reshape(-1, 1, 28, 28) / 255)]}))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     found = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert found.returncode == 0, found.stderr

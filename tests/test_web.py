@@ -2,7 +2,7 @@
 agrees with ONNX Runtime in Python, says how many threads ran, and says WebGPU is missing where it
 is; the drawing page, drawn on through Selenium, shows what onnxruntime in Python computes for the
 same pixels; bad input is one line. Runs where Chromium, chromedriver and web/node_modules are
-(bash tests/install_browser.sh).
+(bash tests/install_tools.sh).
 
 WEB_MODEL=model.onnx WEB_SCREENSHOT=docs/web-demo.png python -m pytest tests/test_web.py -k drawing
 redoes the README's screenshot from the trained model."""
@@ -25,7 +25,7 @@ from moebench.serving.server_process import ServerProcess
 pytest.importorskip("selenium", reason="selenium is not installed (requirements.txt)")
 pytestmark = pytest.mark.skipif(
     not (shutil.which("chromium") and shutil.which("chromedriver") and os.path.isdir(web.ORT_FOLDER)),
-    reason="needs chromium, chromedriver and web/node_modules (bash tests/install_browser.sh)")
+    reason="needs chromium, chromedriver and web/node_modules (bash tests/install_tools.sh)")
 
 
 def web_infer(*args, env=None):

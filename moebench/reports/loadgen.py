@@ -21,9 +21,10 @@ def markdown(report):
             lines.append(f"| {name} | {single['p90_ns'] / 1e3:.1f} | {single['p50_ns'] / 1e3:.1f} | "
                          f"{bulk['samples_per_s']:,.0f} | {verdicts} | {row['loadgen']['accuracy']:.2f}% | "
                          f"{row['direct_accuracy']:.2f}% |")
-    lines += ["", f"## Server: the highest offered QPS with p99 latency under {s['p99_ms']:g} ms", "",
-              "One image per request (784 raw bytes), Poisson arrivals, from an aiohttp client on the same "
-              f"machine. Offered QPS from {s['start_qps']:g} up by x{s['qps_step']:g} until a run's measured p99 "
+    lines += wrk_section(report)
+    lines += ["", f"## LoadGen's Server scenario: the highest offered QPS with p99 latency under {s['p99_ms']:g} ms", "",
+              "One image per request (784 raw bytes), Poisson arrivals, from LoadGen's Python SUT with an aiohttp "
+              f"client on the same machine (its limit: the bare servers' row, well below what wrk measures them at). Offered QPS from {s['start_qps']:g} up by x{s['qps_step']:g} until a run's measured p99 "
               "breaks the bound or a request is refused (503), then "
               f"{s.get('refine_steps', 0)} steps between the last passing and the first failing QPS. "
               f"'x ceiling' is that QPS over the ceiling's, measured in the same run: the faster bare HTTP "
@@ -34,6 +35,8 @@ def markdown(report):
               "first failing step | accuracy over HTTP | the backend alone |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in report["server"].items():
+        if "ladder" not in row:
+            continue
         steps, best = row["ladder"]["steps"], row["ladder"]["best_qps"]
         good = next((st for st in steps if st["offered_qps"] == best), None)
         failed = next((st for st in steps if not st["ok"]), None)
@@ -55,13 +58,41 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
+def wrk_section(report):
+    s = report["settings"]
+    if not report.get("wrk"):
+        return ["", "## Servers under wrk", "", "Not measured: wrk is not installed here (bash tests/install_tools.sh)."]
+    lines = ["", "## Servers under wrk, a C client: requests/s and latency, one image per request", "",
+             f"wrk (Debian's 4.1.0): one thread, a closed loop of N keep-alive connections, {s['wrk_duration_s']:g} s "
+             "per run, on the same cores as the server. 'own' is serve.py's API (784 raw bytes per image); 'v2' "
+             "the Open Inference Protocol with the binary tensor extension (3,136 bytes of float32 pixels). "
+             "'x bare' is requests/s over the faster bare server (no model) at the same connection count, in this "
+             "run. 'answers' is the share of the 10k test images whose served class equals ONNX Runtime's "
+             "(LoadGen's accuracy run, or the Open Inference Protocol in batches of 64).", "",
+             "| server | API | connections | requests/s | x bare | p50 (ms) | p99 (ms) | refused / failed | answers |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in report["server"].items():
+        if "not_measured" in row:
+            lines.append(f"| {name} | - | - | not measured: {row['not_measured']} | | | | | |")
+        checked = row.get("answers") or row.get("loadgen") or {}
+        answers = f"{checked['agreement']:.2f}%" if "agreement" in checked else "-"
+        for protocol, results in row.get("wrk", {}).items():
+            for r in results:
+                ratio = f"{r['vs_bare']:.2f}x" if r.get("vs_bare") else "-"
+                lines.append(f"| {name} | {protocol} | {r['connections']} | {r['requests_per_s']:,.0f} | {ratio} | "
+                             f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non_2xx']} / {r['errors']} | {answers} |")
+    return lines
+
+
 def plot(report, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 6))
     for name, row in report["server"].items():
-        steps = [st for st in row["ladder"]["steps"] if "p99_ns" in st]
+        steps = [st for st in row.get("ladder", {}).get("steps", []) if "p99_ns" in st]
+        if not steps:
+            continue
         ax.plot([st["offered_qps"] for st in steps], [st["p99_ns"] / 1e6 for st in steps], marker="o", label=name)
     ax.axhline(report["settings"]["p99_ms"], color="grey", linestyle="--", label="p99 bound")
     ax.set(xscale="log", yscale="log", xlabel="offered QPS (Poisson arrivals)", ylabel="p99 latency (ms)",

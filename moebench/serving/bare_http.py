@@ -10,7 +10,7 @@ import argparse
 
 import orjson
 
-from .http_app import read_body, respond
+from .http_app import UVICORN_SETTINGS, read_body, respond
 from .requests import PIXELS_PER_IMAGE
 
 CANNED = {"class": 7, "logits": [-3.91825, -6.77241, 1.76233, 4.24012, -8.09416, -3.54183, -17.44731, 13.63474,
@@ -55,8 +55,7 @@ def main():
     print(f"serving nothing at http://{args.host}:{args.port}/ with {args.server} (Ctrl-C stops)", flush=True)
     if args.server == "uvicorn":
         import uvicorn
-        uvicorn.run(asgi, host=args.host, port=args.port, lifespan="off", log_level="warning", access_log=False,
-                    backlog=4096)
+        uvicorn.run(asgi, host=args.host, port=args.port, **UVICORN_SETTINGS)
     else:
         from aiohttp import web
         web.run_app(app(), host=args.host, port=args.port, print=None, access_log=None, backlog=4096)

@@ -1,13 +1,15 @@
-"""The model behind a server: one of the registry's servable runners, answering for uint8 images."""
+"""The model behind a server: one of the registry's servable runners, answering for float32 pixels."""
 import os
 import tempfile
 
-from .requests import answers, to_pixels
+import numpy as np
+
+from .requests import answers
 
 
 class Engine:
-    """The model on one of the registry's served runners, answering for uint8 images: what a Ray
-    Serve replica and a worker of the default server each hold."""
+    """The model on one of the registry's served runners, answering for float32 pixels (N, 1, 28, 28):
+    what a Ray Serve replica and a worker of the default server each hold."""
 
     def __init__(self, served, model_bytes=b"", threads=0, precision="auto", checkpoint_path=None):
         """served: the registry's Served for the backend; model_bytes: the ONNX model (engines read the
@@ -18,13 +20,15 @@ class Engine:
             with open(path, "wb") as f:
                 f.write(model_bytes)
             self.runner = served.make(path, checkpoint_path, threads, precision)
+        self.experts = self.compute(np.zeros((1, 1, 28, 28), np.float32))[1].shape[1]  # what the metadata says
 
     def describe(self):
         return {"backend": self.backend, **self.runner.describe()}
 
-    def compute(self, images_uint8):
-        """(logits, gates): the engine call, which holds the GIL little (a model thread can run it)."""
-        return self.runner.predict(to_pixels(images_uint8))
+    def compute(self, pixels):
+        """(logits, gates) of float32 pixels (N, 1, 28, 28): the engine call, which holds the GIL little
+        (a model thread can run it)."""
+        return self.runner.predict(pixels)
 
-    def classify(self, images_uint8):
-        return answers(*self.compute(images_uint8))
+    def classify(self, pixels):
+        return answers(*self.compute(pixels))

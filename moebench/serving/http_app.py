@@ -20,12 +20,18 @@ import orjson
 
 from .. import gc_settings
 from ..cli import require_module
-from . import requests
+import numpy as np
+
+from . import kserve, requests
 from .batcher import Batcher, Full
 from .engine import Engine
 
 BODY_TIMEOUT_S = 10.0  # a request's body must arrive whole within this, or its place goes to others
 CLOSE = [(b"connection", b"close")]
+# no proxy headers (nothing here reads the client's address), no Server and Date headers: each is work
+# per request that the answers do not need; the bare uvicorn server runs with the same settings
+UVICORN_SETTINGS = {"lifespan": "off", "log_level": "warning", "access_log": False, "backlog": 4096,
+                    "timeout_keep_alive": 30, "proxy_headers": False, "server_header": False, "date_header": False}
 SETTINGS_ENV = "MOE_SERVE_SETTINGS"  # how the supervisor hands the settings to its worker processes
 BIG_BODY = 64 * requests.PIXELS_PER_IMAGE  # bytes from which a body is parsed off the event loop
 INLINE_IMAGES = 16  # batches up to this size run on the event loop: cheaper there than a thread handoff
@@ -46,10 +52,10 @@ def make_engine(settings):
     return Engine(served, model, settings["threads"], settings["precision"], settings["checkpoint"])
 
 
-async def respond(send, status, payload, headers=()):
+async def respond(send, status, payload, headers=(), content_type=b"application/json"):
     body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
     await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+        (b"content-type", content_type), (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -72,6 +78,44 @@ async def read_body(receive, limit):
             return None
         more = message.get("more_body", False)
     return b"".join(chunks)
+
+
+class Deadlines:
+    """Bodies that must arrive within `timeout_s`: one sweep a fraction of the timeout cancels the
+    requests still reading past it. A dict entry per request instead of a timer per request
+    (asyncio.timeout), which cost as much as a sixth of a small request's time on the event loop."""
+
+    def __init__(self, timeout_s, sweeps_per_timeout=10):
+        self.timeout_s, self.every_s = timeout_s, timeout_s / sweeps_per_timeout
+        self.reading, self.cut = {}, set()
+        self.sweeper = None
+
+    def watch(self, task):
+        loop = asyncio.get_running_loop()
+        if self.sweeper is None:
+            self.sweeper = loop.create_task(self.sweep())
+        self.reading[task] = loop.time() + self.timeout_s
+
+    def forget(self, task):
+        self.reading.pop(task, None)
+        self.cut.discard(task)
+
+    def expired(self, task):
+        """Whether `task` was cancelled for its deadline (then it may go on to answer 408)."""
+        if task not in self.cut:
+            return False
+        task.uncancel()
+        return True
+
+    async def sweep(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.every_s)
+            now = loop.time()
+            for task in [task for task, deadline in self.reading.items() if deadline <= now]:
+                del self.reading[task]
+                self.cut.add(task)
+                task.cancel()
 
 
 def end_with_the_supervisor():
@@ -97,50 +141,112 @@ def app():
 
 def classifier(engine, settings, served_by):
     """The server's API as a plain ASGI application around `engine` and a Batcher (plain ASGI, since
-    a framework's routing and request objects cost more per request than the model does)."""
+    a framework's routing and request objects cost more per request than the model does): its own
+    API at / and the Open Inference Protocol under /v2."""
     batcher = Batcher(engine.compute, settings["max_batch_images"], settings["batch_wait_ms"] / 1000,
-                      settings["max_queued"], lambda found: requests.answers(*found), INLINE_IMAGES)
-    about = orjson.dumps({"model": "MoE MNIST classifier", **served_by, **engine.describe(),
+                      settings["max_queued"], with_rows, INLINE_IMAGES)
+    described = engine.describe()
+    about = orjson.dumps({"model": "MoE MNIST classifier", **served_by, **described,
                           "batching": f"up to {settings['max_batch_images']} images per model call, "
                                       f"{settings['batch_wait_ms']:g} ms wait",
                           "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    v2_documents = {"server": kserve.server_metadata(described.get("engine", engine.backend)),
+                    "model": kserve.model_metadata(engine.backend, engine.experts), "live": b"", "ready": b"",
+                    "model-ready": b""}
     limit = settings["max_images"] * requests.PIXELS_PER_IMAGE * 8  # JSON spends up to ~8 bytes a pixel
     too_big = {"error": f"body over {limit} bytes; at most {settings['max_images']} images per request"}
     body_timeout_s = settings.get("body_timeout_s", BODY_TIMEOUT_S)
+    deadlines = Deadlines(body_timeout_s)
 
-    async def classify(scope, receive, send):
-        if scope["type"] != "http":
-            return
-        if scope["path"] != "/":
-            return await respond(send, 404, {"error": f"no {scope['path']} here; POST images to /"})
+    async def body_of(scope, receive, send):
+        """The request's body, or None once a 413 or 408 has answered it."""
+        declared = declared_length(scope)
+        if declared is not None and declared > limit:  # refused from the header: its body is never awaited
+            return await respond(send, 413, too_big, CLOSE)
+        task = asyncio.current_task()
+        deadlines.watch(task)
+        try:
+            body = await read_body(receive, limit)
+        except asyncio.CancelledError:
+            if not deadlines.expired(task):
+                raise
+            return await respond(send, 408, {"error": f"the body did not arrive whole within {body_timeout_s:g} s"},
+                                 CLOSE)
+        finally:
+            deadlines.forget(task)
+        if body is None:
+            return await respond(send, 413, too_big, CLOSE)
+        return body
+
+    async def computed(parse, body):
+        """The batcher's rows for the pixels parse() reads from body, parsed off the event loop when big."""
+        pixels = await asyncio.get_running_loop().run_in_executor(None, parse) if len(body) > BIG_BODY else parse()
+        return await batcher.classify(pixels)
+
+    async def own_api(scope, receive, send):
         if scope["method"] == "GET":
             return await respond(send, 200, about)
         if scope["method"] != "POST":
             return await respond(send, 405, {"error": f"{scope['method']} is not served; POST images, or GET /"})
-        declared = declared_length(scope)
-        if declared is not None and declared > limit:  # refused from the header: its body is never awaited
-            return await respond(send, 413, too_big, CLOSE)
-        try:
-            async with asyncio.timeout(body_timeout_s):  # a timer handle, no task per request as wait_for makes
-                body = await read_body(receive, limit)
-        except TimeoutError:
-            return await respond(send, 408, {"error": f"the body did not arrive whole within {body_timeout_s:g} s"},
-                                 CLOSE)
+        body = await body_of(scope, receive, send)
         if body is None:
-            return await respond(send, 413, too_big, CLOSE)
-        content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
-        loop = asyncio.get_running_loop()
-        parse = lambda: requests.parse(body, content_type, settings["max_images"])  # noqa: E731
+            return
+        content_type = header(scope, b"content-type")
+        rows = await computed(lambda: requests.to_pixels(requests.parse(body, content_type, settings["max_images"])),
+                              body)
+        await respond(send, 200, {"predictions": [row[0] for row in rows], "served_by": served_by})
+
+    async def open_inference(scope, receive, send, asked):
+        if asked != "infer":
+            if scope["method"] != "GET":
+                return await respond(send, 405, {"error": f"{scope['method']} is not served at {scope['path']}; GET it"})
+            return await respond(send, 200, v2_documents[asked])
+        if scope["method"] != "POST":
+            return await respond(send, 405, {"error": f"{scope['method']} is not served at {scope['path']}; POST"})
+        body = await body_of(scope, receive, send)
+        if body is None:
+            return
+        parsed = {}
+
+        def parse():
+            pixels, parsed["id"], parsed["wanted"] = kserve.parse_infer(
+                body, header(scope, kserve.HEADER_LENGTH.encode()) or None, settings["max_images"])
+            return pixels
+        rows = await computed(parse, body)
+        answer, header_length = kserve.encode_infer(np.stack([row[1] for row in rows]),
+                                                    np.stack([row[2] for row in rows]), parsed["id"], parsed["wanted"])
+        extra = [] if header_length is None else [(kserve.HEADER_LENGTH.encode(), str(header_length).encode())]
+        await respond(send, 200, answer, extra, b"application/octet-stream" if extra else b"application/json")
+
+    async def classify(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        asked = kserve.route(path) if path.startswith("/v2") else None
+        if path != "/" and asked is None:
+            return await respond(send, 404, {"error": f"no {path} here; POST images to /, or use the Open Inference "
+                                                      f"Protocol under /v2/models/{kserve.MODEL}"})
         try:
-            images = await loop.run_in_executor(None, parse) if len(body) > BIG_BODY else parse()
-            answers = await batcher.classify(images)
+            await (own_api(scope, receive, send) if asked is None else open_inference(scope, receive, send, asked))
         except requests.RequestError as error:
-            return await respond(send, error.status, {"error": str(error)})
+            await respond(send, error.status, {"error": str(error)})
         except Full as error:
-            return await respond(send, 503, {"error": str(error)}, [(b"retry-after", b"1")])
-        await respond(send, 200, {"predictions": answers, "served_by": served_by})
+            await respond(send, 503, {"error": str(error)}, [(b"retry-after", b"1")])
 
     return classify
+
+
+def with_rows(computed):
+    """Per image of a batch: (its answer in the server's own API, its logits row, its gates row)."""
+    logits, gates = computed
+    return list(zip(requests.answers(logits, gates), logits, gates))
+
+
+def header(scope, name):
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
 
 
 def serve(settings, host, port, workers):
@@ -150,7 +256,6 @@ def serve(settings, host, port, workers):
     from uvicorn.supervisors import Multiprocess
     os.environ[SETTINGS_ENV] = json.dumps(settings)
     config = uvicorn.Config("moebench.serving.http_app:app", factory=True, host=host, port=port, workers=workers,
-                            lifespan="off", log_level="warning", access_log=False, backlog=4096,
-                            timeout_keep_alive=30)
+                            **UVICORN_SETTINGS)
     sockets = [config.bind_socket()]
     Multiprocess(config, sockets=sockets).run()

@@ -46,12 +46,21 @@ class ServerProcess:
         self.process = subprocess.Popen(command, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + timeout_s
         while time.time() < deadline and self.process.poll() is None:
-            if any(line.startswith(ready) for line in self.output().splitlines()):
+            if any(line.startswith(ready) for line in self.output().splitlines()) and self.accepts(port):
                 return
             time.sleep(0.2)
         last = [line for line in self.output().splitlines() if line.strip()][-1:]
         self.stop()
         raise UserError(f"{' '.join(command[1:3])} did not start (exit {self.process.poll()}): {last}")
+
+    @staticmethod
+    def accepts(port):
+        """Whether the port takes connections: a server may print its line before it listens."""
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
 
     def output(self):
         self.log.flush()

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# What the browser tests need: Debian's chromium and chromium-driver (tests/test_netron_browser.py,
-# tests/test_web.py) and onnxruntime-web from the npm registry, pinned by web/package-lock.json.
+# The tools that are not Python packages: Debian's chromium and chromium-driver (the browser tests,
+# tests/test_netron_browser.py and tests/test_web.py, and web_infer.py), onnxruntime-web from the npm
+# registry, pinned by web/package-lock.json, and Debian's wrk (the C load generator of loadgen.py and
+# the serving tests).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v npm >/dev/null || missing+=(npm)
+command -v wrk >/dev/null || missing+=(wrk)
 if [ ${#missing[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null; then
-    echo "no apt-get here: install ${missing[*]} yourself; the browser tests are skipped without them"
+    echo "no apt-get here: install ${missing[*]} yourself; the browser tests and the C client's rows are skipped without them"
     exit 0
   fi
   sudo=""

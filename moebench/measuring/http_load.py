@@ -1,0 +1,62 @@
+"""The servers under wrk, the C load generator: each at several connection counts, with the body a
+user of its API sends for one image (784 raw bytes for serve.py's own API and the bare servers; an
+Open Inference Protocol request with the binary tensor extension for Triton, and for serve.py's /v2
+beside it), and the answers of the servers that have no LoadGen accuracy run checked over that
+protocol against ONNX Runtime's classes."""
+import urllib.request
+
+import numpy as np
+
+from ..serving import kserve
+from . import wrk
+
+CONNECTIONS = (32, 128)
+V2_PATH = f"v2/models/{kserve.MODEL}/infer"
+
+
+def bodies(first_image_uint8):
+    """{protocol: (path, body, headers)} for one image."""
+    pixels = (first_image_uint8.astype(np.float32) / 255.0).reshape(1, 1, 28, 28)
+    v2_body, v2_headers = kserve.request_body(pixels)
+    return {"own": ("", first_image_uint8.tobytes(), {"Content-Type": "application/octet-stream"}),
+            "v2": (V2_PATH, v2_body, v2_headers)}
+
+
+def under_wrk(url, protocols, requests, connections, duration_s, show):
+    """{protocol: [wrk's result per connection count]}."""
+    found = {}
+    for protocol in protocols:
+        path, body, headers = requests[protocol]
+        found[protocol] = []
+        for count in connections:
+            result = wrk.load(url + path, body, headers, count, duration_s)
+            found[protocol].append(result)
+            show(f"  wrk, {protocol} API, {count} connections: {result['requests_per_s']:,.0f} requests/s, "
+                 f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms"
+                 + (f", {result['non_2xx']} refused" if result["non_2xx"] else "")
+                 + (f", {result['errors']} failed" if result["errors"] else ""))
+    return found
+
+
+def classes_over_v2(url, images_uint8, batch=64):
+    """The class of every image as an Open Inference Protocol server answers it, `batch` per request."""
+    found = []
+    for start in range(0, len(images_uint8), batch):
+        pixels = (images_uint8[start:start + batch].astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+        body, headers = kserve.request_body(pixels)
+        request = urllib.request.Request(url + V2_PATH, data=body, headers=headers)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = kserve.read_answer(response.read(), response.headers.get(kserve.HEADER_LENGTH))
+        found.append(answer["logits"].argmax(1))
+    return np.concatenate(found)
+
+
+def shares(rows, bare_names, connections):
+    """Each row's requests/s over the faster bare server's at the same connection count, per protocol."""
+    for row in rows.values():
+        for protocol, results in row.get("wrk", {}).items():
+            for index, result in enumerate(results):
+                best = max((rows[name]["wrk"]["own"][index]["requests_per_s"] for name in bare_names
+                            if "wrk" in rows[name]), default=None)
+                result["vs_bare"] = result["requests_per_s"] / best if best else None
+    return rows
