@@ -33,11 +33,13 @@ class Batcher:
     request came before it; while leftovers wait, new arrivals fill at most 3/4 of a call, so a big
     request moves on even under a stream of small ones."""
 
-    def __init__(self, compute, max_images, wait_s, max_queued, finish=lambda computed: computed, inline_images=0):
+    def __init__(self, compute, max_images, wait_s, max_queued, finish=lambda computed: computed, inline_images=0,
+                 join=np.concatenate):
         """compute(images) runs on the model thread and should hold no GIL for long (the engine call),
         or on the event loop for batches of up to `inline_images`; finish(computed) -> one answer per
-        image runs on the event loop (cheap Python, per batch)."""
-        self.compute, self.finish, self.inline_images = compute, finish, inline_images
+        image runs on the event loop (cheap Python, per batch); join(pieces) makes the batch of the
+        requests' images (once per batch, so that per-request work stays small)."""
+        self.compute, self.finish, self.inline_images, self.join = compute, finish, inline_images, join
         self.max_images, self.wait_s, self.max_queued = max_images, wait_s, max_queued
         self.arrived, self.leftover = collections.deque(), collections.deque()
         self.waiting = 0
@@ -97,7 +99,7 @@ class Batcher:
             self.busy = len(pieces) > 1
             if not pieces:
                 continue
-            batch = np.concatenate([request.images[start:end] for request, start, end in pieces])
+            batch = self.join([request.images[start:end] for request, start, end in pieces])
             try:
                 if len(batch) <= self.inline_images:
                     computed = self.compute(batch)

@@ -55,8 +55,8 @@ def split_body(body, header_length):
 
 
 def parse_infer(body, header_length, max_images):
-    """(pixels float32 (N, 1, 28, 28), request id, {output: binary?}, binary by default?) of an
-    infer request; a RequestError (4xx) names what is wrong."""
+    """(images: float32 pixels (N, 1, 28, 28), or uint8 (N, 784) for a UINT8 tensor; request id;
+    {output: binary?}) of an infer request; a RequestError (4xx) names what is wrong."""
     header, binary = split_body(body, header_length)
     try:
         request = orjson.loads(header)
@@ -98,7 +98,7 @@ def read_input(tensor, binary, max_images):
     else:
         values = json_values(tensor.get("data"), dtype, count)
     if dtype == np.uint8:
-        return (values.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+        return values.reshape(-1, PIXELS_PER_IMAGE)  # the server's batcher makes them float32 pixels
     if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
         raise RequestError(400, "FP32 pixels must be numbers from 0 to 1 (pixel / 255)")
     return values.reshape(-1, 1, 28, 28)
