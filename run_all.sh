@@ -47,6 +47,8 @@ else
   web=(--web)
 fi
 
+command -v wrk >/dev/null || echo "skipped the C client's serving rows: no wrk here (bash tests/install_tools.sh)"
+
 script train.py ${train[@]+"${train[@]}"} "$@"
 script export_onnx.py
 script plot_routing.py --output "$out/routing.png"

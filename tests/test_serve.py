@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ import loadgen
 from conftest import (ROOT, SERVED_IMAGES as IMAGES, check_answers, free_port, one_line_error, post,
                       run_script)
 from moebench import gc_settings
+from moebench.measuring import wrk
 from moebench.runners import registry
 from moebench.serving.server_process import ServerProcess
 
@@ -77,10 +79,22 @@ def test_overload_is_refused_with_503_and_every_answer_is_right(server, served_i
             check_answers(json.loads(body)["predictions"], served_expected, [row])
 
 
-def test_a_worker_killed_under_load_is_replaced_and_no_answer_is_wrong(server, served_images, served_expected):
+def background_wrk(url, body, folder, seconds):
+    """wrk, the C client, posting `body` over 32 connections for `seconds` (None where it is missing)."""
+    if not wrk.available():
+        return None
+    (folder / "body").write_bytes(body)
+    (folder / "post.lua").write_text(wrk.script(str(folder / "body"), {"Content-Type": "application/octet-stream"}))
+    return subprocess.Popen(["wrk", "-t1", "-c32", f"-d{seconds}s", "-s", str(folder / "post.lua"), url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_a_worker_killed_under_load_is_replaced_and_no_answer_is_wrong(server, served_images, served_expected,
+                                                                        tmp_path):
     """Four clients post images of their own rows, and check each answer against that row, while the
-    process that serves them is killed; a new one must take over."""
+    process that serves them is killed under wrk's load too; a new one must take over."""
     _, url, _ = server
+    flood = background_wrk(url, served_images[0][:1].tobytes(), tmp_path, 8)
     victim = post(url, served_images[0][:1].tobytes())[1]["served_by"]["pid"]
     stop, answered, failed, new_pid = threading.Event(), [], [], []
 
@@ -113,6 +127,8 @@ def test_a_worker_killed_under_load_is_replaced_and_no_answer_is_wrong(server, s
     stop.set()
     for thread in clients:
         thread.join()
+    if flood:
+        flood.wait(60)
     assert new_pid, f"no new worker within 90 s ({len(failed)} failed requests)"
     assert len(answered) > 20
     for rows, predictions in answered:
@@ -179,10 +195,15 @@ def test_a_taken_port_is_one_clear_line(server, tiny_models):
     assert f"--port {port}: cannot listen there" in line
 
 
-def test_ctrl_c_stops_the_server_cleanly(server):
+def test_ctrl_c_stops_the_server_cleanly(server, served_images, tmp_path):
     started, url, _ = server
+    flood = background_wrk(url, served_images[0][:1].tobytes(), tmp_path, 30)  # Ctrl-C under load
+    time.sleep(1)
     started.process.send_signal(signal.SIGINT)
     assert started.process.wait(60) == 0
+    if flood:
+        flood.kill()
+        flood.wait()
     assert started.output().strip().endswith("stopped")
     with pytest.raises(OSError):
         urllib.request.urlopen(url, timeout=5)
