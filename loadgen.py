@@ -266,7 +266,7 @@ def server_rows(args, images, labels, logs):
             except UserError as error:  # a backend this machine lacks: said in the report, the rest goes on
                 print(f"  not measured: {error}", flush=True)
                 rows[name] = {"not_measured": str(error)}
-    http_load.shares(rows, list(bare), args.connections)
+    http_load.shares(rows, list(bare))
     ceiling = max(bare, key=lambda name: rows[name]["ladder"]["best_qps"] or 0)
     best = rows[ceiling]["ladder"]["best_qps"]
     for row in rows.values():

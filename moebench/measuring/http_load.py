@@ -51,7 +51,7 @@ def classes_over_v2(url, images_uint8, batch=64):
     return np.concatenate(found)
 
 
-def shares(rows, bare_names, connections):
+def shares(rows, bare_names):
     """Each row's requests/s over the faster bare server's at the same connection count, per protocol."""
     for row in rows.values():
         for protocol, results in row.get("wrk", {}).items():

@@ -3,8 +3,9 @@
 of more than a few images runs on a model thread of its own, so the event loop keeps accepting,
 parsing and refusing requests while it computes; a request's images never wait behind more than
 one batch of another's. A batch of a few images runs on the event loop itself, since it takes less
-time than handing it to a thread and back (docs/serving.md has the measurement). A Ray Serve
-replica serves the same application (classifier()).
+time than handing it to a thread and back (docs/serving.md has the measurement). The application
+answers its own API at / and the Open Inference Protocol (KServe v2, kserve.py) under /v2. A Ray
+Serve replica serves the same application (classifier()).
 
 Hostile clients: a declared length past the limit is refused (413) before the body is read, a
 body that does not arrive whole within `body_timeout_s` is refused (408) and frees its place, and
@@ -16,12 +17,11 @@ import signal
 import socket
 import time
 
+import numpy as np
 import orjson
 
 from .. import gc_settings
 from ..cli import require_module
-import numpy as np
-
 from . import kserve, requests
 from .batcher import Batcher, Full
 from .engine import Engine
@@ -82,8 +82,8 @@ async def read_body(receive, limit):
 
 class Deadlines:
     """Bodies that must arrive within `timeout_s`: one sweep a fraction of the timeout cancels the
-    requests still reading past it. A dict entry per request instead of a timer per request
-    (asyncio.timeout), which cost as much as a sixth of a small request's time on the event loop."""
+    requests still reading past it. A dict entry per request is cheaper on the event loop than a timer
+    per request (asyncio.timeout; docs/serving.md has both measured)."""
 
     def __init__(self, timeout_s, sweeps_per_timeout=10):
         self.timeout_s, self.every_s = timeout_s, timeout_s / sweeps_per_timeout
@@ -237,8 +237,8 @@ def classifier(engine, settings, served_by):
 
 def joined_pixels(pieces):
     """The model's float32 pixels for a batch of the requests' images: uint8 (N, 784) from the own API
-    and UINT8 tensors (converted once per batch: per request it cost several microseconds on the
-    event loop), float32 from FP32 tensors."""
+    and UINT8 tensors (converted once per batch rather than once per request), float32 from FP32
+    tensors."""
     if all(piece.dtype == np.uint8 for piece in pieces):
         return requests.to_pixels(np.concatenate(pieces))
     return np.concatenate([requests.to_pixels(p) if p.dtype == np.uint8 else p.reshape(-1, 1, 28, 28) for p in pieces])

@@ -46,8 +46,8 @@ def model_config(experts, settings):
         'output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] }, '
         f'{{ name: "gates" data_type: TYPE_FP32 dims: [ {experts} ] }} ]',
         f"instance_group [ {{ count: {settings['instances']} kind: KIND_CPU }} ]",
-        # no default_queue_policy { max_queue_size }: with one (256) Triton fell from thousands of
-        # requests/s to hundreds at 32 connections (docs/serving.md), so its queue is unbounded
+        # no default_queue_policy { max_queue_size }: with one, Triton's throughput collapsed under
+        # load (docs/serving.md), so its queue is unbounded
         f"dynamic_batching {{ max_queue_delay_microseconds: {int(settings['batch_wait_ms'] * 1000)} }}", ""])
 
 
