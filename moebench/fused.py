@@ -1,9 +1,10 @@
-"""The fused path: the whole model in one PyTorch custom operator (moebench/fused_moe.cpp), INT8, only
-the chosen experts computed. One C++ source, three builds, the best one for this CPU picked at run
-time: `vnni` (AVX-512 VNNI), `avx2` (AVX2 and FMA) or `portable` (plain C++, any CPU, ARM included);
-MOE_FUSED_KERNEL=vnni|avx2|portable forces one. Built on first use with PyTorch's own extension
-builder (a C++ compiler and ninja), once per path, and cached; the portable ONNX graph stays the
-default, and the tests hold every path to it (argmax agreement, accuracy)."""
+"""The fused path: the whole model in one PyTorch custom operator (moebench/fused_operator/), INT8, only
+the chosen experts computed. One C++ source, four builds, the best one for this CPU picked at run
+time: `amx` (AMX tiles, Intel since Sapphire Rapids), `vnni` (AVX-512 VNNI), `avx2` (AVX2 and FMA) or
+`portable` (plain C++, any CPU, ARM included); MOE_FUSED_KERNEL=amx|vnni|avx2|portable forces one.
+Built on first use with PyTorch's own extension builder (a C++ compiler and ninja), once per path,
+and cached; the portable ONNX graph stays the default, and the tests hold every path to it (argmax
+agreement, accuracy)."""
 import functools
 import os
 import platform
@@ -16,11 +17,14 @@ import torch
 from .measuring.machine import cpu_flags
 from .cli import UserError, atomic_path, error_line
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_moe.cpp")
+FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_operator")
+SOURCE = os.path.join(FOLDER, "fused_moe.cpp")  # it includes the folder's headers
 ENV = "MOE_FUSED_KERNEL"
 # path -> (the CPU flags it needs, as /proc/cpuinfo names them; compiler flags; its name in reports)
-KERNELS = {"vnni": (("avx512f", "avx512bw", "avx512_vnni", "fma"), ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma"],
-                    "AVX-512 VNNI"),
+VNNI_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma"]
+KERNELS = {"amx": (("avx512f", "avx512bw", "avx512_vnni", "fma", "amx_tile", "amx_int8"),
+                   VNNI_FLAGS + ["-mamx-tile", "-mamx-int8"], "AMX"),
+           "vnni": (("avx512f", "avx512bw", "avx512_vnni", "fma"), VNNI_FLAGS, "AVX-512 VNNI"),
            "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"], "AVX2"),
            "portable": ((), [], "portable C++")}
 LOCK_STALE_S = 300  # a build takes well under a minute; an older lock was left by a killed build
@@ -62,9 +66,9 @@ def chosen_kernel():
 def describe(kernel):
     """What ran, for a report's block."""
     why = f"forced by {ENV}" if os.environ.get(ENV) else "the fastest this CPU has"
-    products = {"vnni": "vpdpbusd", "avx2": "vpmaddwd on int16-widened bytes", "portable": "plain C++ loops"}[kernel]
+    products = {"amx": "tdpbusd on 16-row tiles from 16 rows up, vpdpbusd below", "vnni": "vpdpbusd", "avx2": "vpmaddwd on int16-widened bytes", "portable": "plain C++ loops"}[kernel]
     unavailable = "; ".join(f"{k} not available: {why_not}" for k, why_not in unavailable_kernels().items())
-    return (f"{kernel} path of moebench/fused_moe.cpp ({why}): uint8 x int8 embedding and expert products "
+    return (f"{kernel} path of moebench/fused_operator ({why}): uint8 x int8 embedding and expert products "
             f"({products}), gate and top-k in float32, only the chosen experts"
             + (f"; {unavailable}" if unavailable else ""))
 
@@ -74,8 +78,11 @@ def label(kernel):
 
 
 def build_directory(name):
+    """Where PyTorch builds extensions (TORCH_EXTENSIONS_DIR, else its cache folder), one folder per
+    path and PyTorch version."""
     from torch.utils.cpp_extension import get_default_build_root
-    folder = os.path.join(get_default_build_root(), f"{name}-torch{torch.__version__}")
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    folder = os.path.join(root, f"{name}-torch{torch.__version__}")
     os.makedirs(folder, exist_ok=True)
     return folder
 
@@ -119,6 +126,12 @@ def read_bytes(path):
         return f.read()
 
 
+def source_bytes():
+    """The operator's source and headers, what a cached build must have been built from."""
+    return b"".join(read_bytes(os.path.join(FOLDER, name)) for name in sorted(os.listdir(FOLDER))
+                    if name.endswith((".cpp", ".h")))
+
+
 @functools.cache
 def build(kernel=None):
     """Compile (or reuse the cached build of) one path of the operator; returns its Python module,
@@ -131,7 +144,7 @@ def build(kernel=None):
     name = f"moe_fused_{kernel}"
     folder = build_directory(name)
     built_from = os.path.join(folder, "built-from.cpp")  # the source of the build in the folder
-    source = read_bytes(SOURCE)
+    source = source_bytes()
     cached = os.path.exists(os.path.join(folder, f"{name}.so")) and read_bytes(built_from) == source
     clear_stale_lock(folder)
     if not cached:
@@ -150,6 +163,8 @@ def build(kernel=None):
         raise UserError(f"building the fused operator's {kernel} path failed ({error_line(error, last=True)}); "
                         f"the compiler's full output is in {log}")
     if not cached:
+        if os.path.exists(os.path.join(folder, "build-error.log")):  # an earlier failure's, no longer true
+            os.remove(os.path.join(folder, "build-error.log"))
         with atomic_path(built_from) as tmp, open(tmp, "wb") as f:
             f.write(source)
         print(f"built the fused INT8 operator, {kernel} path, in {time.perf_counter() - started:.0f} s", flush=True)
@@ -165,7 +180,8 @@ def quantize_columns(weight):
 
 # path -> (k values of one column stored side by side, the integer type they are stored in): what
 # the path's product instruction reads (vpdpbusd: 4 int8; vpmaddwd: 2 int16; plain loops: rows)
-LAYOUTS = {"vnni": (4, np.int8), "avx2": (2, np.int16), "portable": (1, np.int8)}
+LAYOUTS = {"amx": (4, np.int8), "vnni": (4, np.int8), "avx2": (2, np.int16), "portable": (1, np.int8)}
+PADDED_PIXELS = {"amx": 832}  # AMX multiplies k in chunks of 64: the embedding's weights get zero rows
 
 
 def packed_layout(quantized, kernel):
@@ -196,6 +212,7 @@ def pack(model, structure, kernel):
     embed_w = (model.embed.weight / model.pixel_std).numpy().T  # (784, EMB)
     embed_b = (model.embed.bias - (model.pixel_mean / model.pixel_std) * model.embed.weight.sum(1)).numpy()
     embed_q, embed_scale = quantize_columns(embed_w)
+    embed_q = np.pad(embed_q, ((0, PADDED_PIXELS.get(kernel, 784) - 784), (0, 0)))
     head_w, head_b = model.head.weight.numpy(), model.head.bias.numpy()
     fc1 = [quantize_columns(e.fc1.weight.numpy().T) for e in model.moe.experts]  # (EMB, HIDDEN) each
     tensors = {"embed_q": packed_layout(embed_q, kernel), "embed_scale": embed_scale / 255.0, "embed_bias": embed_b,
@@ -213,21 +230,37 @@ def pack(model, structure, kernel):
 
 class FusedInt8:
     """model(pixels tensor) -> (logits, gates), through the custom operator; `kernel` names the path
-    (default: chosen_kernel())."""
+    (default: chosen_kernel()). numpy(pixels array) answers numpy arrays through the operator with its
+    weights held once (the per-call path of a benchmark or a server); profile(pixels) says where a
+    call's time goes."""
 
     def __init__(self, model, structure, kernel=None):
         self.kernel = kernel or chosen_kernel()
-        self.op = build(self.kernel).int8_forward
+        module = build(self.kernel)
+        self.op = module.int8_forward
         packed = pack(model.eval(), structure, self.kernel)
         self.tensors = [t.float() if t.dtype == torch.float64 else t for t in packed]
         self.top = structure["TOP"]
+        self.prepared = module.Prepared(self.tensors, self.top)
+        self.numpy = self.prepared.numpy
+        self.phases = list(module.phases)
 
     def __call__(self, pixels):
         return self.op(pixels, self.tensors, self.top)
 
+    def profile(self, pixels, repeats=5):
+        """{phase: [seconds per thread]} of one call on float32 pixels (numpy), the median of `repeats`
+        calls after one unmeasured."""
+        self.prepared.profile(pixels)
+        tables = np.array([self.prepared.profile(pixels) for _ in range(repeats)])  # (repeats, threads, phases)
+        median = np.median(tables, axis=0)
+        return {phase: median[:, i].tolist() for i, phase in enumerate(self.phases)}
+
 
 def predictor(fused):
     """predict(numpy float32 batch) -> numpy logits."""
+    numpy = fused.numpy
+
     def predict(batch):
-        return fused(torch.from_numpy(batch))[0].numpy()
+        return numpy(batch)[0]
     return predict

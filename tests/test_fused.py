@@ -1,4 +1,4 @@
-"""The fused INT8 custom operator, on every path this CPU has (vnni, avx2, portable): exactly the
+"""The fused INT8 custom operator, on every path this CPU has (amx, vnni, avx2, portable): exactly the
 integer arithmetic it claims (against a numpy reference of the same quantization), the same answers
 on every path, the same answer for a row in any batch, held to the fp32 model it stands in for
 (argmax agreement >= 99.9%, accuracy within 0.3 points), and safe at its C++ boundary."""
@@ -20,7 +20,7 @@ from data import load_split
 from conftest import ROOT
 
 IMAGES = 10000  # the agreement criterion is a rate: on a 2000-image slice a few near-tied images decide it
-KERNELS = fused.available_kernels()  # on this project's CPU all three; elsewhere those the CPU has, never a skip
+KERNELS = fused.available_kernels()  # every path this CPU has (all four on an Intel Xeon with AMX), never a skip
 # The integer sums are exact on every path; the float parts (dequantization, gate, second layer) run
 # in another order on each, so logits may differ by float32 rounding.
 LOGIT_TOLERANCE = 1e-4
@@ -160,7 +160,7 @@ def test_the_path_is_picked_for_the_cpu_and_the_environment_can_force_one(monkey
     with pytest.raises(UserError, match="MOE_FUSED_KERNEL=vnni: this CPU lacks avx512f"):
         fused.chosen_kernel()
     monkeypatch.setenv(fused.ENV, "sse")
-    with pytest.raises(UserError, match="MOE_FUSED_KERNEL=sse: expected one of vnni, avx2, portable"):
+    with pytest.raises(UserError, match="MOE_FUSED_KERNEL=sse: expected one of amx, vnni, avx2, portable"):
         fused.chosen_kernel()
 
 
@@ -186,7 +186,7 @@ def test_a_non_contiguous_batch_gets_the_contiguous_batch_s_answers(trained, tes
     (lambda p, w, top: (p, w, 0), "needs 1 <= TOP <= EXPERTS <= 16, got TOP 0"),
     (lambda p, w, top: (p, w, 5), "needs 1 <= TOP <= EXPERTS <= 16, got TOP 5, EXPERTS 4"),
     (lambda p, w, top: (p, [w[0][:100]] + w[1:], top),
-     r"weight embed_q must have shape \[(196, 64, 4|392, 64, 2|784, 64, 1)\]"),
+     r"weight embed_q must have shape \[(208, 64, 4|196, 64, 4|392, 64, 2|784, 64, 1)\]"),
     (lambda p, w, top: (p, w[:1] + [w[1].double()] + w[2:], top), "weight embed_scale must be Float, got Double"),
 ])
 def test_the_operator_checks_its_inputs_at_the_c_boundary(trained, test_set, change, message):
@@ -258,6 +258,30 @@ def test_one_openmp_runtime_in_the_process(trained):
     found = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, check=True)
     loaded = {path for path in found.stdout.splitlines() if openmp.search(path)}
     assert len(loaded) == 1, loaded
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_prepared_operator_answers_numpy_as_the_torch_op_does_and_says_where_its_time_goes(trained, test_set,
+                                                                                                 kernel):
+    op = trained[2][kernel]
+    for count in (1, 5, 300):  # one image runs on the register tiles; 300 on AMX's tiles where the CPU has them
+        pixels = test_set[0][:count]
+        for got, expected in zip(op.numpy(pixels.numpy()), op(pixels)):
+            assert np.array_equal(got, expected.numpy())
+    with pytest.raises(TypeError):  # float64 is not the input contract, and is not silently cast
+        op.numpy(test_set[0][:5].numpy().astype(np.float64))
+    with pytest.raises(RuntimeError, match=r"pixels must be \(N, 1, 28, 28\) or \(N, 784\) float32"):
+        op.numpy(np.zeros((5, 700), np.float32))
+    phases = op.profile(test_set[0].numpy(), repeats=3)  # 157 blocks of rows: work for every thread
+    assert list(phases) == op.phases and len(op.phases) == 7
+    assert all(len(per_thread) == torch.get_num_threads() for per_thread in phases.values())
+    assert all(seconds > 0 for seconds in phases["embedding"] + phases["experts' first layers"])  # every thread worked
+    assert 0 < sum(phases["input quantization"]) < sum(sum(per_thread) for per_thread in phases.values())
+
+
+def test_torch_extensions_dir_says_where_the_operator_is_built(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert fused.build_directory("moe_fused_vnni").startswith(str(tmp_path))
 
 
 @pytest.fixture

@@ -77,7 +77,36 @@ def roofline_lines(report):
         lines.append(f"| {r['name']} | {place['precision']} | {r['model']['best_test_set_ms']:.1f} | "
                      f"{place['roofline_ms']:.1f} | {place['vs_roofline']:.2f}x | "
                      f"{100 * place['peak_fraction']:.0f}% |")
+    if report.get("fused_profile"):
+        int8_ms = roofline.best_possible_ms(roofline.folded_macs(s), report["fused_profile"]["images"],
+                                            peaks["int8"]["gflops"])
+        lines += fused_profile_lines(report["fused_profile"], int8_ms)
     return lines
+
+
+def fused_profile_lines(profile, roofline_ms):
+    """Where the fused operator's time goes (measuring/fused_profile.py), in markdown."""
+    threads = profile["threads"]
+    phases = profile["phases_ms"]
+    busy = [sum(per_thread[t] for per_thread in phases.values()) for t in range(threads)]
+    inside = sum(profile["single_phases_us"].values())
+    out = ["", "## Where the fused operator's time goes", "",
+           f"The {profile['kernel']} path ({profile['label']}), clocked inside the operator per phase and per "
+           f"thread: the whole test set ({profile['images']} images, one call, {threads} threads; median of the "
+           f"calls) and one image (median over a sample of images). All {profile['images']} images take "
+           f"{profile['wall_ms']:.2f} ms; the int8 roofline is {roofline_ms:.2f} ms "
+           f"({profile['wall_ms'] / roofline_ms:.2f}x), and reading the float32 images once takes "
+           f"{profile['memory_floor_ms']:.2f} ms on the same threads (the memory floor). One image takes "
+           f"{profile['single_p50_us']:.1f} us (p50, from numpy to numpy), {inside:.1f} us of it inside the phases.",
+           "", "| phase | " + " | ".join(f"thread {t}, test set (ms)" for t in range(threads)) + " | one image (us) |",
+           "| --- | " + " | ".join("---" for _ in range(threads)) + " | --- |"]
+    for phase, per_thread in phases.items():
+        out.append(f"| {phase} | " + " | ".join(f"{ms:.3f}" for ms in per_thread)
+                   + f" | {profile['single_phases_us'][phase]:.2f} |")
+    out.append("| waiting for the other threads, and the call outside the phases | "
+               + " | ".join(f"{profile['wall_ms'] - b:.3f}" for b in busy)
+               + f" | {profile['single_p50_us'] - inside:.2f} |")
+    return out
 
 
 def recommendation_lines(report):

@@ -159,6 +159,8 @@ def runner(variant, model, structure, device="cpu", name=None, kernel=None):
         with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             outputs = ready(torch.from_numpy(pixels).to(device))
         return tuple(output.float().cpu().numpy() for output in outputs[:2])
+    if fused_op:
+        predict = ready.numpy  # numpy in and out, the weights held in the operator
     precision = {"compile-bf16": "bf16 autocast", "fused-int8": "int8"}.get(variant, "fp32")
     described = {"engine": f"PyTorch {torch.__version__}", "provider": f"{LABELS[variant]} on {device.upper()}",
                  "precision": precision, "threads": torch.get_num_threads() if device == "cpu" else device_name(device)}
