@@ -232,7 +232,7 @@ class FusedInt8:
     """model(pixels tensor) -> (logits, gates), through the custom operator; `kernel` names the path
     (default: chosen_kernel()). numpy(pixels array) answers numpy arrays through the operator with its
     weights held once (the per-call path of a benchmark or a server); profile(pixels) says where a
-    call's time goes."""
+    call's time goes; instruction_peaks(seconds) what the path's product instructions do alone."""
 
     def __init__(self, model, structure, kernel=None):
         self.kernel = kernel or chosen_kernel()
@@ -244,6 +244,7 @@ class FusedInt8:
         self.prepared = module.Prepared(self.tensors, self.top)
         self.numpy = self.prepared.numpy
         self.phases = list(module.phases)
+        self.instruction_peaks = module.instruction_peaks
 
     def __call__(self, pixels):
         return self.op(pixels, self.tensors, self.top)

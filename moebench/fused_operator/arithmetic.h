@@ -6,6 +6,9 @@
 #endif
 
 #include <algorithm>
+#include <chrono>
+#include <map>
+#include <string>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -276,6 +279,78 @@ inline void quantize(const float* in, int count, float factor, Act* out) {
   }
 #endif
   for (; i < count; ++i) out[i] = (Act)round_u8(in[i] * factor);
+}
+
+// ---------------------------------------------------------------- the product instructions' own peaks
+// Multiply-adds per second of loops of nothing but the path's product instructions on registers, on
+// this thread for about `seconds` each: what no kernel on the path can beat. {instruction: rate}
+// Each loop is written out (no lambda), so that its sums stay in registers.
+inline double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+inline std::map<std::string, double> instruction_peaks(double seconds) {
+  std::map<std::string, double> peaks;
+  long rounds = 0;
+  double elapsed = 0.0;
+  volatile int sink = 0;
+  auto start = std::chrono::steady_clock::now();
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  // ten sums in ten named registers (an array would live in memory): two instructions a cycle, 5 cycles each
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0;
+  __m512i x = _mm512_set1_epi32(0x01010101);
+  const __m512i w = _mm512_set1_epi32(0x01020304);
+  do {
+    for (int i = 0; i < 4096; ++i) {
+      asm volatile("" : "+v"(x));  // a value the compiler cannot see through: the products really run
+      a0 = _mm512_dpbusd_epi32(a0, x, w), a1 = _mm512_dpbusd_epi32(a1, x, w), a2 = _mm512_dpbusd_epi32(a2, x, w);
+      a3 = _mm512_dpbusd_epi32(a3, x, w), a4 = _mm512_dpbusd_epi32(a4, x, w), a5 = _mm512_dpbusd_epi32(a5, x, w);
+      a6 = _mm512_dpbusd_epi32(a6, x, w), a7 = _mm512_dpbusd_epi32(a7, x, w), a8 = _mm512_dpbusd_epi32(a8, x, w);
+      a9 = _mm512_dpbusd_epi32(a9, x, w);
+    }
+    rounds += 4096;
+  } while ((elapsed = seconds_since(start)) < seconds);
+  peaks["vpdpbusd"] = rounds * 10.0 * 64 / elapsed;
+  sink = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)),
+         _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a4, a5), _mm512_add_epi32(a6, a7)), _mm512_add_epi32(a8, a9))));
+#elif defined(__AVX2__)
+  // six products a round on six opaque values (one value would be multiplied once), six named sums
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+  __m256i x0 = _mm256_set1_epi32(0x00010001), x1 = x0, x2 = x0, x3 = x0, x4 = x0, x5 = x0;
+  const __m256i w = _mm256_set1_epi32(0x00020003);
+  do {
+    for (int i = 0; i < 4096; ++i) {
+      asm volatile("" : "+x"(x0), "+x"(x1), "+x"(x2), "+x"(x3), "+x"(x4), "+x"(x5));
+      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(x0, w)), a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(x1, w));
+      a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(x2, w)), a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(x3, w));
+      a4 = _mm256_add_epi32(a4, _mm256_madd_epi16(x4, w)), a5 = _mm256_add_epi32(a5, _mm256_madd_epi16(x5, w));
+    }
+    rounds += 4096;
+  } while ((elapsed = seconds_since(start)) < seconds);
+  peaks["vpmaddwd + vpaddd"] = rounds * 6.0 * 16 / elapsed;
+  sink = _mm256_extract_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3)),
+                                               _mm256_add_epi32(a4, a5)), 0);
+#endif
+#if defined(__AMX_INT8__)
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+  alignas(64) static const int8_t block[16 * 64] = {1, 2, 3, 4};
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  _tile_loadd(4, block, 64); _tile_loadd(5, block, 64); _tile_loadd(6, block, 64); _tile_loadd(7, block, 64);
+  rounds = 0;
+  start = std::chrono::steady_clock::now();
+  do {
+    for (int i = 0; i < 1024; ++i) {
+      _tile_dpbusd(0, 4, 6); _tile_dpbusd(1, 4, 7); _tile_dpbusd(2, 5, 6); _tile_dpbusd(3, 5, 7);
+    }
+    rounds += 1024;
+  } while ((elapsed = seconds_since(start)) < seconds);
+  peaks["tdpbusd"] = rounds * 4.0 * 16 * 16 * 64 / elapsed;
+  _tile_release();
+#endif
+  (void)rounds, (void)elapsed, (void)sink, (void)start;
+  return peaks;
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <pybind11/numpy.h>
+#include <pybind11/stl.h>
 
 #include <chrono>
 #include <vector>
@@ -346,6 +347,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_forward", [](const at::Tensor& pixels, std::vector<at::Tensor> weights, int64_t top) {
     return moe_int8_forward(pixels, weights, top);
   }, pybind11::call_guard<pybind11::gil_scoped_release>());
+  // {instruction: multiply-adds per second} of register-only loops of the path's products, summed over
+  // PyTorch's threads, each running its loop at once for about `seconds`
+  m.def("instruction_peaks", [](double seconds) {
+    require_amx();
+    std::vector<std::map<std::string, double>> each(at::get_num_threads());
+    at::parallel_for(0, (int64_t)each.size(), 1, [&](int64_t first, int64_t last) {
+      for (int64_t t = first; t < last; ++t) each[t] = instruction_peaks(seconds);
+    });
+    std::map<std::string, double> total;
+    for (const auto& peaks : each)
+      for (const auto& [name, rate] : peaks) total[name] += rate;
+    return total;
+  }, pybind11::arg("seconds") = 0.2, pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<Prepared>(m, "Prepared", pybind11::module_local())  // one per build
       .def(pybind11::init<std::vector<at::Tensor>, int64_t>())
       .def("numpy", &Prepared::numpy)

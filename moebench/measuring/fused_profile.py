@@ -35,7 +35,8 @@ def wall_ms(call, pixels, repeats):
 
 def measure(model, structure, images, repeats=5, single_runs=2000):
     """{kernel, threads, test set: wall and phases per thread (ms), one image: p50 and phases (us),
-    memory floor (ms)} for the fastest path this CPU has."""
+    memory floor (ms), the path's product instructions alone on every thread (GOP/s)} for the fastest
+    path this CPU has."""
     op = fused.FusedInt8(model, structure)
     whole = op.profile(images, repeats)
     single_phases = {phase: [] for phase in op.phases}
@@ -48,5 +49,6 @@ def measure(model, structure, images, repeats=5, single_runs=2000):
             "phases_ms": {phase: [1e3 * s for s in per_thread] for phase, per_thread in whole.items()},
             "single_p50_us": 1e6 * float(np.median(latencies)),
             "single_phases_us": {phase: 1e6 * float(np.median(s)) for phase, s in single_phases.items()},
-            "memory_floor_ms": memory_floor_ms(images, repeats)}
+            "memory_floor_ms": memory_floor_ms(images, repeats),
+            "instruction_gops": {name: 2 * rate / 1e9 for name, rate in op.instruction_peaks(0.2).items()}}
 

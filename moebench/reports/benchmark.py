@@ -78,14 +78,16 @@ def roofline_lines(report):
                      f"{place['roofline_ms']:.1f} | {place['vs_roofline']:.2f}x | "
                      f"{100 * place['peak_fraction']:.0f}% |")
     if report.get("fused_profile"):
-        int8_ms = roofline.best_possible_ms(roofline.folded_macs(s), report["fused_profile"]["images"],
-                                            peaks["int8"]["gflops"])
-        lines += fused_profile_lines(report["fused_profile"], int8_ms)
+        lines += fused_profile_lines(report["fused_profile"], roofline.folded_macs(s), peaks["int8"]["gflops"])
     return lines
 
 
-def fused_profile_lines(profile, roofline_ms):
-    """Where the fused operator's time goes (measuring/fused_profile.py), in markdown."""
+def fused_profile_lines(profile, macs_per_image, int8_gops):
+    """Where the fused operator's time goes (measuring/fused_profile.py), in markdown, against the int8
+    roofline (the run's int8 peak) and the path's product instructions alone."""
+    def at(gops):  # ms for the test set's folded multiply-adds at that rate
+        return roofline.best_possible_ms(macs_per_image, profile["images"], gops)
+    roofline_ms = at(int8_gops)
     threads = profile["threads"]
     phases = profile["phases_ms"]
     busy = [sum(per_thread[t] for per_thread in phases.values()) for t in range(threads)]
@@ -97,7 +99,10 @@ def fused_profile_lines(profile, roofline_ms):
            f"{profile['wall_ms']:.2f} ms; the int8 roofline is {roofline_ms:.2f} ms "
            f"({profile['wall_ms'] / roofline_ms:.2f}x), and reading the float32 images once takes "
            f"{profile['memory_floor_ms']:.2f} ms on the same threads (the memory floor). One image takes "
-           f"{profile['single_p50_us']:.1f} us (p50, from numpy to numpy), {inside:.1f} us of it inside the phases.",
+           f"{profile['single_p50_us']:.1f} us (p50, from numpy to numpy), {inside:.1f} us of it inside the phases. "
+           "The path's product instructions alone (register-only loops on every thread at once): "
+           + "; ".join(f"{name} {gops:,.0f} GOP/s, the test set's multiply-adds in {at(gops):.2f} ms"
+                       for name, gops in profile["instruction_gops"].items()) + ".",
            "", "| phase | " + " | ".join(f"thread {t}, test set (ms)" for t in range(threads)) + " | one image (us) |",
            "| --- | " + " | ".join("---" for _ in range(threads)) + " | --- |"]
     for phase, per_thread in phases.items():
