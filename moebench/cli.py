@@ -163,7 +163,8 @@ def atomic_folder(path):
 def save_figure(fig, path):
     """A matplotlib figure to a PNG at path, laid out and written atomically, then closed."""
     import matplotlib.pyplot as plt
-    fig.tight_layout()
+    top = 1 - 0.4 / fig.get_figheight() if fig.get_suptitle() else 1  # room for the title over the panels
+    fig.tight_layout(rect=(0, 0, 1, top))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
