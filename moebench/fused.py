@@ -66,7 +66,8 @@ def chosen_kernel():
 def describe(kernel):
     """What ran, for a report's block."""
     why = f"forced by {ENV}" if os.environ.get(ENV) else "the fastest this CPU has"
-    products = {"amx": "tdpbusd on 16-row tiles from 16 rows up, vpdpbusd below", "vnni": "vpdpbusd", "avx2": "vpmaddwd on int16-widened bytes", "portable": "plain C++ loops"}[kernel]
+    products = {"amx": "tdpbusd on 16-row tiles from 16 rows up, vpdpbusd below", "vnni": "vpdpbusd",
+                "avx2": "vpmaddwd on int16-widened bytes", "portable": "plain C++ loops"}[kernel]
     unavailable = "; ".join(f"{k} not available: {why_not}" for k, why_not in unavailable_kernels().items())
     return (f"{kernel} path of moebench/fused_operator ({why}): uint8 x int8 embedding and expert products "
             f"({products}), gate and top-k in float32, only the chosen experts"

@@ -86,6 +86,17 @@ def time_single_images(predict, images, runs, start=0):
     return latencies
 
 
+def seconds_of(call, repeats):
+    """Seconds of each of `repeats` calls of call(), after one unmeasured."""
+    call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def warm_up(predict, images, batch_sizes):
     for _ in range(WARMUP_BATCHES):
         for size in batch_sizes:

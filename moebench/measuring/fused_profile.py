@@ -1,8 +1,6 @@
 """Where the fused operator's time goes: its phases per thread on the whole test set and on one image
 (clocked inside the operator), the call's cost outside them, and the memory floor of reading the
 float32 test set once, beside the int8 roofline."""
-import time
-
 import numpy as np
 import torch
 
@@ -14,23 +12,7 @@ def memory_floor_ms(images, repeats=5):
     """The best time to read the float32 images once on PyTorch's threads (a sum): no kernel that takes
     float32 pixels can be faster."""
     tensor = torch.from_numpy(images)
-    tensor.sum()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        tensor.sum()
-        times.append(time.perf_counter() - started)
-    return 1e3 * min(times)
-
-
-def wall_ms(call, pixels, repeats):
-    call(pixels)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call(pixels)
-        times.append(time.perf_counter() - started)
-    return 1e3 * float(np.median(times))
+    return 1e3 * min(clock.seconds_of(tensor.sum, repeats))
 
 
 def measure(model, structure, images, repeats=5, single_runs=2000):
@@ -45,7 +27,7 @@ def measure(model, structure, images, repeats=5, single_runs=2000):
             single_phases[phase].append(seconds[0])
     latencies = clock.time_single_images(fused.predictor(op), images, single_runs)
     return {"kernel": op.kernel, "label": fused.label(op.kernel), "threads": torch.get_num_threads(),
-            "images": len(images), "wall_ms": wall_ms(op.numpy, images, repeats),
+            "images": len(images), "wall_ms": 1e3 * float(np.median(clock.seconds_of(lambda: op.numpy(images), repeats))),
             "phases_ms": {phase: [1e3 * s for s in per_thread] for phase, per_thread in whole.items()},
             "single_p50_us": 1e6 * float(np.median(latencies)),
             "single_phases_us": {phase: 1e6 * float(np.median(s)) for phase, s in single_phases.items()},

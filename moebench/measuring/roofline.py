@@ -2,9 +2,9 @@
 multiply-adds (MACs) an image costs, both on the activated path a perfect top-k MoE computes and in
 what each exported graph really computes. A row's best possible time at a precision is the
 activated path, its head folded in, at that precision's peak."""
-import time
-
 import numpy as np
+
+from . import clock
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -36,13 +36,7 @@ def graph_macs(s, routing):
 
 
 def _best_seconds(run, repeats):
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
+    return min(clock.seconds_of(run, repeats))
 
 
 def _ort_matmul(a_type, b, out_type, op):
