@@ -10,8 +10,8 @@ POST / with raw uint8 pixels (784 bytes per 28x28 image, any number of images) o
 image's class, logits and chosen experts with their gate weights, and which server, process and
 backend answered. GET / says what is served. The Open Inference Protocol (KServe v2, as Triton speaks
 it) is served too: GET /v2/health/ready, GET /v2/models/moe, POST /v2/models/moe/infer with JSON
-tensors or the binary tensor extension; --triton serves only that protocol. Bad bodies get a 400 or 413, a body that does not arrive in time a 408,
-a full queue a 503."""
+tensors or the binary tensor extension; --triton serves only that protocol. Bad bodies get a 400 or
+413, a body that does not arrive in time a 408, a full queue a 503."""
 import os
 import signal
 import socket

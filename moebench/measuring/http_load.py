@@ -8,6 +8,7 @@ import urllib.request
 import numpy as np
 
 from ..serving import kserve
+from ..serving.requests import to_pixels
 from . import wrk
 
 CONNECTIONS = (32, 128)
@@ -16,8 +17,7 @@ V2_PATH = f"v2/models/{kserve.MODEL}/infer"
 
 def bodies(first_image_uint8):
     """{protocol: (path, body, headers)} for one image."""
-    pixels = (first_image_uint8.astype(np.float32) / 255.0).reshape(1, 1, 28, 28)
-    v2_body, v2_headers = kserve.request_body(pixels)
+    v2_body, v2_headers = kserve.request_body(to_pixels(first_image_uint8))
     return {"own": ("", first_image_uint8.tobytes(), {"Content-Type": "application/octet-stream"}),
             "v2": (V2_PATH, v2_body, v2_headers)}
 
@@ -42,8 +42,7 @@ def classes_over_v2(url, images_uint8, batch=64):
     """The class of every image as an Open Inference Protocol server answers it, `batch` per request."""
     found = []
     for start in range(0, len(images_uint8), batch):
-        pixels = (images_uint8[start:start + batch].astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
-        body, headers = kserve.request_body(pixels)
+        body, headers = kserve.request_body(to_pixels(images_uint8[start:start + batch]))
         request = urllib.request.Request(url + V2_PATH, data=body, headers=headers)
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = kserve.read_answer(response.read(), response.headers.get(kserve.HEADER_LENGTH))

@@ -67,7 +67,7 @@ def wrk_section(report):
              "per run, on the same cores as the server. 'own' is serve.py's API (784 raw bytes per image); 'v2' "
              "the Open Inference Protocol with the binary tensor extension (3,136 bytes of float32 pixels). "
              "'x bare' is requests/s over the faster bare server (no model) at the same connection count, in this "
-             "run. 'answers' is the share of the 10k test images whose served class equals ONNX Runtime's "
+             f"run. 'answers' is the share of the {s['images']:,} test images whose served class equals ONNX Runtime's "
              "(LoadGen's accuracy run, or the Open Inference Protocol in batches of 64).", "",
              "| server | API | connections | requests/s | x bare | p50 (ms) | p99 (ms) | refused / failed | answers |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -61,10 +61,8 @@ async def respond(send, status, payload, headers=(), content_type=b"application/
 
 def declared_length(scope):
     """The Content-Length the client declared, or None (chunked, or no number)."""
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
+    value = header(scope, b"content-length")
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 async def read_body(receive, limit):
@@ -118,19 +116,20 @@ class Deadlines:
                 task.cancel()
 
 
-def end_with_the_supervisor():
-    """Ask Linux to end this worker when its supervisor dies: a supervisor killed with SIGKILL has no
-    time to stop its workers, which would keep the port and the cores."""
+def end_with_parent():
+    """Ask Linux to end this process when its parent dies (a uvicorn worker with its supervisor,
+    tritonserver with serve.py): a parent killed with SIGKILL has no time to stop its children, which
+    would keep the port and the cores."""
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the supervisor's own shutdown is all there is
+    except (OSError, AttributeError):  # not Linux: the parent's own shutdown is all there is
         pass
 
 
 def app():
     """The ASGI application of one worker process (uvicorn's factory)."""
-    end_with_the_supervisor()
+    end_with_parent()
     settings = settings_from_environment()
     engine = make_engine(settings)
     classify = classifier(engine, settings, {"server": "uvicorn", "backend": engine.backend,
@@ -178,10 +177,9 @@ def classifier(engine, settings, served_by):
             return await respond(send, 413, too_big, CLOSE)
         return body
 
-    async def computed(parse, body):
-        """The batcher's rows for the pixels parse() reads from body, parsed off the event loop when big."""
-        pixels = await asyncio.get_running_loop().run_in_executor(None, parse) if len(body) > BIG_BODY else parse()
-        return await batcher.classify(pixels)
+    async def parsed(parse, body):
+        """What parse() reads from body, off the event loop when the body is big."""
+        return await asyncio.get_running_loop().run_in_executor(None, parse) if len(body) > BIG_BODY else parse()
 
     async def own_api(scope, receive, send):
         if scope["method"] == "GET":
@@ -192,7 +190,8 @@ def classifier(engine, settings, served_by):
         if body is None:
             return
         content_type = header(scope, b"content-type")
-        rows = await computed(lambda: requests.parse(body, content_type, settings["max_images"]), body)
+        rows = await batcher.classify(await parsed(lambda: requests.parse(body, content_type, settings["max_images"]),
+                                                   body))
         await respond(send, 200, {"predictions": [row[0] for row in rows], "served_by": served_by})
 
     async def open_inference(scope, receive, send, asked):
@@ -205,15 +204,11 @@ def classifier(engine, settings, served_by):
         body = await body_of(scope, receive, send)
         if body is None:
             return
-        parsed = {}
-
-        def parse():
-            pixels, parsed["id"], parsed["wanted"] = kserve.parse_infer(
-                body, header(scope, kserve.HEADER_LENGTH.encode()) or None, settings["max_images"])
-            return pixels
-        rows = await computed(parse, body)
+        length = header(scope, kserve.HEADER_LENGTH.encode()) or None
+        pixels, request_id, wanted = await parsed(lambda: kserve.parse_infer(body, length, settings["max_images"]), body)
+        rows = await batcher.classify(pixels)
         answer, header_length = kserve.encode_infer(np.stack([row[1] for row in rows]),
-                                                    np.stack([row[2] for row in rows]), parsed["id"], parsed["wanted"])
+                                                    np.stack([row[2] for row in rows]), request_id, wanted)
         extra = [] if header_length is None else [(kserve.HEADER_LENGTH.encode(), str(header_length).encode())]
         await respond(send, 200, answer, extra, b"application/octet-stream" if extra else b"application/json")
 

@@ -142,11 +142,11 @@ def request_body(pixels, binary=True):
     """(body, headers) of an infer request for float32 pixels (N, 1, 28, 28), as a Triton client
     sends it: the binary tensor extension, or JSON data; both outputs asked for in binary."""
     tensor = {"name": "pixels", "datatype": "FP32", "shape": list(pixels.shape)}
-    raw = np.ascontiguousarray(pixels, np.float32).tobytes()
     if binary:
+        raw = np.ascontiguousarray(pixels, np.float32).tobytes()
         tensor["parameters"] = {"binary_data_size": len(raw)}
     else:
-        tensor["data"] = pixels.ravel().tolist()
+        raw, tensor["data"] = b"", pixels.ravel().tolist()
     header = orjson.dumps({"inputs": [tensor], "outputs": [{"name": name, "parameters": {"binary_data": True}}
                                                            for name in OUTPUTS]})
     headers = {"Content-Type": "application/octet-stream"}

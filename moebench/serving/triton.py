@@ -18,6 +18,7 @@ import urllib.request
 
 from ..cli import UserError
 from . import kserve
+from .http_app import end_with_parent
 
 INSTALL = ("pip install --no-deps nvidia-pytriton==0.7.0 (requirements-nodeps.txt: the wheel pins numpy<2, and "
            "its python backend works with numpy 2)")
@@ -94,15 +95,6 @@ def command(server, models, backends, host, port):
             f"--backend-directory={backends}", f"--http-address={host}", f"--http-port={port}",
             "--allow-grpc=false", "--allow-metrics=false", "--allow-gpu-metrics=false", "--exit-timeout-secs=5",
             "--strict-readiness=true", "--log-info=false", "--log-warning=false"]
-
-
-def end_with_parent():
-    """Linux ends Triton when serve.py dies, even by SIGKILL."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def wait_ready(process, url, log):
