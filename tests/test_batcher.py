@@ -131,3 +131,51 @@ def test_only_batches_of_a_few_images_run_on_the_event_loop():
     loop_thread = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert threads[1] == threads[4] == loop_thread
     assert threads[5] == threads[64] != loop_thread
+
+
+class ModelElsewhere:
+    """Stands for a model process: put() records a batch, compute() hands back a future that the test
+    completes, so it sees what is handed over while batches are out."""
+    in_flight = 2
+
+    def __init__(self):
+        self.handed, self.out = [], []
+
+    def put(self, pieces):
+        return np.concatenate(pieces)
+
+    def compute(self, batch):
+        future = asyncio.get_running_loop().create_future()
+        self.handed.append(batch[:, 0].tolist())
+        self.out.append((future, batch))
+        return future
+
+    def answer(self, failure=None):
+        future, batch = self.out.pop(0)
+        future.set_exception(failure) if failure else future.set_result(batch[:, 0].tolist())
+
+
+def test_a_model_elsewhere_gets_every_batch_but_a_lone_small_one_and_two_at_most():
+    here, elsewhere = RecordingModel(), ModelElsewhere()
+
+    async def scenario():
+        batcher = Batcher(here, max_images=8, wait_s=0, max_queued=100, inline_images=2, elsewhere=elsewhere)
+        assert await batcher.classify(request_images(1, 2)) == [1, 1]  # alone and small: computed here
+        big = [asyncio.ensure_future(batcher.classify(request_images(marker, 3))) for marker in (2, 3, 4, 5)]
+        await asyncio.sleep(0.05)
+        handed_while_out = list(elsewhere.handed)  # nothing came back yet: two batches at most
+        small = asyncio.ensure_future(batcher.classify(request_images(6, 1)))
+        await asyncio.sleep(0.05)
+        elsewhere.answer(RuntimeError("the model process failed"))
+        await asyncio.sleep(0.05)
+        while elsewhere.out:
+            elsewhere.answer()
+            await asyncio.sleep(0.01)
+        results = await asyncio.gather(*big, small, return_exceptions=True)
+        return handed_while_out, results
+    handed_while_out, results = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert here.batches == [[1, 1]]
+    assert handed_while_out == [[2, 2, 2, 3, 3, 3, 4, 4], [5, 5, 5, 4]]  # two out, the small one waits
+    assert all(isinstance(result, RuntimeError) for result in results[:3])  # the failed batch's requests
+    assert results[3:] == [[5, 5, 5], [6]]
+    assert elsewhere.handed[2] == [6]  # small, but handed over too, since a batch was out

@@ -94,8 +94,43 @@ def test_a_worker_killed_under_load_is_replaced_and_no_answer_is_wrong(server, s
     """Four clients post images of their own rows, and check each answer against that row, while the
     process that serves them is killed under wrk's load too; a new one must take over."""
     _, url, _ = server
+    killed_under_load(url, lambda worker: worker, served_images, served_expected, tmp_path)
+
+
+def test_a_killed_model_process_takes_its_worker_along_and_a_new_pair_answers_right(tiny_models, served_images,
+                                                                                   served_expected, tmp_path):
+    """The default server's model computes in a process of its own beside each worker: killed under
+    load, its worker ends too, and the new worker's model process answers, every answer right."""
+    port = free_port()
+    started = ServerProcess([sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"), "--port",
+                             str(port), "--max-batch-size", "8"], ROOT, port)
+    try:
+        killed = killed_under_load(started.url, model_process_of, served_images, served_expected, tmp_path)
+        assert not running(killed["worker"])
+    finally:
+        started.stop()
+
+
+def model_process_of(worker):
+    """The model process a default-server worker started (its only child)."""
+    children = [pid for pid in os.listdir("/proc") if pid.isdigit() and parent_of(int(pid)) == worker]
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def parent_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return None
+
+
+def killed_under_load(url, victim_of, served_images, served_expected, tmp_path):
+    """Kill victim_of(the answering worker's pid) under wrk and four checking clients; returns the pids."""
     flood = background_wrk(url, served_images[0][:1].tobytes(), tmp_path, 8)
-    victim = post(url, served_images[0][:1].tobytes())[1]["served_by"]["pid"]
+    worker = post(url, served_images[0][:1].tobytes())[1]["served_by"]["pid"]
+    victim = victim_of(worker)
     stop, answered, failed, new_pid = threading.Event(), [], [], []
 
     def client(offset):
@@ -113,7 +148,7 @@ def test_a_worker_killed_under_load_is_replaced_and_no_answer_is_wrong(server, s
                 time.sleep(0.05)
                 continue
             answered.append((rows, answer["predictions"]))
-            if answer["served_by"]["pid"] != victim:
+            if answer["served_by"]["pid"] != worker:
                 new_pid.append(answer["served_by"]["pid"])
     clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
     for thread in clients:
@@ -133,6 +168,7 @@ def test_a_worker_killed_under_load_is_replaced_and_no_answer_is_wrong(server, s
     for rows, predictions in answered:
         assert len(predictions) == len(rows)
         check_answers(predictions, served_expected, rows)
+    return {"worker": worker, "victim": victim}
 
 
 def test_a_big_request_and_small_ones_together_get_their_own_answers(server, served_images, served_expected):
@@ -255,18 +291,20 @@ def test_ray_refuses_the_fused_operator_in_one_line(tiny_models):
 
 
 def test_workers_end_with_a_killed_supervisor(tiny_models):
-    """SIGKILL gives the supervisor no time to stop its workers: they must end by themselves."""
+    """SIGKILL gives the supervisor no time to stop its workers: they and their model processes must
+    end by themselves."""
     port = free_port()
     started = ServerProcess([sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"), "--port",
                              str(port), "--replicas", "2"], ROOT, port)
     workers = {json.loads(urllib.request.urlopen(started.url, timeout=30).read())["pid"] for _ in range(20)}
+    processes = workers | {model_process_of(worker) for worker in workers}
     started.process.kill()
     started.process.wait()
     deadline = time.time() + 20
-    while time.time() < deadline and any(running(pid) for pid in workers):
+    while time.time() < deadline and any(running(pid) for pid in processes):
         time.sleep(0.2)
     started.stop()
-    assert not [pid for pid in workers if running(pid)], workers
+    assert not [pid for pid in processes if running(pid)], processes
 
 
 def running(pid):

@@ -3,6 +3,7 @@ number of images, a full queue refuses at once, and a big request never holds up
 more than one call."""
 import asyncio
 import collections
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -34,12 +35,20 @@ class Batcher:
     request moves on even under a stream of small ones."""
 
     def __init__(self, compute, max_images, wait_s, max_queued, finish=lambda computed: computed, inline_images=0,
-                 join=np.concatenate):
+                 join=np.concatenate, elsewhere=None):
         """compute(images) runs on the model thread and should hold no GIL for long (the engine call),
         or on the event loop for batches of up to `inline_images`; finish(computed) -> one answer per
         image runs on the event loop (cheap Python, per batch); join(pieces) makes the batch of the
-        requests' images (once per batch, so that per-request work stays small)."""
+        requests' images (once per batch, so that per-request work stays small).
+        elsewhere: the same model in another process (a ModelProcess: put(pieces) -> batch,
+        compute(batch) -> a future of the answers, in_flight): every batch goes there but one of up to
+        `inline_images` while none is there (a lone small request is answered sooner here than by a
+        round trip to another process), and up to `in_flight` batches are there at a time, so that
+        the model does not wait for the event loop."""
         self.compute, self.finish, self.inline_images, self.join = compute, finish, inline_images, join
+        self.elsewhere = elsewhere
+        self.room = asyncio.Semaphore(elsewhere.in_flight) if elsewhere else None
+        self.handed_over = 0  # batches elsewhere now
         self.max_images, self.wait_s, self.max_queued = max_images, wait_s, max_queued
         self.arrived, self.leftover = collections.deque(), collections.deque()
         self.waiting = 0
@@ -88,33 +97,61 @@ class Batcher:
         return room
 
     async def run(self):
-        loop = asyncio.get_running_loop()
         while True:
             while not (self.arrived or self.leftover):
                 self.wake.clear()
                 await self.wake.wait()
+            if self.room:
+                await self.room.acquire()
             if self.busy and self.wait_s and self.queued_images() < self.max_images:
                 await asyncio.sleep(self.wait_s)  # under load, a moment for more requests to join this batch
             pieces = self.take()
             self.busy = len(pieces) > 1
-            if not pieces:
+            images = [request.images[start:end] for request, start, end in pieces]
+            if pieces and self.elsewhere and (self.handed_over or sum(map(len, images)) > self.inline_images):
+                self.hand_over(pieces, self.elsewhere.put(images))
                 continue
-            batch = self.join([request.images[start:end] for request, start, end in pieces])
-            try:
-                if len(batch) <= self.inline_images:
-                    computed = self.compute(batch)
-                else:
-                    computed = await loop.run_in_executor(self.model_thread, self.compute, batch)
-                answers = self.finish(computed)
-            except Exception as error:  # the model failed on this batch: its requests get a 500
-                for request, _, _ in pieces:
-                    if not request.future.done():
-                        request.future.set_exception(error)
-                continue
-            at = 0
-            for request, start, end in pieces:
-                request.answers[start:end] = answers[at:at + end - start]
-                at += end - start
-                request.done += end - start
-                if request.done == len(request.images) and not request.future.done():
-                    request.future.set_result(request.answers)
+            if pieces:
+                await self.compute_here(pieces, self.join(images))
+            if self.room:
+                self.room.release()
+
+    async def compute_here(self, pieces, batch):
+        try:
+            if len(batch) <= self.inline_images:
+                computed = self.compute(batch)
+            else:
+                computed = await asyncio.get_running_loop().run_in_executor(self.model_thread, self.compute, batch)
+            answers = self.finish(computed)
+        except Exception as error:  # the model failed on this batch: its requests get a 500
+            self.fail(pieces, error)
+            return
+        self.deliver(pieces, answers)
+
+    def hand_over(self, pieces, batch):
+        self.handed_over += 1
+        self.elsewhere.compute(batch).add_done_callback(functools.partial(self.computed_elsewhere, pieces))
+
+    def computed_elsewhere(self, pieces, future):
+        self.handed_over -= 1
+        self.room.release()
+        if future.exception() is not None:
+            self.fail(pieces, future.exception())
+        else:
+            self.deliver(pieces, future.result())
+
+    @staticmethod
+    def fail(pieces, error):
+        for request, _, _ in pieces:
+            if not request.future.done():
+                request.future.set_exception(error)
+
+    @staticmethod
+    def deliver(pieces, answers):
+        at = 0
+        for request, start, end in pieces:
+            request.answers[start:end] = answers[at:at + end - start]
+            at += end - start
+            request.done += end - start
+            if request.done == len(request.images) and not request.future.done():
+                request.future.set_result(request.answers)

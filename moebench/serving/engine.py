@@ -32,3 +32,14 @@ class Engine:
 
     def classify(self, pixels):
         return answers(*self.compute(pixels))
+
+
+def engine_of(settings):
+    """The engine a server's settings name; it runs where the repository is, so it may read the registry."""
+    from ..runners.registry import servable
+    served = servable()[settings["backend"]]
+    model = b""
+    if not served.from_checkpoint:
+        with open(settings["model"], "rb") as f:
+            model = f.read()
+    return Engine(served, model, settings["threads"], settings["precision"], settings["checkpoint"])

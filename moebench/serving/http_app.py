@@ -13,7 +13,6 @@ any body that cannot be parsed is a 4xx."""
 import asyncio
 import json
 import os
-import signal
 import socket
 import time
 
@@ -24,7 +23,9 @@ from .. import gc_settings
 from ..cli import require_module
 from . import kserve, requests
 from .batcher import Batcher, Full
-from .engine import Engine
+from .engine import engine_of
+from .model_process import ModelProcess
+from .server_process import end_with_parent
 
 BODY_TIMEOUT_S = 10.0  # a request's body must arrive whole within this, or its place goes to others
 CLOSE = [(b"connection", b"close")]
@@ -35,21 +36,11 @@ UVICORN_SETTINGS = {"lifespan": "off", "log_level": "warning", "access_log": Fal
 SETTINGS_ENV = "MOE_SERVE_SETTINGS"  # how the supervisor hands the settings to its worker processes
 BIG_BODY = 64 * requests.PIXELS_PER_IMAGE  # bytes from which a body is parsed off the event loop
 INLINE_IMAGES = 16  # batches up to this size run on the event loop: cheaper there than a thread handoff
+LONE_IMAGES = 2  # with a model process: a batch up to this size, while none is there, runs on the event loop
 
 
 def settings_from_environment():
     return json.loads(os.environ[SETTINGS_ENV])
-
-
-def make_engine(settings):
-    """A worker's engine; it runs where the repository is, so it may read the registry."""
-    from ..runners.registry import servable
-    served = servable()[settings["backend"]]
-    model = b""
-    if not served.from_checkpoint:
-        with open(settings["model"], "rb") as f:
-            model = f.read()
-    return Engine(served, model, settings["threads"], settings["precision"], settings["checkpoint"])
 
 
 async def respond(send, status, payload, headers=(), content_type=b"application/json"):
@@ -116,34 +107,28 @@ class Deadlines:
                 task.cancel()
 
 
-def end_with_parent():
-    """Ask Linux to end this process when its parent dies (a uvicorn worker with its supervisor,
-    tritonserver with serve.py): a parent killed with SIGKILL has no time to stop its children, which
-    would keep the port and the cores."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the parent's own shutdown is all there is
-        pass
-
-
 def app():
     """The ASGI application of one worker process (uvicorn's factory)."""
     end_with_parent()
     settings = settings_from_environment()
-    engine = make_engine(settings)
+    model_process = ModelProcess(settings, SETTINGS_ENV)  # starts while this process makes its own engine
+    engine = engine_of(settings)
+    model_process.wait_until_ready()
     classify = classifier(engine, settings, {"server": "uvicorn", "backend": engine.backend,
-                                             "host": socket.gethostname(), "pid": os.getpid()})
+                                             "host": socket.gethostname(), "pid": os.getpid()}, model_process)
     gc_settings.settle()
     return classify
 
 
-def classifier(engine, settings, served_by):
+def classifier(engine, settings, served_by, elsewhere=None):
     """The server's API as a plain ASGI application around `engine` and a Batcher (plain ASGI, since
     a framework's routing and request objects cost more per request than the model does): its own
-    API at / and the Open Inference Protocol under /v2."""
+    API at / and the Open Inference Protocol under /v2. elsewhere: the same model in a process of
+    its own (ModelProcess), which computes every batch but a lone small one."""
     batcher = Batcher(engine.compute, settings["max_batch_images"], settings["batch_wait_ms"] / 1000,
-                      settings["max_queued"], with_rows, INLINE_IMAGES, joined_pixels)
+                      settings["max_queued"], with_rows, LONE_IMAGES if elsewhere else INLINE_IMAGES, joined_pixels,
+                      elsewhere)
+    answers_end = b'],"served_by":' + orjson.dumps(served_by) + b"}"
     described = engine.describe()
     about = orjson.dumps({"model": "MoE MNIST classifier", **served_by, **described,
                           "batching": f"up to {settings['max_batch_images']} images per model call, "
@@ -192,7 +177,7 @@ def classifier(engine, settings, served_by):
         content_type = header(scope, b"content-type")
         rows = await batcher.classify(await parsed(lambda: requests.parse(body, content_type, settings["max_images"]),
                                                    body))
-        await respond(send, 200, {"predictions": [row[0] for row in rows], "served_by": served_by})
+        await respond(send, 200, b'{"predictions":[' + b",".join([row[0] for row in rows]) + answers_end)
 
     async def open_inference(scope, receive, send, asked):
         if asked != "infer":
@@ -240,9 +225,10 @@ def joined_pixels(pieces):
 
 
 def with_rows(computed):
-    """Per image of a batch: (its answer in the server's own API, its logits row, its gates row)."""
+    """Per image of a batch: (its answer in the server's own API as JSON, its logits row, its gates
+    row), as a model process gives them."""
     logits, gates = computed
-    return list(zip(requests.answers(logits, gates), logits, gates))
+    return list(zip(map(orjson.dumps, requests.answers(logits, gates)), logits, gates))
 
 
 def header(scope, name):

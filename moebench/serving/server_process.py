@@ -39,6 +39,17 @@ def free_port(host="127.0.0.1"):
     raise UserError(f"no free port found between {start} and {low}")
 
 
+def end_with_parent():
+    """Ask Linux to end this process when its parent dies (a uvicorn worker with its supervisor,
+    tritonserver with serve.py): a parent killed with SIGKILL has no time to stop its children, which
+    would keep the port and the cores."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's own shutdown is all there is
+        pass
+
+
 class ServerProcess:
     def __init__(self, command, cwd, port, ready="serving ", timeout_s=300):
         self.url = f"http://127.0.0.1:{port}/"

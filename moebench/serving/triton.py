@@ -18,7 +18,7 @@ import urllib.request
 
 from ..cli import UserError
 from . import kserve
-from .http_app import end_with_parent
+from .server_process import end_with_parent
 
 INSTALL = ("pip install --no-deps nvidia-pytriton==0.7.0 (requirements-nodeps.txt: the wheel pins numpy<2, and "
            "its python backend works with numpy 2)")
