@@ -179,3 +179,26 @@ def test_a_model_elsewhere_gets_every_batch_but_a_lone_small_one_and_two_at_most
     assert all(isinstance(result, RuntimeError) for result in results[:3])  # the failed batch's requests
     assert results[3:] == [[5, 5, 5], [6]]
     assert elsewhere.handed[2] == [6]  # small, but handed over too, since a batch was out
+
+
+def test_a_batch_that_cannot_be_handed_over_fails_its_requests_and_the_next_ones_are_served():
+    class RefusesOnce(ModelElsewhere):
+        refused = False
+
+        def put(self, pieces):
+            if not self.refused:
+                self.refused = True
+                raise ValueError("no room in the shared memory")
+            return super().put(pieces)
+    elsewhere = RefusesOnce()
+
+    async def scenario():
+        batcher = Batcher(RecordingModel(), max_images=8, wait_s=0, max_queued=10, inline_images=2,
+                          elsewhere=elsewhere)
+        with pytest.raises(ValueError, match="no room"):
+            await batcher.classify(request_images(3, 3))
+        second = asyncio.ensure_future(batcher.classify(request_images(4, 3)))
+        await asyncio.sleep(0.05)
+        elsewhere.answer()
+        return await second
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [4, 4, 4]

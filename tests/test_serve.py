@@ -277,6 +277,7 @@ def test_the_fastest_engines_serve_their_own_answers_and_say_so(backend, small_m
         about = json.loads(urllib.request.urlopen(started.url, timeout=30).read())
         assert about["backend"] == backend and about["engine"] == own.describe()["engine"]
         assert about["precision"] == own.describe()["precision"]
+        assert backend != "openvino" or about["threads"] == 1  # serve.py's --threads default, as the engine says
         status, answer = post(started.url, served_images[0].tobytes())
         assert status == 200 and answer["served_by"]["backend"] == backend
         check_answers(answer["predictions"], (logits, gates), range(IMAGES))

@@ -44,10 +44,13 @@ def read(path):
     return model
 
 
-def compile_model(model, precision="auto", hint="latency"):
+def compile_model(model, precision="auto", hint="latency", threads=0):
+    """threads: 0 leaves the count to OpenVINO (the hint's choice)."""
     settings = {"PERFORMANCE_HINT": hint.upper()}
     if precision != "auto":
         settings["INFERENCE_PRECISION_HINT"] = precision
+    if threads:
+        settings["INFERENCE_NUM_THREADS"] = threads
     return core().compile_model(model, "CPU", settings)
 
 
@@ -140,7 +143,7 @@ def versions(int8=False):
     return {"openvino": version(), **({"nncf": nncf.__version__} if int8 else {}), "numpy": np.__version__}
 
 
-def runner(path, name="OpenVINO CPU", precision="auto", hint="latency", calibration=None):
+def runner(path, name="OpenVINO CPU", precision="auto", hint="latency", calibration=None, threads=0):
     """The ONNX file compiled for the CPU at `precision`; INT8 (NNCF) first when calibration
     images are given. describe() reads back the precision and threads the compiled model uses."""
     import time
@@ -151,7 +154,7 @@ def runner(path, name="OpenVINO CPU", precision="auto", hint="latency", calibrat
         model, quantized = quantize_int8(model, calibration)
         described["quantized"] = (f"NNCF INT8: {len(quantized)} matrix products (embedding, experts), gate in "
                                   f"float; {len(calibration)} training images, {time.perf_counter() - started:.1f} s")
-    compiled = compile_model(model, precision, hint)
+    compiled = compile_model(model, precision, hint, threads)
     request = compiled.create_infer_request()
     outputs = [compiled.output(contract.LOGITS)] + [o for o in compiled.outputs if contract.GATES in o.get_names()]
 
@@ -168,4 +171,4 @@ def runner(path, name="OpenVINO CPU", precision="auto", hint="latency", calibrat
 
 def served(path, checkpoint_path=None, threads=0, precision="auto"):
     """serve.py --backend openvino: the CPU plugin at `precision` (auto: bf16 where the CPU has it)."""
-    return runner(path, f"OpenVINO CPU, {precision}", precision=precision)
+    return runner(path, f"OpenVINO CPU, {precision}", precision=precision, threads=threads)

@@ -109,7 +109,7 @@ class Batcher:
             self.busy = len(pieces) > 1
             images = [request.images[start:end] for request, start, end in pieces]
             if pieces and self.elsewhere and (self.handed_over or sum(map(len, images)) > self.inline_images):
-                self.hand_over(pieces, self.elsewhere.put(images))
+                self.hand_over(pieces, images)
                 continue
             if pieces:
                 await self.compute_here(pieces, self.join(images))
@@ -128,9 +128,15 @@ class Batcher:
             return
         self.deliver(pieces, answers)
 
-    def hand_over(self, pieces, batch):
+    def hand_over(self, pieces, images):
+        try:
+            future = self.elsewhere.compute(self.elsewhere.put(images))
+        except Exception as error:  # the batch could not be handed over: its requests get a 500
+            self.room.release()
+            self.fail(pieces, error)
+            return
         self.handed_over += 1
-        self.elsewhere.compute(batch).add_done_callback(functools.partial(self.computed_elsewhere, pieces))
+        future.add_done_callback(functools.partial(self.computed_elsewhere, pieces))
 
     def computed_elsewhere(self, pieces, future):
         self.handed_over -= 1

@@ -1,11 +1,12 @@
 """serve.py's default server, on one machine: uvicorn worker processes under uvicorn's supervisor
-(a worker that dies is replaced), each with the model in process behind a dynamic batcher. A batch
-of more than a few images runs on a model thread of its own, so the event loop keeps accepting,
-parsing and refusing requests while it computes; a request's images never wait behind more than
-one batch of another's. A batch of a few images runs on the event loop itself, since it takes less
-time than handing it to a thread and back (docs/serving.md has the measurement). The application
-answers its own API at / and the Open Inference Protocol (KServe v2, kserve.py) under /v2. A Ray
-Serve replica serves the same application (classifier()).
+(a worker that dies is replaced), each with a dynamic batcher and a model process of its own
+(model_process.py) that computes the batches off the worker's event loop and GIL; a lone batch of
+one or two images runs on the event loop, since a round trip to another process takes longer. A
+request's images never wait behind more than one batch of another's. The application answers its
+own API at / and the Open Inference Protocol (KServe v2, kserve.py) under /v2. A Ray Serve replica
+serves the same application (classifier()) with the model in its own process: a batch of more than
+a few images on a model thread, a few on the event loop (cheaper than a thread handoff; docs/serving.md
+has the measurements).
 
 Hostile clients: a declared length past the limit is refused (413) before the body is read, a
 body that does not arrive whole within `body_timeout_s` is refused (408) and frees its place, and
