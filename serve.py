@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 from moebench import checkpoint, contract
 from moebench.cli import (ArgumentParser, UserError, error_line, for_the_user, non_negative_float, non_negative_int,
@@ -114,14 +115,21 @@ def stop_on_signals():
 
 def check_backend(args, payload):
     """Make the backend once here, so that what cannot run (no compiler, no OpenVINO, a checkpoint
-    the fused operator cannot take) is one line before any worker starts."""
+    the fused operator cannot take) is one line before any worker starts. It runs on a thread that
+    then ends: made on the main thread, OpenVINO's engine on a CPU with AMX often made Ctrl-C end
+    this process with a segmentation fault (docs/serving.md)."""
     try:
-        engine = Engine(args.served, payload, args.threads, args.precision, args.checkpoint)
-        return {**engine.describe(), "experts": engine.experts}
+        with ThreadPoolExecutor(1) as thread:
+            return thread.submit(described_engine, args, payload).result()
     except Exception as error:
         if for_the_user(error):
             raise
         raise UserError(f"--backend {args.backend} could not start ({error_line(error, 300)})")
+
+
+def described_engine(args, payload):
+    engine = Engine(args.served, payload, args.threads, args.precision, args.checkpoint)
+    return {**engine.describe(), "experts": engine.experts}
 
 
 def announce_when_answering(args, described):

@@ -178,9 +178,7 @@ class ModelProcess:
                 arrays.pixels[at:at + len(piece)] = (requests.to_pixels(piece) if piece.dtype == np.uint8
                                                      else piece.reshape(-1, 1, 28, 28))
             at += len(piece)
-        if uint8:
-            return slot, images, UINT8
-        return slot, images, FLOAT32
+        return slot, images, UINT8 if uint8 else FLOAT32
 
     def compute(self, batch):
         """Hand over a batch that put() wrote; a future of [(answer JSON bytes, logits row, gates row)]
