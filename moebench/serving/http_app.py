@@ -127,7 +127,7 @@ def classifier(engine, settings, served_by, elsewhere=None):
     API at / and the Open Inference Protocol under /v2. elsewhere: the same model in a process of
     its own (ModelProcess), which computes every batch but a lone small one."""
     batcher = Batcher(engine.compute, settings["max_batch_images"], settings["batch_wait_ms"] / 1000,
-                      settings["max_queued"], with_rows, LONE_IMAGES if elsewhere else INLINE_IMAGES, joined_pixels,
+                      settings["max_queued"], with_rows, LONE_IMAGES if elsewhere else INLINE_IMAGES, requests.joined_pixels,
                       elsewhere)
     answers_end = b'],"served_by":' + orjson.dumps(served_by) + b"}"
     described = engine.describe()
@@ -216,20 +216,11 @@ def classifier(engine, settings, served_by, elsewhere=None):
     return classify
 
 
-def joined_pixels(pieces):
-    """The model's float32 pixels for a batch of the requests' images: uint8 (N, 784) from the own API
-    and UINT8 tensors (converted once per batch rather than once per request), float32 from FP32
-    tensors."""
-    if all(piece.dtype == np.uint8 for piece in pieces):
-        return requests.to_pixels(np.concatenate(pieces))
-    return np.concatenate([requests.to_pixels(p) if p.dtype == np.uint8 else p.reshape(-1, 1, 28, 28) for p in pieces])
-
-
 def with_rows(computed):
     """Per image of a batch: (its answer in the server's own API as JSON, its logits row, its gates
     row), as a model process gives them."""
     logits, gates = computed
-    return list(zip(map(orjson.dumps, requests.answers(logits, gates)), logits, gates))
+    return list(zip(requests.answers_json(logits, gates), logits, gates))
 
 
 def header(scope, name):

@@ -26,7 +26,6 @@ import sys
 import types
 
 import numpy as np
-import orjson
 
 from . import requests
 from .engine import engine_of
@@ -43,24 +42,28 @@ PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath
 
 
 class Layout:
-    """The shared memory of one worker and its model process as numpy arrays: IN_FLIGHT slots, each
-    with room for one batch and its results."""
+    """The shared memory of one worker and its model process: IN_FLIGHT slots, each with room for
+    one batch and its results."""
 
-    def __init__(self, max_images, experts, buffer=None):
-        shapes = {"pixels": (np.float32, (max_images, 1, 28, 28)),
-                  "images": (np.uint8, (max_images, requests.PIXELS_PER_IMAGE)),
-                  "logits": (np.float32, (max_images, 10)), "gates": (np.float32, (max_images, experts)),
-                  "ends": (np.int64, (max_images,)),
-                  "answers": (np.uint8, (max_images * (ANSWER_BYTES + EXPERT_BYTES * experts),))}
-        slot = sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for dtype, shape in shapes.values())
-        self.size = IN_FLIGHT * slot
-        self.slots = []
-        for index in range(IN_FLIGHT if buffer is not None else 0):
-            arrays, offset = {}, index * slot
-            for name, (dtype, shape) in shapes.items():
+    def __init__(self, max_images, experts):
+        self.shapes = {"pixels": (np.float32, (max_images, 1, 28, 28)),
+                       "images": (np.uint8, (max_images, requests.PIXELS_PER_IMAGE)),
+                       "logits": (np.float32, (max_images, 10)), "gates": (np.float32, (max_images, experts)),
+                       "ends": (np.int64, (max_images,)),
+                       "answers": (np.uint8, (max_images * (ANSWER_BYTES + EXPERT_BYTES * experts),))}
+        self.slot_bytes = sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for dtype, shape in self.shapes.values())
+        self.size = IN_FLIGHT * self.slot_bytes
+
+    def slots(self, buffer):
+        """Each slot's arrays over `buffer` (the mapped shared memory)."""
+        slots = []
+        for index in range(IN_FLIGHT):
+            arrays, offset = {}, index * self.slot_bytes
+            for name, (dtype, shape) in self.shapes.items():
                 arrays[name] = np.ndarray(shape, dtype, buffer, offset)
                 offset += arrays[name].nbytes
-            self.slots.append(types.SimpleNamespace(**arrays))
+            slots.append(types.SimpleNamespace(**arrays))
+        return slots
 
 
 def shared_memory(size):
@@ -70,24 +73,24 @@ def shared_memory(size):
     return descriptor, mmap.mmap(descriptor, size)
 
 
-def compute_batch(engine, layout, slot, images, kind):
+def compute_batch(engine, slots, slot, images, kind):
     """Run one batch in the model process: results into its slot of the shared memory; the reply."""
-    layout = layout.slots[slot]
+    arrays = slots[slot]
     try:
-        pixels = requests.to_pixels(layout.images[:images]) if kind == UINT8 else layout.pixels[:images]
+        pixels = requests.to_pixels(arrays.images[:images]) if kind == UINT8 else arrays.pixels[:images]
         logits, gates = engine.compute(pixels)
-        layout.logits[:images], layout.gates[:images] = logits, gates
-        encoded = [orjson.dumps(answer) for answer in requests.answers(logits, gates)]
+        arrays.logits[:images], arrays.gates[:images] = logits, gates
+        encoded = requests.answers_json(logits, gates)
         joined = b"".join(encoded)
-        if len(joined) > layout.answers.size:
+        if len(joined) > arrays.answers.size:
             raise ValueError(f"the answers of {images} images take {len(joined)} bytes, over the shared memory's "
-                             f"{layout.answers.size}")
-        layout.answers[:len(joined)] = np.frombuffer(joined, np.uint8)
-        layout.ends[:images] = np.cumsum([len(answer) for answer in encoded])
+                             f"{arrays.answers.size}")
+        arrays.answers[:len(joined)] = np.frombuffer(joined, np.uint8)
+        arrays.ends[:images] = np.cumsum([len(answer) for answer in encoded])
         return MESSAGE.pack(slot, images, DONE)
     except Exception as error:  # the worker fails this batch's requests (500) and goes on
-        message = f"{type(error).__name__}: {error}".encode()[:layout.answers.size]
-        layout.answers[:len(message)] = np.frombuffer(message, np.uint8)
+        message = f"{type(error).__name__}: {error}".encode()[:arrays.answers.size]
+        arrays.answers[:len(message)] = np.frombuffer(message, np.uint8)
         return MESSAGE.pack(slot, len(message), FAILED)
 
 
@@ -100,7 +103,7 @@ def serve_batches(connection, settings):
     engine = engine_of(settings)
     layout = Layout(settings["max_batch_images"], engine.experts)
     descriptor, buffer = shared_memory(layout.size)
-    layout = Layout(settings["max_batch_images"], engine.experts, buffer)
+    slots = layout.slots(buffer)
     ready = json.dumps({"experts": engine.experts}).encode()
     socket.send_fds(connection, [struct.pack("<i", len(ready)) + ready], [descriptor])
     os.close(descriptor)
@@ -108,7 +111,7 @@ def serve_batches(connection, settings):
         message = receive_exactly(connection, MESSAGE.size)
         if message is None:
             return
-        connection.sendall(compute_batch(engine, layout, *MESSAGE.unpack(message)))
+        connection.sendall(compute_batch(engine, slots, *MESSAGE.unpack(message)))
 
 
 def receive_exactly(connection, size):
@@ -138,7 +141,7 @@ class ModelProcess:
         self.handed = 0  # batches handed over so far: batch n uses slot n % IN_FLIGHT
         self.received = b""
         self.watched = False
-        self.layout = None
+        self.slots = None
 
     def wait_until_ready(self):
         """Block until the model process has its engine and has shared its memory."""
@@ -148,8 +151,8 @@ class ModelProcess:
         except (OSError, ValueError) as error:
             self.process.kill()
             raise RuntimeError(f"the model process did not start ({error}); its error is above") from None
-        size = Layout(self.max_images, ready["experts"]).size
-        self.layout = Layout(self.max_images, ready["experts"], mmap.mmap(descriptor, size))
+        layout = Layout(self.max_images, ready["experts"])
+        self.slots = layout.slots(mmap.mmap(descriptor, layout.size))
         os.close(descriptor)
         self.connection.setblocking(False)
 
@@ -167,18 +170,13 @@ class ModelProcess:
         The Batcher hands over at most IN_FLIGHT batches at a time, so that slot is free."""
         slot = self.handed % IN_FLIGHT
         self.handed += 1
-        arrays = self.layout.slots[slot]
+        arrays = self.slots[slot]
         images = sum(len(piece) for piece in pieces)
-        uint8 = all(piece.dtype == np.uint8 for piece in pieces)
-        at = 0
-        for piece in pieces:
-            if uint8:
-                arrays.images[at:at + len(piece)] = piece.reshape(len(piece), -1)
-            else:
-                arrays.pixels[at:at + len(piece)] = (requests.to_pixels(piece) if piece.dtype == np.uint8
-                                                     else piece.reshape(-1, 1, 28, 28))
-            at += len(piece)
-        return slot, images, UINT8 if uint8 else FLOAT32
+        if all(piece.dtype == np.uint8 for piece in pieces):  # the model process converts them
+            np.concatenate([piece.reshape(len(piece), -1) for piece in pieces], out=arrays.images[:images])
+            return slot, images, UINT8
+        arrays.pixels[:images] = requests.joined_pixels(pieces)
+        return slot, images, FLOAT32
 
     def compute(self, batch):
         """Hand over a batch that put() wrote; a future of [(answer JSON bytes, logits row, gates row)]
@@ -210,9 +208,9 @@ class ModelProcess:
             self.received = self.received[MESSAGE.size:]
             future = self.futures.popleft()
             if status == FAILED:
-                future.set_exception(RuntimeError(bytes(self.layout.slots[slot].answers[:count]).decode(errors="replace")))
+                future.set_exception(RuntimeError(bytes(self.slots[slot].answers[:count]).decode(errors="replace")))
             else:
-                future.set_result(self.results(self.layout.slots[slot], count))
+                future.set_result(self.results(self.slots[slot], count))
 
     @staticmethod
     def results(arrays, count):
