@@ -5,9 +5,15 @@ aiohttp's server, and uvicorn with a plain ASGI handler (serve.py's own HTTP sta
 uvloop). loadgen.py measures both beside the real servers, with the same client, so each server's QPS
 can be read as a share of the faster one.
 
-    python -m moebench.serving.bare_http --server aiohttp|uvicorn --port 8000"""
-import argparse
+Two more take serve.py's own work apart from its model (docs/serving.md, "Where a request's time
+goes"): uvicorn-deferred writes each answer one event-loop pass after its request was read, as a
+batching server does; serve-py-no-model is serve.py's own application with a model that takes no time.
 
+    python -m moebench.serving.bare_http --server aiohttp|uvicorn|uvicorn-deferred|serve-py-no-model --port 8000"""
+import argparse
+import asyncio
+
+import numpy as np
 import orjson
 
 from .http_app import UVICORN_SETTINGS, read_body, respond
@@ -46,16 +52,83 @@ async def asgi(scope, receive, send):
     await respond(send, 200, canned(len(body) // PIXELS_PER_IMAGE))
 
 
+def deferred_asgi():
+    """asgi() with every answer given one event-loop pass after its request was read, all the answers
+    due in a pass at once, as a batching server gives them: what answering later costs by itself."""
+    due = []
+
+    def answer_all():
+        answers, due[:] = list(due), []
+        for future, images in answers:
+            future.set_result(canned(images))
+
+    async def deferred(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body = await read_body(receive, float("inf"))
+        loop = asyncio.get_running_loop()
+        if not due:
+            loop.call_soon(answer_all)
+        due.append((loop.create_future(), len(body) // PIXELS_PER_IMAGE))
+        await respond(send, 200, await due[-1][0])
+    return deferred
+
+
+class CannedModel:
+    """Stands in for serve.py's model where the model should cost nothing: canned logits and gates
+    for the batches the worker computes itself, and as its model process, a batch's canned answers
+    one event-loop pass after the batch was handed over."""
+    backend, experts, in_flight = "none", 8, 2
+    logits = np.array(CANNED["logits"], np.float32)
+    gates = np.array([0.0, 0.0, 0.0, 0.53419, 0.0, 0.0, 0.46581, 0.0], np.float32)
+
+    def __init__(self):
+        self.row = (orjson.dumps(CANNED), self.logits, self.gates)
+
+    def describe(self):
+        return {"engine": "none: canned answers"}
+
+    def compute(self, batch):
+        """The worker's own model call: (logits, gates); as the model process: a future of the rows."""
+        if isinstance(batch, int):
+            future = asyncio.get_running_loop().create_future()
+            future.get_loop().call_soon(future.set_result, [self.row] * batch)
+            return future
+        return np.tile(self.logits, (len(batch), 1)), np.tile(self.gates, (len(batch), 1))
+
+    @staticmethod
+    def put(pieces):
+        return sum(len(piece) for piece in pieces)
+
+
+def serve_py_without_model():
+    """serve.py's own application (request handling, batcher, hand-over) with a model that costs nothing."""
+    from .http_app import classifier
+    model = CannedModel()
+    settings = {"max_batch_images": 64, "batch_wait_ms": 0, "max_queued": 256, "max_images": 1024}
+    return classifier(model, settings, SERVED_BY, elsewhere=model)
+
+
+SERVERS = {"aiohttp": "aiohttp's server", "uvicorn": "uvicorn with a plain ASGI handler (serve.py's HTTP stack)",
+           "uvicorn-deferred": "the same, each answer written one event-loop pass after its request was read, as a "
+                               "batching server writes them",
+           "serve-py-no-model": "serve.py's own application on uvicorn, its model answering at once with canned "
+                                "answers"}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--server", choices=("aiohttp", "uvicorn"), default="aiohttp")
+    parser.add_argument("--server", choices=tuple(SERVERS), default="aiohttp",
+                        help="; ".join(f"{name}: {what}" for name, what in SERVERS.items()))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
     print(f"serving nothing at http://{args.host}:{args.port}/ with {args.server} (Ctrl-C stops)", flush=True)
-    if args.server == "uvicorn":
+    if args.server != "aiohttp":
         import uvicorn
-        uvicorn.run(asgi, host=args.host, port=args.port, **UVICORN_SETTINGS)
+        application = {"uvicorn": lambda: asgi, "uvicorn-deferred": deferred_asgi,
+                       "serve-py-no-model": serve_py_without_model}[args.server]()
+        uvicorn.run(application, host=args.host, port=args.port, **UVICORN_SETTINGS)
     else:
         from aiohttp import web
         web.run_app(app(), host=args.host, port=args.port, print=None, access_log=None, backlog=4096)

@@ -51,10 +51,16 @@ async def respond(send, status, payload, headers=(), content_type=b"application/
     await send({"type": "http.response.body", "body": body})
 
 
-def declared_length(scope):
-    """The Content-Length the client declared, or None (chunked, or no number)."""
-    value = header(scope, b"content-length")
-    return int(value) if value.isascii() and value.isdigit() else None
+def length_and_type(scope):
+    """The Content-Length the client declared (None: chunked, or no number) and the Content-Type, in
+    one pass over the headers."""
+    length = content_type = None
+    for key, value in scope["headers"]:
+        if key == b"content-length" and length is None:
+            length = value
+        elif key == b"content-type" and content_type is None:
+            content_type = value.decode("latin-1")
+    return int(length) if length and length.isdigit() else None, content_type or ""
 
 
 async def read_body(receive, limit):
@@ -80,11 +86,13 @@ class Deadlines:
         self.reading, self.cut = {}, set()
         self.sweeper = None
 
-    def watch(self, task):
-        loop = asyncio.get_running_loop()
+    def watch(self, loop):
+        """Watch the request that `loop` runs now; returns its task."""
         if self.sweeper is None:
             self.sweeper = loop.create_task(self.sweep())
+        task = asyncio.current_task(loop)
         self.reading[task] = loop.time() + self.timeout_s
+        return task
 
     def forget(self, task):
         self.reading.pop(task, None)
@@ -138,18 +146,17 @@ def classifier(engine, settings, served_by, elsewhere=None):
     v2_documents = {"server": kserve.server_metadata(described.get("engine", engine.backend)),
                     "model": kserve.model_metadata(engine.backend, engine.experts), "live": b"", "ready": b"",
                     "model-ready": b""}
-    limit = settings["max_images"] * requests.PIXELS_PER_IMAGE * 8  # JSON spends up to ~8 bytes a pixel
-    too_big = {"error": f"body over {limit} bytes; at most {settings['max_images']} images per request"}
+    max_images = settings["max_images"]
+    limit = max_images * requests.PIXELS_PER_IMAGE * 8  # JSON spends up to ~8 bytes a pixel
+    too_big = {"error": f"body over {limit} bytes; at most {max_images} images per request"}
     body_timeout_s = settings.get("body_timeout_s", BODY_TIMEOUT_S)
     deadlines = Deadlines(body_timeout_s)
 
-    async def body_of(scope, receive, send):
+    async def body_of(declared, receive, send):
         """The request's body, or None once a 413 or 408 has answered it."""
-        declared = declared_length(scope)
         if declared is not None and declared > limit:  # refused from the header: its body is never awaited
             return await respond(send, 413, too_big, CLOSE)
-        task = asyncio.current_task()
-        deadlines.watch(task)
+        task = deadlines.watch(asyncio.get_running_loop())
         try:
             body = await read_body(receive, limit)
         except asyncio.CancelledError:
@@ -163,21 +170,22 @@ def classifier(engine, settings, served_by, elsewhere=None):
             return await respond(send, 413, too_big, CLOSE)
         return body
 
-    async def parsed(parse, body):
-        """What parse() reads from body, off the event loop when the body is big."""
-        return await asyncio.get_running_loop().run_in_executor(None, parse) if len(body) > BIG_BODY else parse()
+    async def parsed(parse, body, *args):
+        """parse(body, *args), off the event loop when the body is big."""
+        if len(body) <= BIG_BODY:
+            return parse(body, *args)
+        return await asyncio.get_running_loop().run_in_executor(None, parse, body, *args)
 
     async def own_api(scope, receive, send):
         if scope["method"] == "GET":
             return await respond(send, 200, about)
         if scope["method"] != "POST":
             return await respond(send, 405, {"error": f"{scope['method']} is not served; POST images, or GET /"})
-        body = await body_of(scope, receive, send)
+        declared, content_type = length_and_type(scope)
+        body = await body_of(declared, receive, send)
         if body is None:
             return
-        content_type = header(scope, b"content-type")
-        rows = await batcher.classify(await parsed(lambda: requests.parse(body, content_type, settings["max_images"]),
-                                                   body))
+        rows = await batcher.classify(await parsed(requests.parse, body, content_type, max_images))
         await respond(send, 200, b'{"predictions":[' + b",".join([row[0] for row in rows]) + answers_end)
 
     async def open_inference(scope, receive, send, asked):
@@ -187,11 +195,11 @@ def classifier(engine, settings, served_by, elsewhere=None):
             return await respond(send, 200, v2_documents[asked])
         if scope["method"] != "POST":
             return await respond(send, 405, {"error": f"{scope['method']} is not served at {scope['path']}; POST"})
-        body = await body_of(scope, receive, send)
+        body = await body_of(length_and_type(scope)[0], receive, send)
         if body is None:
             return
         length = header(scope, kserve.HEADER_LENGTH.encode()) or None
-        pixels, request_id, wanted = await parsed(lambda: kserve.parse_infer(body, length, settings["max_images"]), body)
+        pixels, request_id, wanted = await parsed(kserve.parse_infer, body, length, max_images)
         rows = await batcher.classify(pixels)
         answer, header_length = kserve.encode_infer(np.stack([row[1] for row in rows]),
                                                     np.stack([row[2] for row in rows]), request_id, wanted)
