@@ -25,8 +25,8 @@ def main(argv=None):
     measured = onnx_backend.Run(args.model, data_dir=args.data_dir, test_limit=args.test_limit,
                                 settings=block.Settings.from_flags(args))
     return onnx_backend.measure_made(
-        measured, lambda path: executorch_runtime.runner(checkpoint.load_model(path, {"ROUTING": "dense"})[0],
-                                                         args.cache_dir, args.threads, calibration),
+        measured, lambda path: executorch_runtime.runner(
+            checkpoint.load_model(path, {"ROUTING": "dense"}, "--model")[0], args.cache_dir, args.threads, calibration),
         lambda runner: f"ExecuTorch {runner.versions['executorch']} CPU (XNNPACK{', int8' if args.int8 else ''}, "
                        f"{runner.described['threads']} "
                        f"thread{'s' if runner.described['threads'] > 1 else ''})")

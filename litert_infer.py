@@ -21,7 +21,7 @@ def main(argv=None):
     measured = onnx_backend.Run(args.model, data_dir=args.data_dir, test_limit=args.test_limit,
                                 settings=block.Settings.from_flags(args))
     return onnx_backend.measure_made(
-        measured, lambda path: litert_runtime.runner(checkpoint.load_model(path, {"ROUTING": "dense"})[0],
+        measured, lambda path: litert_runtime.runner(checkpoint.load_model(path, {"ROUTING": "dense"}, "--model")[0],
                                                      args.cache_dir, args.threads, args.int8),
         lambda runner: f"LiteRT {runner.versions['ai-edge-litert']} CPU (XNNPACK{', int8' if args.int8 else ''}, "
                        f"{runner.described['threads']} "

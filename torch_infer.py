@@ -62,7 +62,7 @@ def made(variant, model, structure, device, asked):
 def main(argv=None):
     args = parse_args(argv)
     chosen = {device: variants(args.variant, device) for device in devices(args.device)}
-    (model, structure, _), load_s = timed(lambda: checkpoint.load_model(args.model, config.overrides(args)))
+    (model, structure, _), load_s = timed(lambda: checkpoint.load_model(args.model, config.overrides(args), "--model"))
     test_set = load_test_set(args.data_dir, args.test_limit)
     settings = block.Settings.from_flags(args)
     records = []

@@ -28,14 +28,15 @@ def is_torchscript_archive(path):
         return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
 
 
-def load(path):
+def load(path, flag="--checkpoint"):
     """The checkpoint dict at path, read with weights_only=True: tensors, numbers, strings and
-    containers only, so a crafted file cannot run code while it is read."""
+    containers only, so a crafted file cannot run code while it is read. flag: the command-line flag
+    that names the checkpoint, for the messages."""
     if not os.path.isfile(path):
-        raise UserError(f"{path} not found; run train.py first (or pass --checkpoint PATH)")
+        raise UserError(f"{path} not found; run train.py first (or pass {flag} PATH)")
     if is_torchscript_archive(path):
         raise UserError(f"{path} is a TorchScript model, not a checkpoint; pass the checkpoint.pt "
-                        "train.py wrote (--checkpoint / --model)")
+                        f"train.py wrote ({flag})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -70,9 +71,9 @@ def merged_structure(saved, overrides, path):
     return config.validate(structure)
 
 
-def load_model(path=DEFAULT_PATH, overrides=None):
-    """(model in eval mode, its structure, the whole checkpoint dict)."""
-    state = load(path)
+def load_model(path=DEFAULT_PATH, overrides=None, flag="--checkpoint"):
+    """(model in eval mode, its structure, the whole checkpoint dict); flag as for load()."""
+    state = load(path, flag)
     structure = merged_structure(state["structure"], overrides or {}, path)
     model = build_model(structure)
     try:

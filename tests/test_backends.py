@@ -141,7 +141,9 @@ def test_bad_inputs_fail_with_one_line(trained, mnist_dir, tmp_path):
     line = one_line_error(run_script("export_onnx.py", "--test-limit", "0"))
     assert "--test-limit: must be a positive integer, got 0" in line
     line = one_line_error(run_script("export_onnx.py", "--checkpoint", str(tmp_path / "none.pt")))
-    assert "none.pt not found; run train.py first" in line
+    assert "none.pt not found; run train.py first (or pass --checkpoint PATH)" in line
+    line = one_line_error(run_script("torch_infer.py", "--model", str(tmp_path / "none.pt")))
+    assert "none.pt not found; run train.py first (or pass --model PATH)" in line
     line = one_line_error(run_script("torch_infer.py", *backend_args(trained, mnist_dir, "checkpoint.pt"),
                                      "--experts", "8"))
     assert "trained with EXPERTS=4, but the command line asks for 8" in line

@@ -149,8 +149,8 @@ def test_bad_input_is_one_line(tiny_models, tmp_path):
     assert "--int8 takes the dense graph only" in one_line_error(run_script("mnn_infer.py", "--int8", "--model", loop))
     assert "--tune-trials: must be >= 0, got -1" in one_line_error(
         run_script("tvm_infer.py", "--tune-trials", "-1"))
-    assert "none.pt not found; run train.py first" in one_line_error(run_script("litert_infer.py", "--model",
-                                                                               str(tmp_path / "none.pt")))
+    line = one_line_error(run_script("litert_infer.py", "--model", str(tmp_path / "none.pt")))
+    assert "none.pt not found; run train.py first (or pass --model PATH)" in line
     for module, script in (("MNN", "mnn_infer.py"), ("ai_edge_litert", "litert_infer.py"),
                            ("executorch", "executorch_infer.py")):
         model = tiny_models / ("model.onnx" if script == "mnn_infer.py" else "checkpoint.pt")
