@@ -74,60 +74,64 @@ def deferred_asgi():
     return deferred
 
 
-class CannedModel:
-    """Stands in for serve.py's model where the model should cost nothing: canned logits and gates
-    for the batches the worker computes itself, and as its model process, a batch's canned answers
-    one event-loop pass after the batch was handed over."""
-    backend, experts, in_flight = "none", 8, 2
+class CannedEngine:
+    """serve.py's engine where the model should cost nothing: the canned logits and gates for every
+    image of the batches the worker computes itself."""
+    backend, experts = "none", 8
     logits = np.array(CANNED["logits"], np.float32)
-    gates = np.array([0.0, 0.0, 0.0, 0.53419, 0.0, 0.0, 0.46581, 0.0], np.float32)
-
-    def __init__(self):
-        self.row = (orjson.dumps(CANNED), self.logits, self.gates)
+    gates = np.zeros(experts, np.float32)
+    gates[[e["expert"] for e in CANNED["experts"]]] = [e["weight"] for e in CANNED["experts"]]
 
     def describe(self):
         return {"engine": "none: canned answers"}
 
-    def compute(self, batch):
-        """The worker's own model call: (logits, gates); as the model process: a future of the rows."""
-        if isinstance(batch, int):
-            future = asyncio.get_running_loop().create_future()
-            future.get_loop().call_soon(future.set_result, [self.row] * batch)
-            return future
-        return np.tile(self.logits, (len(batch), 1)), np.tile(self.gates, (len(batch), 1))
+    def compute(self, pixels):
+        return np.tile(self.logits, (len(pixels), 1)), np.tile(self.gates, (len(pixels), 1))
+
+
+class CannedModelProcess:
+    """serve.py's model process where the model should cost nothing (ModelProcess's put, compute and
+    in_flight): a batch handed over comes back one event-loop pass later with canned answers."""
+    in_flight = 2
+    row = (orjson.dumps(CANNED), CannedEngine.logits, CannedEngine.gates)
 
     @staticmethod
     def put(pieces):
         return sum(len(piece) for piece in pieces)
 
+    def compute(self, images):
+        future = asyncio.get_running_loop().create_future()
+        future.get_loop().call_soon(future.set_result, [self.row] * images)
+        return future
+
 
 def serve_py_without_model():
     """serve.py's own application (request handling, batcher, hand-over) with a model that costs nothing."""
-    model = CannedModel()
     settings = {"max_batch_images": 64, "batch_wait_ms": 0, "max_queued": 256, "max_images": 1024}
-    return classifier(model, settings, SERVED_BY, elsewhere=model)
+    return classifier(CannedEngine(), settings, SERVED_BY, elsewhere=CannedModelProcess())
 
 
-SERVERS = {"aiohttp": "aiohttp's server", "uvicorn": "uvicorn with a plain ASGI handler (serve.py's HTTP stack)",
-           "uvicorn-deferred": "the same, each answer written one event-loop pass after its request was read, as a "
-                               "batching server writes them",
-           "serve-py-no-model": "serve.py's own application on uvicorn, its model answering at once with canned "
-                                "answers"}
+# --server: what it is, and its ASGI application for uvicorn (aiohttp's runs on aiohttp's own server)
+SERVERS = {"aiohttp": ("aiohttp's server", None),
+           "uvicorn": ("uvicorn with a plain ASGI handler (serve.py's HTTP stack)", lambda: asgi),
+           "uvicorn-deferred": ("the same, each answer written one event-loop pass after its request was read, as "
+                                "a batching server writes them", deferred_asgi),
+           "serve-py-no-model": ("serve.py's own application on uvicorn, its model answering at once with canned "
+                                 "answers", serve_py_without_model)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--server", choices=tuple(SERVERS), default="aiohttp",
-                        help="; ".join(f"{name}: {what}" for name, what in SERVERS.items()))
+                        help="; ".join(f"{name}: {what}" for name, (what, _) in SERVERS.items()))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
     print(f"serving nothing at http://{args.host}:{args.port}/ with {args.server} (Ctrl-C stops)", flush=True)
-    if args.server != "aiohttp":
+    make_application = SERVERS[args.server][1]
+    if make_application:
         import uvicorn
-        application = {"uvicorn": lambda: asgi, "uvicorn-deferred": deferred_asgi,
-                       "serve-py-no-model": serve_py_without_model}[args.server]()
-        uvicorn.run(application, host=args.host, port=args.port, **UVICORN_SETTINGS)
+        uvicorn.run(make_application(), host=args.host, port=args.port, **UVICORN_SETTINGS)
     else:
         from aiohttp import web
         web.run_app(app(), host=args.host, port=args.port, print=None, access_log=None, backlog=4096)

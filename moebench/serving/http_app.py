@@ -135,8 +135,8 @@ def classifier(engine, settings, served_by, elsewhere=None):
     API at / and the Open Inference Protocol under /v2. elsewhere: the same model in a process of
     its own (ModelProcess), which computes every batch but a lone small one."""
     batcher = Batcher(engine.compute, settings["max_batch_images"], settings["batch_wait_ms"] / 1000,
-                      settings["max_queued"], with_rows, LONE_IMAGES if elsewhere else INLINE_IMAGES, requests.joined_pixels,
-                      elsewhere)
+                      settings["max_queued"], with_rows, LONE_IMAGES if elsewhere else INLINE_IMAGES,
+                      requests.joined_pixels, elsewhere)
     answers_end = b'],"served_by":' + orjson.dumps(served_by) + b"}"
     described = engine.describe()
     about = orjson.dumps({"model": "MoE MNIST classifier", **served_by, **described,
