@@ -67,7 +67,7 @@ def measure_row(entry, sources, floor_clock, args):
     """One row: the entry's runner made now (its setup is not timed), its logits on every test
     image, and its times in blocks that alternate with the floor."""
     images = sources.test_set[0]
-    with entry.runner(sources) as runner:
+    with entry.make(sources) as runner:
         timed = runner.clock(entry.timing)
         logits = clock.full_pass(timed, images, 1024)
         return {**identity(entry), "described": runner.describe(), "logits": logits,
@@ -97,13 +97,16 @@ def measure_rows(args, sources, on_gpu):
         entries = [e for e in entries if e.measured_by != "browser"]
     if not any(e.measured_by == "runner" for e in entries):
         raise UserError("--device cuda: no GPU row can run here: " + "; ".join(lacking))
-    floor_clock = floor.floor_clock(sources.structure, sources.workdir, on_gpu)
     measured_by = {"runner": measure_row, "browser": web_row}
-    rows = [measured_by[entry.measured_by](entry, sources, floor_clock, args)
-            for entry in tqdm(entries, unit="row", desc="benchmark", disable=None) if entry.measured_by in measured_by]
-    reference = rows[0]["key"] if on_gpu else registry.REFERENCE
-    add_comparisons(rows, reference, sources.test_set[1])  # the DataLoader row reports accuracy alone
-    rows += [dataloader_row(entry, sources, floor_clock, args) for entry in entries if entry.measured_by == "dataloader"]
+    with floor.floor_runner(sources.structure, sources.workdir, on_gpu) as floor_runner:
+        floor_clock = floor_runner.clock(floor.floor_timing(on_gpu))
+        rows = [measured_by[entry.measured_by](entry, sources, floor_clock, args)
+                for entry in tqdm(entries, unit="row", desc="benchmark", disable=None)
+                if entry.measured_by in measured_by]
+        reference = rows[0]["key"] if on_gpu else registry.REFERENCE
+        add_comparisons(rows, reference, sources.test_set[1])  # the DataLoader row reports accuracy alone
+        rows += [dataloader_row(entry, sources, floor_clock, args) for entry in entries
+                 if entry.measured_by == "dataloader"]
     return rows, lacking, reference
 
 

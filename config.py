@@ -17,6 +17,7 @@ BALANCE_LOSS = "shazeer"  # "shazeer" (importance + load), "switch" (Fedus et al
 W_IMPORTANCE = 0.1
 W_LOAD = 0.1
 W_SWITCH = 0.01
+CHECKPOINT_PATH = "checkpoint.pt"  # where train.py writes, and every script reads, by default
 ROUTING = "dense"  # "dense": static shapes, every expert masked by its gate; "loop": per-expert dispatch
 
 # --routing auto (ONNX Runtime CPU): the dense graph below this batch size, the loop graph from it on;

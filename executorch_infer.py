@@ -3,9 +3,10 @@ torch.export (a dynamic batch), lowered with the XNNPACK partitioner into a .pte
 and run by ExecuTorch's runtime on every core by default; what XNNPACK cannot take (the gate's
 top-k and scatter) runs on ExecuTorch's portable kernels, and the block says which. --int8 quantizes
 first with XNNPACK's quantizer (int8 weights per channel, int8 activations with scales calibrated on
-training images, never test images). ExecuTorch takes the dense routing."""
+training images, never test images). ExecuTorch takes the dense routing. The program is lowered and
+called in moebench/runners/executorch_runtime.py, runner()."""
 from data import load_split
-from moebench import checkpoint, onnx_backend
+from moebench import backend_script, checkpoint
 from moebench.cli import ArgumentParser, non_negative_int, positive_int, run
 from moebench.measuring import block
 from moebench.runners import executorch_runtime
@@ -19,17 +20,13 @@ def main(argv=None):
     parser.add_argument("--calibration-images", type=positive_int, default=1000,
                         help="training images the int8 scales are calibrated on (default 1000)")
     block.add_measure_args(parser)
-    onnx_backend.add_cache_arg(parser, "lowered programs")
+    backend_script.add_cache_arg(parser, "lowered programs")
     args = parser.parse_args(argv)
     calibration = load_split("train", args.data_dir, args.calibration_images)[0].numpy() if args.int8 else None
-    measured = onnx_backend.Run(args.model, data_dir=args.data_dir, test_limit=args.test_limit,
-                                settings=block.Settings.from_flags(args))
-    return onnx_backend.measure_made(
-        measured, lambda path: executorch_runtime.runner(
-            checkpoint.load_model(path, {"ROUTING": "dense"}, "--model")[0], args.cache_dir, args.threads, calibration),
-        lambda runner: f"ExecuTorch {runner.versions['executorch']} CPU (XNNPACK{', int8' if args.int8 else ''}, "
-                       f"{runner.described['threads']} "
-                       f"thread{'s' if runner.described['threads'] > 1 else ''})")
+    return backend_script.measure(
+        lambda: executorch_runtime.runner(checkpoint.load_model(args.model, {"ROUTING": "dense"}, "--model")[0],
+                                          args.cache_dir, args.threads, calibration),
+        backend_script.Measurement.from_flags(args, args.model))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 into .tflite files (cached; static shapes, so one per batch size, each converted before it is
 timed) and run by LiteRT's interpreter with its XNNPACK CPU delegate, on every core by default;
 --int8 quantizes each file with AI Edge Quantizer (int8 weights, activations quantized per call, as
-its dynamic_wi8_afp32 recipe does). LiteRT takes the dense routing."""
-from moebench import checkpoint, onnx_backend
+its dynamic_wi8_afp32 recipe does). LiteRT takes the dense routing. The files are converted and called in
+moebench/runners/litert_runtime.py, runner()."""
+from moebench import backend_script, checkpoint
 from moebench.cli import ArgumentParser, non_negative_int, run
 from moebench.measuring import block
 from moebench.runners import litert_runtime
@@ -16,16 +17,12 @@ def main(argv=None):
     parser.add_argument("--int8", action="store_true",
                         help="int8 weights and int8 arithmetic, activations quantized per call (default fp32)")
     block.add_measure_args(parser)
-    onnx_backend.add_cache_arg(parser, "converted files")
+    backend_script.add_cache_arg(parser, "converted files")
     args = parser.parse_args(argv)
-    measured = onnx_backend.Run(args.model, data_dir=args.data_dir, test_limit=args.test_limit,
-                                settings=block.Settings.from_flags(args))
-    return onnx_backend.measure_made(
-        measured, lambda path: litert_runtime.runner(checkpoint.load_model(path, {"ROUTING": "dense"}, "--model")[0],
-                                                     args.cache_dir, args.threads, args.int8),
-        lambda runner: f"LiteRT {runner.versions['ai-edge-litert']} CPU (XNNPACK{', int8' if args.int8 else ''}, "
-                       f"{runner.described['threads']} "
-                       f"thread{'s' if runner.described['threads'] > 1 else ''})")
+    return backend_script.measure(
+        lambda: litert_runtime.runner(checkpoint.load_model(args.model, {"ROUTING": "dense"}, "--model")[0],
+                                      args.cache_dir, args.threads, args.int8),
+        backend_script.Measurement.from_flags(args, args.model))
 
 
 if __name__ == "__main__":

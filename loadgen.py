@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,19 +31,31 @@ from moebench.reports.loadgen import markdown, plot
 from moebench.runners import onnx_runtime, registry
 from moebench.serving.server_process import ServerProcess, free_port
 
-# the ceiling of this machine's HTTP path: the faster of two servers with no model, in the same run
-BARE = {"bare HTTP server, no model: aiohttp": "aiohttp",
-        "bare HTTP server, no model: uvicorn (serve.py's HTTP stack)": "uvicorn"}
 BASELINE = "in-process ONNX Runtime, no server"
-EMBEDDED = "serve.py (uvicorn, dynamic batching)"
-RAY = "serve.py --ray (Ray Serve, HAProxy ingress)"
-SERVERS_FLAGS = {"embedded": [], "ray": ["--ray"], "fused-int8": ["--backend", "fused-int8"],
-                 "openvino": ["--backend", "openvino"], "triton": ["--triton"]}
-# servers measured with wrk only (and their answers checked), no LoadGen ladder: {name: kind}
-WRK_ONLY = {"serve.py --backend fused-int8": "fused-int8", "serve.py --backend openvino": "openvino",
-            "serve.py --triton (Triton Inference Server, python backend, ONNX Runtime)": "triton"}
-PROTOCOLS = {"aiohttp": ("own",), "uvicorn": ("own",), "embedded": ("own", "v2"), "ray": ("own",),
-             "fused-int8": ("own",), "openvino": ("own",), "triton": ("v2",)}
+
+
+@dataclass(frozen=True)
+class Server:
+    """A system measured over HTTP: a bare server with no model (`bare`: aiohttp or uvicorn; the
+    faster is the ceiling of this machine's HTTP path, in the same run) or serve.py with `flags`;
+    the protocols wrk drives it with; whether LoadGen's ladder measures it too (else its answers are
+    checked over the Open Inference Protocol); whether a smoke run has it."""
+    name: str
+    bare: str = None
+    flags: tuple = ()
+    protocols: tuple = ("own",)
+    ladder: bool = True
+    quick: bool = False
+
+
+SERVERS = (Server("bare HTTP server, no model: aiohttp", bare="aiohttp", quick=True),
+           Server("bare HTTP server, no model: uvicorn (serve.py's HTTP stack)", bare="uvicorn"),
+           Server("serve.py (uvicorn, dynamic batching)", protocols=("own", "v2"), quick=True),
+           Server("serve.py --ray (Ray Serve, HAProxy ingress)", flags=("--ray",)),
+           Server("serve.py --backend fused-int8", flags=("--backend", "fused-int8"), ladder=False),
+           Server("serve.py --backend openvino", flags=("--backend", "openvino"), ladder=False),
+           Server("serve.py --triton (Triton Inference Server, python backend, ONNX Runtime)", flags=("--triton",),
+                  protocols=("v2",), ladder=False))
 
 
 def parse_args(argv=None):
@@ -85,15 +98,12 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- the systems
 
 def in_process_entries(args, sources):
-    """The registry's CPU entries LoadGen measures in process."""
+    """The registry's CPU entries LoadGen measures in process (a smoke run: the reference alone)."""
     contract.check_onnx(args.model)
-    keys = [registry.REFERENCE]
-    if not args.quick:
-        contract.check_onnx(args.loop_model)
-        keys += ["ort-loop", "ort-int8-dynamic", f"openvino-{registry.openvino_precision()}-loop", "openvino-int8-loop",
-                 "torch-script-dense"]
-    entries = registry.runnable(sources.structure)[0]
-    return [registry.entry(key, entries) for key in keys]
+    if args.quick:
+        return [registry.entry(registry.REFERENCE)]
+    contract.check_onnx(args.loop_model)
+    return registry.in_report(registry.LOADGEN, sources.structure)[0]
 
 
 # ---------------------------------------------------------------- runs
@@ -107,9 +117,9 @@ def accuracy_run(sut, images, labels, outdir, expected=None):
     settings = systems.settings_for("Offline", "accuracy", 0)
     result = systems.run_test(sut, len(images), settings, outdir)
     classes = result.pop("classes")
-    found = {"accuracy": 100.0 * float((classes == labels).mean()), "refused": result["refused"]}
+    found = {"accuracy": accuracy(classes, labels), "refused": result["refused"]}
     if expected is not None:
-        found["agreement"] = 100.0 * float((classes == expected).mean())
+        found["agreement"] = accuracy(classes, expected)
     return found
 
 
@@ -171,27 +181,29 @@ def in_process_rows(args, sources, logs):
     rows = {}
     for entry in in_process_entries(args, sources):
         name = entry.label
-        predict = entry.runner(sources).logits
-        direct = accuracy(clock.full_pass(predict, images, 1024), labels)
-        sut = systems.InProcess(predict, images)
-        folder = os.path.join(logs, slug(name))
-        rows[name] = {"key": entry.key, "direct_accuracy": direct,
-                      "loadgen": accuracy_run(sut, images, labels, os.path.join(folder, "accuracy")),
-                      "single_stream": single_stream(sut, predict, images, args, os.path.join(folder, "singlestream")),
-                      "offline": offline(sut, predict, images, args, os.path.join(folder, "offline"))}
+        with entry.make(sources) as runner:
+            predict = runner.logits
+            direct = accuracy(clock.full_pass(predict, images, 1024), labels)
+            sut = systems.InProcess(predict, images)
+            folder = os.path.join(logs, slug(name))
+            rows[name] = {"key": entry.key, "direct_accuracy": direct,
+                          "loadgen": accuracy_run(sut, images, labels, os.path.join(folder, "accuracy")),
+                          "single_stream": single_stream(sut, predict, images, args,
+                                                         os.path.join(folder, "singlestream")),
+                          "offline": offline(sut, predict, images, args, os.path.join(folder, "offline"))}
         print(f"{name}: SingleStream p90 {rows[name]['single_stream']['p90_ns'] / 1e3:.1f} us, "
               f"Offline {rows[name]['offline']['samples_per_s']:,.0f} samples/s, accuracy in LoadGen "
               f"{rows[name]['loadgen']['accuracy']:.2f}% (the backend alone: {direct:.2f}%)", flush=True)
     return rows
 
 
-def start_server(kind, args):
+def start_server(server, args):
     port = free_port()
-    if kind in BARE.values():
-        command = [sys.executable, "-m", "moebench.serving.bare_http", "--server", kind, "--port", str(port)]
+    if server.bare:
+        command = [sys.executable, "-m", "moebench.serving.bare_http", "--server", server.bare, "--port", str(port)]
     else:
         command = [sys.executable, "serve.py", "--model", os.path.abspath(args.model), "--checkpoint",
-                   os.path.abspath(args.checkpoint), "--port", str(port), "--threads", "1", *SERVERS_FLAGS[kind]]
+                   os.path.abspath(args.checkpoint), "--port", str(port), "--threads", "1", *server.flags]
     return ServerProcess(command, os.path.dirname(os.path.abspath(__file__)), port)
 
 
@@ -213,60 +225,63 @@ def over_http(url, pixels, labels, args, folder, expected=None):
     return row
 
 
-def server_row(name, kind, args, pixels, labels, expected, logs, with_loadgen=True):
-    """One HTTP system, started here (kind 'aiohttp' or 'uvicorn' for a bare server, else a key of
-    SERVERS_FLAGS) or at --server-url (None): wrk first, then LoadGen, or its answers checked over the
-    Open Inference Protocol where it has no LoadGen run."""
-    print(f"{name}:", flush=True)
-    server = start_server(kind, args) if kind else None
-    url = server.url if server else args.server_url
-    bare = kind in BARE.values()
-    row = {"direct_accuracy": None if bare else 100.0 * float((expected == labels).mean())}
+def server_row(server, args, pixels, labels, expected, logs, url=None):
+    """One HTTP system, started here, or already running at `url`: wrk first, then LoadGen, or its
+    answers checked over the Open Inference Protocol where it has no LoadGen ladder."""
+    print(f"{server.name}:", flush=True)
+    process = None if url else start_server(server, args)
+    url = url or process.url
+    row = {"direct_accuracy": None if server.bare else accuracy(expected, labels)}
     try:
         if wrk.available():
-            row["wrk"] = http_load.under_wrk(url, PROTOCOLS.get(kind, ("own",)), http_load.bodies(pixels[0]),
-                                             args.connections, args.wrk_duration_s, print)
-        if with_loadgen:
-            row.update(over_http(url, pixels, labels, args, os.path.join(logs, slug(name)),
-                                 None if bare else expected))
+            row["wrk"] = http_load.under_wrk(url, server.protocols, http_load.bodies(pixels[0]), args.connections,
+                                             args.wrk_duration_s, print)
+        if server.ladder:
+            row.update(over_http(url, pixels, labels, args, os.path.join(logs, slug(server.name)),
+                                 None if server.bare else expected))
         else:
             classes = http_load.classes_over_v2(url, pixels)
-            row["answers"] = {"accuracy": 100.0 * float((classes == labels).mean()),
-                              "agreement": 100.0 * float((classes == expected).mean())}
+            row["answers"] = {"accuracy": accuracy(classes, labels), "agreement": accuracy(classes, expected)}
             print(f"  answers over the Open Inference Protocol: {row['answers']['agreement']:.2f}% equal to ONNX "
                   f"Runtime's, accuracy {row['answers']['accuracy']:.2f}%", flush=True)
     finally:
-        if server:
-            server.stop()
-    if with_loadgen:
-        report_ladder(name, row)
+        if process:
+            process.stop()
+    if server.ladder:
+        report_ladder(server.name, row)
     return row
+
+
+def measured_row(server, args, pixels, labels, expected, logs):
+    """server_row(), or a row that says why not where a server without a ladder lacks its backend here."""
+    try:
+        return server_row(server, args, pixels, labels, expected, logs)
+    except UserError as error:
+        if server.ladder:
+            raise
+        print(f"  not measured: {error}", flush=True)  # said in the report, the rest goes on
+        return {"not_measured": str(error)}
 
 
 def server_rows(args, images, labels, logs):
     """{system: row}: the bare HTTP servers (the faster is the ceiling), the in-process baseline, and
     each server; and the ceiling's name."""
     pixels = np.round(images[:, 0] * 255).astype(np.uint8)
-    baseline_predict = onnx_runtime.runner(args.model).logits
-    expected = clock.full_pass(baseline_predict, images, 1024).argmax(1)
-    bare = dict(list(BARE.items())[:1]) if args.quick else BARE
-    rows = {name: server_row(name, kind, args, pixels, labels, expected, logs) for name, kind in bare.items()}
-    sut = systems.InProcess(baseline_predict, images, worker=True)
-    rows[BASELINE] = {"ladder": ladder(sut, len(images), args, os.path.join(logs, slug(BASELINE))),
-                      "direct_accuracy": 100.0 * float((expected == labels).mean())}
+    servers = [s for s in SERVERS if s.quick or not args.quick]
+    bare = [s.name for s in servers if s.bare]
+    with onnx_runtime.runner(args.model) as baseline:
+        expected = clock.full_pass(baseline.logits, images, 1024).argmax(1)
+        rows = {s.name: server_row(s, args, pixels, labels, expected, logs) for s in servers if s.bare}
+        sut = systems.InProcess(baseline.logits, images, worker=True)
+        rows[BASELINE] = {"ladder": ladder(sut, len(images), args, os.path.join(logs, slug(BASELINE))),
+                          "direct_accuracy": accuracy(expected, labels)}
     report_ladder(BASELINE, rows[BASELINE])
-    servers = ({f"serve.py at {args.server_url}": None} if args.server_url else
-               {EMBEDDED: "embedded"} if args.quick else {EMBEDDED: "embedded", RAY: "ray"})
-    for name, kind in servers.items():
-        rows[name] = server_row(name, kind, args, pixels, labels, expected, logs)
-    if not (args.quick or args.server_url):
-        for name, kind in WRK_ONLY.items():
-            try:
-                rows[name] = server_row(name, kind, args, pixels, labels, expected, logs, with_loadgen=False)
-            except UserError as error:  # a backend this machine lacks: said in the report, the rest goes on
-                print(f"  not measured: {error}", flush=True)
-                rows[name] = {"not_measured": str(error)}
-    http_load.shares(rows, list(bare))
+    if args.server_url:
+        given = Server(f"serve.py at {args.server_url}")
+        rows[given.name] = server_row(given, args, pixels, labels, expected, logs, args.server_url)
+    else:
+        rows.update({s.name: measured_row(s, args, pixels, labels, expected, logs) for s in servers if not s.bare})
+    http_load.shares(rows, bare)
     ceiling = max(bare, key=lambda name: rows[name]["ladder"]["best_qps"] or 0)
     best = rows[ceiling]["ladder"]["best_qps"]
     for row in rows.values():
@@ -282,6 +297,15 @@ def report_ladder(name, row):
                          "no offered QPS met the bound") + accuracy, flush=True)
 
 
+def loadgen_version(module):
+    """LoadGen's version as its package's metadata says it, or 'unknown'."""
+    from importlib import metadata
+    try:
+        return getattr(module, "__version__", None) or metadata.version("mlcommons-loadgen")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv=None):
     args = parse_args(argv)
     mlperf_loadgen = require_module("mlperf_loadgen", "loadgen.py")
@@ -293,7 +317,7 @@ def main(argv=None):
         in_process = in_process_rows(args, sources, logs)
         server, ceiling = server_rows(args, images, labels, logs)
     report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
-              "loadgen_version": getattr(mlperf_loadgen, "__version__", "6.0.17"), "in_process": in_process,
+              "loadgen_version": loadgen_version(mlperf_loadgen), "in_process": in_process,
               "server": server, "ceiling": ceiling, "wrk": wrk.available(),
               "settings": {"images": len(images), "duration_s": args.duration_s, "p99_ms": args.p99_ms,
                            "start_qps": args.start_qps, "qps_step": args.qps_step, "refine_steps": args.refine_steps,

@@ -7,6 +7,7 @@ import torch
 
 from moebench import checkpoint
 from moebench.cli import ArgumentParser, UserError, run, save_figure
+from moebench.measuring.compare import accuracy
 from data import add_data_args, load_split
 
 
@@ -85,8 +86,7 @@ def main(argv=None):
         loads[label] = load_share(other)
     plot(gates, labels.numpy(), structure, loads, args.output)
     share = class_expert_share(gates, labels.numpy())
-    accuracy = 100.0 * float((logits.argmax(1) == labels.numpy()).mean())
-    print(f"{args.checkpoint}: accuracy {accuracy:.2f}% on {len(labels)} test images")
+    print(f"{args.checkpoint}: accuracy {accuracy(logits, labels):.2f}% on {len(labels)} test images")
     print(f"wrote {args.output}: each digit's most used expert "
           + ", ".join(f"{c}->{int(share[c].argmax())} ({100 * share[c].max():.0f}%)" for c in range(10)))
 

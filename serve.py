@@ -21,23 +21,23 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from moebench import checkpoint, contract
+import config
+from moebench import contract
 from moebench.cli import (ArgumentParser, UserError, error_line, for_the_user, non_negative_float, non_negative_int,
                           port_number, positive_float, positive_int, run)
-from moebench.runners import registry
+from moebench.runners.served import BACKENDS
 from moebench.serving.engine import Engine
 from moebench.serving.http_app import BODY_TIMEOUT_S
 
 
 def parse_args(argv=None):
-    backends = registry.servable()
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="model.onnx", help="ONNX model from export_onnx.py (default model.onnx)")
-    parser.add_argument("--backend", choices=tuple(backends), default="onnxruntime",
-                        help="; ".join(f"{name}: {served.what}" for name, served in backends.items())
+    parser.add_argument("--backend", choices=tuple(BACKENDS), default="onnxruntime",
+                        help="; ".join(f"{name}: {served.what}" for name, served in BACKENDS.items())
                         + " (default onnxruntime)")
-    parser.add_argument("--checkpoint", default=checkpoint.DEFAULT_PATH,
-                        help=f"what --backend fused-int8 is built from (default {checkpoint.DEFAULT_PATH})")
+    parser.add_argument("--checkpoint", default=config.CHECKPOINT_PATH,
+                        help=f"what --backend fused-int8 is built from (default {config.CHECKPOINT_PATH})")
     parser.add_argument("--precision", choices=("auto", "f32", "bf16"), default="auto",
                         help="OpenVINO's precision (default auto: bf16 where the CPU has it)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
@@ -51,7 +51,8 @@ def parse_args(argv=None):
                         help="under load (the last batch held more than one request), how long a batch waits "
                              "for more before the model runs; a lone request never waits (default 0: a batch is "
                              "whatever arrived while the last one ran)")
-    parser.add_argument("--max-images", type=positive_int, default=1024, help="images one request may carry")
+    parser.add_argument("--max-request-images", "--max-images", type=positive_int, default=1024,
+                        help="images one request may carry (default 1024); a model call takes --max-batch-size")
     parser.add_argument("--max-queued", type=positive_int, default=256,
                         help="requests waiting (per worker, or per Ray Serve deployment) before new ones get 503")
     parser.add_argument("--body-timeout-s", type=positive_float, default=BODY_TIMEOUT_S,
@@ -77,7 +78,7 @@ def parse_args(argv=None):
     if args.triton and (args.ray or args.backend != "onnxruntime"):
         parser.error("--triton serves the ONNX model with ONNX Runtime in Triton's python backend: leave out --ray, "
                      "--address and --backend")
-    args.served = backends[args.backend]
+    args.served = BACKENDS[args.backend]
     if args.ray and args.served.from_checkpoint:
         parser.error(f"--backend {args.backend} reads the checkpoint with this repository's own files, which Ray "
                      "workers do not have: serve it without --ray, or use onnxruntime or openvino with --ray")
@@ -151,8 +152,8 @@ def announce_when_answering(args, described):
 
 def batching(args):
     """What a worker's or a replica's application takes from the flags."""
-    return {"max_batch_images": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
-            "max_queued": args.max_queued, "max_images": args.max_images, "body_timeout_s": args.body_timeout_s}
+    return {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+            "max_queued": args.max_queued, "max_request_images": args.max_request_images, "body_timeout_s": args.body_timeout_s}
 
 
 def serve_here(args, payload):

@@ -14,7 +14,7 @@ from tqdm import tqdm
 import config
 from data import add_data_args, load_split
 from moe import build_model
-from moebench import checkpoint, fused
+from moebench import checkpoint
 from moebench.measuring import clock, roofline
 from moebench.measuring.machine import cpu_name
 from moebench.cli import ArgumentParser, positive_int, run, save_figure
@@ -48,13 +48,13 @@ def per_image_us(predict, images, batch_size, repeats):
     return 1e6 * statistics.median(times) / len(images)
 
 
-def batch_sweep(engines, images, sizes, repeats):
+def batch_sweep(entries, sources, sizes, repeats):
     """{engine: {batch size: us per image}}."""
-    curves = {}
-    for name, make in tqdm(engines.items(), desc="batch sweep", unit="engine", disable=None):
-        predict = make()
-        curves[name] = {str(size): per_image_us(predict, images, size, repeats) for size in sizes
-                        if size <= len(images)}
+    curves, images = {}, sources.test_set[0]
+    for entry in tqdm(entries, desc="batch sweep", unit="engine", disable=None):
+        with entry.make(sources) as runner:
+            curves[entry.label] = {str(size): per_image_us(runner.clock(), images, size, repeats) for size in sizes
+                                   if size <= len(images)}
     return curves
 
 
@@ -71,20 +71,18 @@ def size_sweep(workdir, test_set, experts, hidden_sizes, repeats):
     """[{EXPERTS, HIDDEN_SIZE, engine, bulk_us, b1_us, activated_macs, graph_macs}]."""
     points, pixels = [], test_set[0]
     configs = [(e, h) for h in hidden_sizes for e in experts]
-    entries = [registry.entry(f"{engine}-{routing}") for engine in ("ort", f"openvino-{registry.openvino_precision()}")
-               for routing in config.ROUTINGS]
     for e, h in tqdm(configs, desc="size sweep", unit="model", disable=None):
         structure = {**config.defaults(), "EXPERTS": e, "HIDDEN_SIZE": h}
         folder = os.path.join(workdir, f"e{e}h{h}")
         os.makedirs(folder)
         sources = registry.Sources.of_model(random_model(structure), structure, folder, test_set)
-        for entry in entries:
-            predict, routing = entry.runner(sources).clock(), entry.routing
-            points.append({"EXPERTS": e, "HIDDEN_SIZE": h, "engine": entry.label,
-                           "bulk_us": per_image_us(predict, pixels, 1024, repeats),
-                           "b1_us": per_image_us(predict, pixels[:200], 1, repeats),
-                           "activated_macs": roofline.activated_macs(structure),
-                           "graph_macs": roofline.graph_macs(structure, routing)})
+        for entry in registry.in_report(registry.SIZE_SWEEP, structure)[0]:
+            with entry.make(sources) as runner:
+                points.append({"EXPERTS": e, "HIDDEN_SIZE": h, "engine": entry.label,
+                               "bulk_us": per_image_us(runner.clock(), pixels, 1024, repeats),
+                               "b1_us": per_image_us(runner.clock(), pixels[:200], 1, repeats),
+                               "activated_macs": roofline.activated_macs(structure),
+                               "graph_macs": roofline.graph_macs(structure, entry.routing)})
     return points
 
 
@@ -144,18 +142,6 @@ def readable_log_axes(ax):
 
 # ---------------------------------------------------------------- main
 
-def trained_engines(sources):
-    """{label: make() -> Clock} of the best rows of each engine on the trained model (the benchmark's
-    fastest), from the registry; and what this machine lacks."""
-    structure = sources.structure
-    entries, lacking = registry.runnable(structure)
-    keys = [f"ort-{r}" for r in config.ROUTINGS] + ["ort-int8-dynamic", "ort-int8-dynamic-loop"]
-    keys += [f"openvino-{registry.openvino_precision()}-{r}" for r in config.ROUTINGS]
-    keys += ["openvino-int8-loop"] + ([f"fused-int8-{fused.chosen_kernel()}"] if fused.takes(structure) else [])
-    engines = {e.label: lambda e=e: e.runner(sources).clock() for e in (registry.entry(k, entries) for k in keys)}
-    return structure, engines, [line for line in lacking if "fused" in line or "bf16" in line]
-
-
 def main(argv=None):
     args = parse_args(argv)
     images_t, labels_t = load_split("test", args.data_dir, args.test_limit)
@@ -166,8 +152,9 @@ def main(argv=None):
     test_set = (images, labels_t.numpy())
     with tempfile.TemporaryDirectory() as workdir:
         sources = registry.Sources(args.checkpoint, workdir, test_set, args.data_dir, calibration_images=300)
-        structure, engines, not_measured = trained_engines(sources)
-        batch = batch_sweep(engines, images, sizes, args.repeats)
+        structure = sources.structure
+        entries, not_measured = registry.in_report(registry.BATCH_SWEEP, structure)
+        batch = batch_sweep(entries, sources, sizes, args.repeats)
         size = size_sweep(workdir, (images[:SIZE_IMAGES], test_set[1][:SIZE_IMAGES]), experts, hidden, args.repeats)
     report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
               "peaks": peaks, "activated_macs": roofline.activated_macs(structure), "batch": batch, "size": size,

@@ -1,16 +1,21 @@
 """PyTorch from the trained checkpoint: eager, TorchScript (frozen), torch.compile (fp32, and bf16
 autocast where the device has bf16), the fused INT8 custom operator on the CPU (its fastest path for
 this CPU, or MOE_FUSED_KERNEL's), and on CUDA a CUDA-graph replay; CPU, and CUDA when present.
-On CUDA every variant is timed twice: end to end from host numpy arrays, and device-resident."""
+On CUDA every variant is timed twice: end to end from host numpy arrays, and device-resident. Each
+variant is made ready and called in moebench/runners/pytorch.py, runner()."""
+from dataclasses import replace
+
 import torch
 
 import config
-from moebench import checkpoint, netron
+from moebench import backend_script, checkpoint, netron
 from moebench.cli import ArgumentParser, UserError, error_line, for_the_user, run
 from moebench.measuring import block
-from moebench.measuring.clock import timed
 from moebench.runners import pytorch
-from moebench.test_set import load_test_set
+
+
+class Skipped(Exception):
+    """A variant that cannot be built here, when the user asked for every variant: said, not fatal."""
 
 
 def variants(chosen, device):
@@ -45,8 +50,8 @@ def parse_args(argv=None):
 
 
 def made(variant, model, structure, device, asked):
-    """The registry's runner for `variant`, or None (said in one line) where it cannot be built here
-    and the user asked for every variant."""
+    """The runner for `variant`; Skipped (said in one line) where it cannot be built here and the
+    user asked for every variant."""
     try:
         return pytorch.runner(variant, model, structure, device)
     except Exception as error:  # one variant that cannot be built here does not end the others
@@ -54,29 +59,26 @@ def made(variant, model, structure, device, asked):
             if for_the_user(error):
                 raise
             raise UserError(f"--variant {variant} on {device}: {error_line(error, 300)}")
-        print(f"skipped PyTorch {pytorch.LABELS[variant]} on {device.upper()}: it could not be built here "
-              f"({error_line(error, 300)})", flush=True)
-        return None
+        raise Skipped(f"skipped PyTorch {pytorch.LABELS[variant]} on {device.upper()}: it could not be built here "
+                      f"({error_line(error, 300)})")
 
 
 def main(argv=None):
     args = parse_args(argv)
     chosen = {device: variants(args.variant, device) for device in devices(args.device)}
-    (model, structure, _), load_s = timed(lambda: checkpoint.load_model(args.model, config.overrides(args), "--model"))
-    test_set = load_test_set(args.data_dir, args.test_limit)
-    settings = block.Settings.from_flags(args)
+    model, structure, _ = checkpoint.load_model(args.model, config.overrides(args), "--model")
+    measurement = backend_script.Measurement.from_flags(args, args.model)
     records = []
     for device, names in chosen.items():
+        timings = ("host", "resident") if device == "cuda" else ("host",)
         for variant in names:
-            runner, setup_s = timed(lambda: made(variant, model, structure, device, args.variant != ["all"]))
-            if runner is None:
-                continue
-            with runner:
-                records += block.measure_runner(
-                    runner, test_set, settings, list(runner.clocks),
-                    f"PyTorch {pytorch.LABELS[variant]} on {device.upper()} ({pytorch.device_name(device)})",
-                    args.model, load_s + setup_s)
-    netron.serve_if_asked(args.scripted, netron.asked(args))
+            try:
+                records += backend_script.measure(
+                    lambda: made(variant, model, structure, device, args.variant != ["all"]),
+                    replace(measurement, timings=timings, netron=None))
+            except Skipped as skipped:
+                print(skipped, flush=True)
+    netron.serve_if_asked(args.scripted, measurement.netron)
     return records
 
 

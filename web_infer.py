@@ -10,7 +10,7 @@ onnxruntime-web comes from the npm registry: npm ci --prefix web (the README's m
 import sys
 import time
 
-from moebench import contract, netron, onnx_backend, web
+from moebench import backend_script, contract, netron, web
 from moebench.cli import UserError, non_negative_float, non_negative_int, port_number, run
 from moebench.measuring.block import print_block
 from moebench.measuring.compare import compare
@@ -23,7 +23,7 @@ PROVIDERS = {"wasm": "WebAssembly SIMD", "webgpu": "WebGPU"}
 def parse_args(argv=None):
     from moebench.cli import ArgumentParser
     parser = ArgumentParser(description=__doc__)
-    onnx_backend.add_model_args(parser, "ONNX model from export_onnx.py", timing=False)
+    backend_script.add_model_args(parser)
     parser.add_argument("--provider", choices=("wasm", "webgpu", "both"), default="both",
                         help="onnxruntime-web execution provider; both: wasm, then WebGPU if the browser offers "
                              "it, else one line saying it does not (default both)")
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--browser-timeout", type=non_negative_float, default=900,
                         help="seconds the measurement page may take (default 900)")
     args = parser.parse_args(argv)
-    args.model = onnx_backend.Run.from_flags(args).model
+    args.model = backend_script.model_path(args.model, args.routing)
     return args
 
 
@@ -96,7 +96,7 @@ def measure_provider(args, browser, server, provider, images, labels, reference)
     }
     label = f"ONNX Runtime Web, {PROVIDERS[provider]} ({threads} thread{'s' if threads != 1 else ''}, Chromium)"
     versions = {"onnxruntime-web": page["ortVersion"], "Chromium": browser.version}
-    return print_block(label, args.model, result, page["setupMs"] / 1e3, versions, details, args.json)
+    return print_block(label, args.model, result, versions, page["setupMs"] / 1e3, details, args.json)
 
 
 def compare_line(logits, reference):

@@ -11,7 +11,7 @@ from moe import build_model
 
 from .cli import UserError, atomic_path
 
-DEFAULT_PATH = "checkpoint.pt"
+DEFAULT_PATH = config.CHECKPOINT_PATH
 SCRIPTED_PATH = "model.pt"
 
 

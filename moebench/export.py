@@ -94,8 +94,8 @@ def torch_logits(model, images):
 
 def parity(expected, path, images, labels):
     """compare() of ONNX Runtime's logits for the file at path against torch's, `expected`."""
-    predict = onnx_runtime.runner(path).logits
-    got = np.concatenate([predict(images[i:i + 1000].numpy()) for i in range(0, len(images), 1000)])
+    with onnx_runtime.runner(path) as runner:
+        got = np.concatenate([runner.logits(images[i:i + 1000].numpy()) for i in range(0, len(images), 1000)])
     return compare(got, expected, labels)
 
 

@@ -142,7 +142,7 @@ def server(request, tiny_models):
     from moebench.serving.server_process import ServerProcess
     port = free_port()
     started = ServerProcess([sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"), "--port", str(port),
-                             "--threads", "1", "--max-images", "500", *SERVERS[request.param]], ROOT, port)
+                             "--threads", "1", "--max-request-images", "500", *SERVERS[request.param]], ROOT, port)
     yield started, started.url, port
     started.stop()  # Ctrl-C, as a user stops it: a killed Ray server would leave HAProxy and Ray's agents behind
 

@@ -1,6 +1,7 @@
 """Export and every backend script, end to end on a tiny trained model and a small test subset."""
 import json
 import os
+import re
 
 import onnx
 import pytest
@@ -77,10 +78,14 @@ def test_torch_script_reports_eager_and_torchscript(trained, mnist_dir):
 
 def test_onnx_cpu_accuracy_equals_torch_and_json_has_every_field(trained, mnist_dir, tmp_path):
     results = tmp_path / "results.jsonl"
-    for level in ("disable", "all"):
+    for level, kernels in (("disable", []), ("all", ["--kernels"])):
         record = onnx_cpu_infer.main(backend_args(trained, mnist_dir, "model.onnx", "--json", str(results),
-                                               "--opt-level", level, "--threads", "1"))[0]
+                                               "--opt-level", level, "--threads", "1", *kernels))[0]
         assert record["accuracy"] == pytest.approx(torch_accuracy(trained, mnist_dir))
+        # the provider-kernel profile only when asked, and it says where it comes from
+        shown = record["details"].get("kernels on", "")
+        assert bool(shown) == bool(kernels) and (not kernels or re.match(r"CPUExecutionProvider \d+ \(nodes, from a "
+                                                                        r"second, profiled session\)$", shown))
     lines = [json.loads(line) for line in results.read_text().splitlines()]
     assert len(lines) == 2
     for line in lines:
@@ -90,7 +95,7 @@ def test_onnx_cpu_accuracy_equals_torch_and_json_has_every_field(trained, mnist_
             assert field in line, field
         assert line["images"] == int(SUBSET) and line["batch_size"] == 128
         assert line["latency_p50_us"] <= line["latency_p99_us"]
-        assert "CPUExecutionProvider" in line["backend"]
+        assert line["backend"] == "ONNX Runtime CPU" and line["details"]["provider"] == "CPUExecutionProvider"
         assert line["images_per_s"] == pytest.approx(line["images"] / line["test_set_s"])
 
 

@@ -32,9 +32,9 @@ def test_a_big_request_waits_its_turn_and_small_ones_are_answered_in_the_next_ba
     model = RecordingModel()
 
     async def scenario():
-        batcher = Batcher(model, max_images=8, wait_s=0, max_queued=100)
-        big = asyncio.ensure_future(batcher.classify(request_images(1, 100)))
-        small = [asyncio.ensure_future(batcher.classify(request_images(marker, 1))) for marker in (2, 3, 4)]
+        batcher = Batcher(model, max_batch_size=8, wait_s=0, max_queued=100)
+        big = asyncio.ensure_future(batcher.infer(request_images(1, 100)))
+        small = [asyncio.ensure_future(batcher.infer(request_images(marker, 1))) for marker in (2, 3, 4)]
         return await asyncio.gather(big, *small)
     answers = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert answers[0] == [1] * 100 and answers[1:] == [[2], [3], [4]]
@@ -54,11 +54,11 @@ def test_a_small_request_arriving_during_a_big_ones_batch_is_in_the_next_call():
         return batch[:, 0].tolist()
 
     async def scenario():
-        batcher = Batcher(model, max_images=8, wait_s=0, max_queued=100)
-        big = asyncio.ensure_future(batcher.classify(request_images(1, 40)))
+        batcher = Batcher(model, max_batch_size=8, wait_s=0, max_queued=100)
+        big = asyncio.ensure_future(batcher.infer(request_images(1, 40)))
         while not entered.is_set():
             await asyncio.sleep(0.01)
-        small = asyncio.ensure_future(batcher.classify(request_images(2, 1)))
+        small = asyncio.ensure_future(batcher.infer(request_images(2, 1)))
         await asyncio.sleep(0.05)
         release.set()
         return await asyncio.gather(big, small)
@@ -71,9 +71,9 @@ def test_a_big_request_moves_on_under_a_stream_of_small_ones():
     model = RecordingModel()
 
     async def scenario():
-        batcher = Batcher(model, max_images=8, wait_s=0, max_queued=1000)
-        big = asyncio.ensure_future(batcher.classify(request_images(1, 24)))
-        small = [asyncio.ensure_future(batcher.classify(request_images(2, 1))) for _ in range(80)]
+        batcher = Batcher(model, max_batch_size=8, wait_s=0, max_queued=1000)
+        big = asyncio.ensure_future(batcher.infer(request_images(1, 24)))
+        small = [asyncio.ensure_future(batcher.infer(request_images(2, 1))) for _ in range(80)]
         await asyncio.gather(big, *small)
         return big.result()
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [1] * 24
@@ -89,11 +89,11 @@ def test_the_event_loop_answers_and_refuses_while_the_model_computes():
         return batch[:, 0].tolist()
 
     async def scenario():
-        batcher = Batcher(slow_model, max_images=64, wait_s=0, max_queued=1, inline_images=2)
-        first = asyncio.ensure_future(batcher.classify(request_images(7, 3)))  # more than inline_images
+        batcher = Batcher(slow_model, max_batch_size=64, wait_s=0, max_queued=1, inline_images=2)
+        first = asyncio.ensure_future(batcher.infer(request_images(7, 3)))  # more than inline_images
         await asyncio.sleep(0.1)  # runs only if the model call left the loop free
         with pytest.raises(Full, match="--max-queued 1"):
-            await batcher.classify(request_images(8, 1))
+            await batcher.infer(request_images(8, 1))
         release.set()
         return await first
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [7, 7, 7]
@@ -109,10 +109,10 @@ def test_a_failing_batch_fails_its_requests_and_the_next_ones_are_served():
         return batch[:, 0].tolist()
 
     async def scenario():
-        batcher = Batcher(flaky_model, max_images=64, wait_s=0, max_queued=10)
+        batcher = Batcher(flaky_model, max_batch_size=64, wait_s=0, max_queued=10)
         with pytest.raises(RuntimeError, match="the engine failed"):
-            await batcher.classify(request_images(5, 2))
-        return await batcher.classify(request_images(6, 2))
+            await batcher.infer(request_images(5, 2))
+        return await batcher.infer(request_images(6, 2))
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [6, 6]
 
 
@@ -124,9 +124,9 @@ def test_only_batches_of_a_few_images_run_on_the_event_loop():
         return batch[:, 0].tolist()
 
     async def scenario():
-        batcher = Batcher(model, max_images=64, wait_s=0, max_queued=10, inline_images=4)
+        batcher = Batcher(model, max_batch_size=64, wait_s=0, max_queued=10, inline_images=4)
         for count in (1, 4, 5, 64):
-            assert await batcher.classify(request_images(count, count)) == [count] * count
+            assert await batcher.infer(request_images(count, count)) == [count] * count
         return threading.get_ident()
     loop_thread = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert threads[1] == threads[4] == loop_thread
@@ -159,12 +159,12 @@ def test_a_model_elsewhere_gets_every_batch_but_a_lone_small_one_and_two_at_most
     here, elsewhere = RecordingModel(), ModelElsewhere()
 
     async def scenario():
-        batcher = Batcher(here, max_images=8, wait_s=0, max_queued=100, inline_images=2, elsewhere=elsewhere)
-        assert await batcher.classify(request_images(1, 2)) == [1, 1]  # alone and small: computed here
-        big = [asyncio.ensure_future(batcher.classify(request_images(marker, 3))) for marker in (2, 3, 4, 5)]
+        batcher = Batcher(here, max_batch_size=8, wait_s=0, max_queued=100, inline_images=2, elsewhere=elsewhere)
+        assert await batcher.infer(request_images(1, 2)) == [1, 1]  # alone and small: computed here
+        big = [asyncio.ensure_future(batcher.infer(request_images(marker, 3))) for marker in (2, 3, 4, 5)]
         await asyncio.sleep(0.05)
         handed_while_out = list(elsewhere.handed)  # nothing came back yet: two batches at most
-        small = asyncio.ensure_future(batcher.classify(request_images(6, 1)))
+        small = asyncio.ensure_future(batcher.infer(request_images(6, 1)))
         await asyncio.sleep(0.05)
         elsewhere.answer(RuntimeError("the model process failed"))
         await asyncio.sleep(0.05)
@@ -193,11 +193,11 @@ def test_a_batch_that_cannot_be_handed_over_fails_its_requests_and_the_next_ones
     elsewhere = RefusesOnce()
 
     async def scenario():
-        batcher = Batcher(RecordingModel(), max_images=8, wait_s=0, max_queued=10, inline_images=2,
+        batcher = Batcher(RecordingModel(), max_batch_size=8, wait_s=0, max_queued=10, inline_images=2,
                           elsewhere=elsewhere)
         with pytest.raises(ValueError, match="no room"):
-            await batcher.classify(request_images(3, 3))
-        second = asyncio.ensure_future(batcher.classify(request_images(4, 3)))
+            await batcher.infer(request_images(3, 3))
+        second = asyncio.ensure_future(batcher.infer(request_images(4, 3)))
         await asyncio.sleep(0.05)
         elsewhere.answer()
         return await second

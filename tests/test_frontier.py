@@ -15,7 +15,7 @@ import torch_infer
 from moebench import contract, convert, export
 from moebench.cli import UserError
 from moebench.measuring import clock, roofline
-from moebench.measuring.compare import compare
+from moebench.measuring.compare import accuracy, compare
 from moebench.runners import onnx_runtime, openvino_cpu, registry
 from data import load_split
 from moebench.test_set import load_test_set
@@ -46,14 +46,15 @@ def test_openvino_int8_keeps_the_gate_in_float_and_accuracy_within_0_3_points(
         tiny_models, test_set, mnist_dir, graph):
     images, labels = test_set
     path = str(tiny_models / graph)
-    fp32 = openvino_cpu.accuracy(openvino_cpu.compile_model(openvino_cpu.read(path), "f32"), images, labels)
+    fp32 = accuracy(clock.full_pass(openvino_cpu.clock(openvino_cpu.compile_model(openvino_cpu.read(path), "f32")),
+                                    images, 1000), labels)
     calibration = load_split("train", mnist_dir, 300)[0].numpy()
     model, quantized = openvino_cpu.quantize_int8(openvino_cpu.read(path), calibration)
     kept_float = openvino_cpu.gate_path(openvino_cpu.read(path))
     assert quantized and not set(quantized) & kept_float
     fake_quantized = [op for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
     assert fake_quantized, "NNCF inserted no quantizers"
-    int8 = openvino_cpu.accuracy(openvino_cpu.compile_model(model, "f32"), images, labels)
+    int8 = accuracy(clock.full_pass(openvino_cpu.clock(openvino_cpu.compile_model(model, "f32")), images, 1000), labels)
     assert abs(int8 - fp32) <= 0.3
 
 

@@ -16,7 +16,7 @@ SETTINGS_ENV = "MOE_TEST_MODEL_PROCESS"
 
 def settings_of(folder):
     return {"model": str(folder / "model.onnx"), "checkpoint": str(folder / "checkpoint.pt"),
-            "backend": "onnxruntime", "threads": 1, "precision": "auto", "max_batch_images": 8}
+            "backend": "onnxruntime", "threads": 1, "precision": "auto", "max_batch_size": 8}
 
 
 def test_batches_come_back_as_the_workers_own_answers(tiny_models, served_images):

@@ -6,8 +6,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..cli import append_json_line, positive_int, writable_file
 from .clock import measure
 from .machine import cpu_name
@@ -45,41 +43,33 @@ def detail_lines(details):
     return [f"   {key:<13} {value}" if len(key) <= 13 else f"   {key} {value}" for key, value in details.items()]
 
 
-def print_block(backend, model, result, setup_s, versions, details=None, json_path=None):
-    """Print the block; append it to json_path if given; return it as a record."""
+def print_block(backend, model, result, versions, setup_s=None, details=None, json_path=None):
+    """Print the block; append it to json_path if given; return it as a record. A result without a
+    full pass ('test_set_s') is a batch-1 mode alone (a CUDA graph's replay)."""
     details = details or {}
+    full_pass = "test_set_s" in result
     lines = [f"== {backend}",
              f"   model         {model}",
              "   versions      " + ", ".join(f"{k} {v}" for k, v in versions.items())
              + f"; python {platform.python_version()}",
              f"   machine       {cpu_name()}, {os.cpu_count()} cores",
-             *detail_lines(details),
-             f"   setup         {1e3 * setup_s:.1f} ms (model load, session creation or compilation; "
-             "not in the times below)",
-             f"   accuracy      {result['accuracy']:.2f}% on {result['images']} test images",
-             f"   timing        {result['timing']}",
-             f"   test set      {1e3 * result['test_set_s']:.1f} ms at batch {result['batch_size']} "
-             f"({result['images_per_s']:,.0f} images/s), median of {result['test_set_runs']} passes after warm-up",
-             f"   latency b=1   p50 {result['latency_p50_us']:.1f} us, p99 {result['latency_p99_us']:.1f} us "
-             f"over {result['latency_runs']} runs after warm-up"]
+             *detail_lines(details)]
+    if setup_s is not None:
+        lines.append(f"   setup         {1e3 * setup_s:.1f} ms (model load, session creation or compilation; "
+                     "not in the times below)")
+    lines += [f"   accuracy      {result['accuracy']:.2f}% on {result['images']} test images"
+              + ("" if full_pass else ", one at a time"),
+              f"   timing        {result['timing']}"]
+    if full_pass:
+        lines.append(f"   test set      {1e3 * result['test_set_s']:.1f} ms at batch {result['batch_size']} "
+                     f"({result['images_per_s']:,.0f} images/s), median of {result['test_set_runs']} passes "
+                     "after warm-up")
+    lines.append(f"   latency b=1   p50 {result['latency_p50_us']:.1f} us, p99 {result['latency_p99_us']:.1f} us "
+                 f"over {result['latency_runs']} runs after warm-up")
     print("\n".join(lines), flush=True)
-    return record_of(backend, model, {"setup_s": setup_s, **{k: v for k, v in result.items() if k != "logits"},
+    measured = {k: v for k, v in result.items() if k != "logits"}
+    return record_of(backend, model, {**({} if setup_s is None else {"setup_s": setup_s}), **measured,
                                       "details": details}, versions, json_path)
-
-
-def print_latency_block(backend, model, logits, labels, latencies, timing, versions, json_path=None):
-    """A block for a mode that runs one batch size only (batch 1, as a CUDA graph captures it)."""
-    result = {"accuracy": 100.0 * float((logits.argmax(1) == labels[:len(logits)]).mean()), "images": len(logits),
-              "latency_p50_us": 1e6 * float(np.percentile(latencies, 50)),
-              "latency_p99_us": 1e6 * float(np.percentile(latencies, 99)), "latency_runs": len(latencies)}
-    lines = [f"== {backend}", f"   model         {model}",
-             f"   machine       {cpu_name()}, {os.cpu_count()} cores",
-             f"   timing        {timing}",
-             f"   accuracy      {result['accuracy']:.2f}% on {result['images']} test images, one at a time",
-             f"   latency b=1   p50 {result['latency_p50_us']:.1f} us, p99 {result['latency_p99_us']:.1f} us "
-             f"over {result['latency_runs']} runs after warm-up (the graph's capture)"]
-    print("\n".join(lines), flush=True)
-    return record_of(backend, model, {"timing": timing, **result}, versions, json_path)
 
 
 def record_of(backend, model, measured, versions, json_path):
@@ -91,17 +81,16 @@ def record_of(backend, model, measured, versions, json_path):
     return record
 
 
-def measure_runner(runner, test_set, settings, timings=("host",), backend=None, model="", setup_s=0.0,
-                   details=None):
-    """One block per timing mode of `runner` (its clock(timing)); returns their records. The block's
-    details are what the runner says ran (asked once it has run), then `details`."""
+def measure_runner(runner, test_set, settings, timings=("host",), model="", setup_s=None, details=None):
+    """One block per timing mode of `runner` (its clock(timing)), headed by the runner's name; returns
+    their records. The block's details are what the runner says ran (asked once it has run), then
+    `details`."""
     images, labels = test_set
     records = []
     for timing in timings:
         result = measure(runner.clock(timing), images, labels, settings.batch_size, settings.latency_runs,
                          settings.progress)
         # asked after measuring: an engine that builds per batch size says what it built for these
-        shown = {**{k: v for k, v in runner.describe().items() if k not in ("engine",)}, **(details or {})}
-        records.append(print_block(backend or runner.name, model, result, setup_s, runner.versions, shown,
-                                   settings.json_path))
+        shown = {**{k: v for k, v in runner.describe().items() if k != "engine"}, **(details or {})}
+        records.append(print_block(runner.name, model, result, runner.versions, setup_s, shown, settings.json_path))
     return records

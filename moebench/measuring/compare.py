@@ -8,8 +8,11 @@ def as_numpy(values):
 
 
 def accuracy(logits, labels):
-    """Percent of images whose highest logit is the label."""
-    return 100.0 * float((as_numpy(logits).argmax(1) == as_numpy(labels)).mean())
+    """Percent of images whose highest logit is the label; `logits` may be the classes already (one
+    per image, as a server answers), and `labels` another model's classes (then: how often both agree)."""
+    logits = as_numpy(logits)
+    classes = logits.argmax(1) if logits.ndim == 2 else logits
+    return 100.0 * float((classes == as_numpy(labels)).mean())
 
 
 def compare(logits, reference, labels=None):

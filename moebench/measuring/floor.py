@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..runners import onnx_runtime
 from . import clock
+from .compare import accuracy
 
 SETTLE_S = 0.05  # ONNX Runtime's and OpenMP's idle threads spin for a while after a run
 DATALOADER_BATCH = 64
@@ -41,14 +42,16 @@ def build_floor(structure, path):
     return path
 
 
-def floor_clock(structure, workdir, on_gpu=False):
-    """The floor MLP for `structure` in ONNX Runtime: on the CPU from host arrays, on CUDA
-    device-resident."""
+def floor_runner(structure, workdir, on_gpu=False):
+    """The floor MLP for `structure` in ONNX Runtime, on the CPU or on CUDA; FLOOR_TIMING says which
+    of its clocks the benchmark times it with."""
     path = build_floor(structure, os.path.join(workdir, "floor.onnx"))
-    if not on_gpu:
-        return onnx_runtime.runner(path).clock()
-    session = onnx_runtime.create_session(path, [("CUDAExecutionProvider", {}), "CPUExecutionProvider"])
-    return onnx_runtime.resident_clock(session, "cuda")
+    return onnx_runtime.runner(path, "floor MLP", "cuda" if on_gpu else "cpu")
+
+
+def floor_timing(on_gpu=False):
+    """From host arrays on the CPU; device-resident on CUDA."""
+    return "resident" if on_gpu else "host"
 
 
 def description(structure, on_gpu=False):
@@ -111,20 +114,17 @@ def through_a_dataloader(path, images, labels, repeats, floor):
             return tensor.permute(2, 0, 1).contiguous().to(torch.float32).div(255), int(labels[i])
 
     def one_pass():
-        correct = 0
-        for batch, target in DataLoader(PerImage(), batch_size=DATALOADER_BATCH, shuffle=False):
-            logits = session.run(["logits"], {"pixels": batch.numpy()})[0]
-            correct += int((logits.argmax(1) == target.numpy()).sum())
-        return correct
+        return [session.run(["logits"], {"pixels": batch.numpy()})[0]
+                for batch, _ in DataLoader(PerImage(), batch_size=DATALOADER_BATCH, shuffle=False)]
 
-    times, floor_times, correct = [], [], one_pass()
+    times, floor_times, logits = [], [], np.concatenate(one_pass())
     for _ in range(repeats):
         started = time.perf_counter()
         one_pass()
         times.append(time.perf_counter() - started)
         floor_times.append(clock.time_full_pass(floor, images, 1024))
     seconds, floor_s = statistics.median(times), statistics.median(floor_times)
-    return {"accuracy": 100.0 * correct / len(labels), "model": {
+    return {"accuracy": accuracy(logits, labels), "model": {
         "test_set_ms": {str(DATALOADER_BATCH): 1e3 * seconds}, "best_batch": DATALOADER_BATCH,
         "best_test_set_ms": 1e3 * seconds, "images_per_s": len(labels) / seconds},
         "floor": {"best_test_set_ms": 1e3 * floor_s}, "vs_floor_test_set": seconds / floor_s}

@@ -51,12 +51,6 @@ class Runner:
         return f"Runner({self.name!r}, {self.described})"
 
 
-@dataclass(frozen=True)
-class Served:
-    """How serve.py makes a runner for --backend `backend`: make(model_path, checkpoint_path, threads,
-    precision) -> Runner. A Ray replica calls make, so it lives in a runner module, never in one that
-    reads the repository's own files; `from_checkpoint` ones need those files and serve on one machine."""
-    backend: str
-    what: str
-    make: Callable
-    from_checkpoint: bool = False
+def plural(count, noun):
+    """'1 thread', '2 threads': for a runner's name."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

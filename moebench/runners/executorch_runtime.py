@@ -6,7 +6,7 @@ import numpy as np
 
 from ..cli import UserError, require_module
 from . import compiled
-from .base import Runner
+from .base import Runner, plural
 
 INSTALL = "pip install -r requirements.txt (executorch)"
 MAX_BATCH = 4096  # the exported batch's upper bound: ExecuTorch plans its memory for it; larger batches run in parts
@@ -108,5 +108,7 @@ def runner(model, cache_dir=None, threads=0, calibration=None):
                  "provider": "CPU, XNNPACK delegate; on portable kernels: " + (outside or "the gate's topk, full_like, "
                                                                                       "scatter (cached program)"),
                  "lower": (f"cached program, {target}" if build_s is None else f"{build_s:.1f} s, into {target}")}
-    return Runner(f"ExecuTorch, XNNPACK{'' if calibration is None else ', int8'}, {threads} thread{'s' if threads > 1 else ''}", predict, described,
+    name = (f"ExecuTorch {versions()['executorch']} CPU (XNNPACK{'' if calibration is None else ', int8'}, "
+            f"{plural(threads, 'thread')})")
+    return Runner(name, predict, described,
                   engine=method, versions=versions())

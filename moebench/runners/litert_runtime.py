@@ -11,7 +11,7 @@ import numpy as np
 from ..cli import UserError, require_module
 from ..measuring.clock import Clock
 from . import compiled
-from .base import Runner
+from .base import Runner, plural
 
 INSTALL = "pip install -r requirements.txt (ai-edge-litert, ai-edge-quantizer)"
 INSTALL_CONVERTER = "pip install --no-deps -r requirements-nodeps.txt (litert-torch)"
@@ -121,5 +121,6 @@ def runner(model, cache_dir=None, threads=0, int8=False):
     interpreters = Interpreters(model, threads, cache_dir, described, int8)
     interpreters.of(1)
     clock = Clock(interpreters.logits, prepare=lambda batch: (interpreters.of(len(batch)), batch)[1])
-    return Runner(f"LiteRT, XNNPACK{', int8' if int8 else ''}, {threads} thread{'s' if threads > 1 else ''}", interpreters.predict, described,
+    name = f"LiteRT {versions()['ai-edge-litert']} CPU (XNNPACK{', int8' if int8 else ''}, {plural(threads, 'thread')})"
+    return Runner(name, interpreters.predict, described,
                   engine=interpreters, logits=interpreters.logits, clocks={"host": clock}, versions=versions())

@@ -13,7 +13,7 @@ import numpy as np
 from .. import contract
 from ..cli import UserError, require_module
 from . import compiled
-from .base import Runner
+from .base import Runner, plural
 
 INSTALL = "pip install -r requirements.txt (mnn)"
 QUANTIZE_BY = "EMA"  # mnnquant's activation calibration: its default, KL, crashed on this model
@@ -112,5 +112,7 @@ def runner(path, cache_dir=None, threads=1, weight_bits=0, calibration=None):
                                "fp32" + (f" compute, int{weight_bits} weights" if weight_bits else "")),
                  "threads": threads,
                  "convert": "cached model, " + target if convert_s is None else f"{convert_s:.2f} s, into {target}"}
-    return Runner(f"MNN CPU, {threads} thread{'s' if threads > 1 else ''}", predict, described,
+    name = (f"MNN {versions()['mnn']} CPU ({plural(threads, 'thread')}" + (f", int{weight_bits} weights" if weight_bits else "")
+            + (", int8" if calibration is not None else "") + ")")
+    return Runner(name, predict, described,
                   engine=(module, manager), versions=versions())

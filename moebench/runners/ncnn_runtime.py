@@ -16,7 +16,7 @@ import numpy as np
 from .. import contract
 from ..cli import UserError, require_module
 from . import compiled, onnx_runtime
-from .base import Runner
+from .base import Runner, plural
 
 INSTALL = "pip install -r requirements.txt (ncnn and pnnx)"
 GATE_LAYERS = ("pnnx.Expression", "TopK", "Softmax", "ScatterElements")  # what MoEGate stands in for
@@ -159,5 +159,6 @@ def runner(path, cache_dir=None, threads=1):
                  "provider": "CPU layers, one image per call; the gate (top-k, softmax, scatter) as a Python custom "
                              "layer", "threads": threads,
                  "convert": "cached model, " + target if convert_s is None else f"{convert_s:.1f} s (pnnx), into {target}"}
-    return Runner(f"ncnn CPU, {threads} thread{'s' if threads > 1 else ''}", predict, described,
+    return Runner(f"ncnn {versions()['ncnn']} CPU ({plural(threads, 'thread')}, the gate as a custom layer)",
+                  predict, described,
                   engine=(net, layers), versions=versions())

@@ -3,6 +3,7 @@ provider silently, host and device-resident timing, and what ran where."""
 import collections
 import json
 import os
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,22 +24,31 @@ def stored_structure(path):
     return json.loads(metadata["structure_json"])
 
 
-def session_options(opt_level="all", threads=0, profile_prefix=None, spinning=True):
-    import onnxruntime as ort
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    options = ort.SessionOptions()
-    options.graph_optimization_level = levels[opt_level]
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # errors only; fallbacks are reported by provider_kernels()
-    if not spinning:  # idle threads sleep at once instead of spinning, leaving the cores to another session
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile_prefix:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    return options
+@dataclass(frozen=True)
+class SessionSettings:
+    """How a session is built: the graph optimisation level, the intra-op threads (0: one per
+    physical core), whether idle threads spin, and a profile file prefix (None: no profile)."""
+    opt_level: str = "all"
+    threads: int = 0
+    spinning: bool = True
+    profile_prefix: str = None
+
+    def options(self):
+        import onnxruntime as ort
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        options = ort.SessionOptions()
+        options.graph_optimization_level = levels[self.opt_level]
+        options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3  # errors only; fallbacks are shown by provider_kernels()
+        if not self.spinning:  # idle threads sleep at once instead of spinning, leaving the cores to another session
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = self.profile_prefix
+        return options
 
 
 def provider_names(providers):
@@ -55,27 +65,41 @@ def require_providers(providers):
                         + GPU_INSTALL)
 
 
-def create_session(path, providers, options=None):
-    """An InferenceSession whose first provider really is providers[0], never a silent CPU one."""
+def providers_for(device, device_id=0):
+    """The providers, best first, for device 'cpu', 'cuda' or 'auto' (CUDA where this onnxruntime has it)."""
+    if device == "auto":
+        device = "cuda" if cuda_available() else "cpu"
+    if device == "cuda":
+        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def cuda_available():
     import onnxruntime as ort
-    require_providers(providers)
-    contract.require_file(path)
-    wanted = provider_names(providers)
-    try:
-        session = ort.InferenceSession(path, sess_options=options or session_options(),
-                                       providers=providers)
-    except Exception as error:
-        contract.load_onnx(path)  # a file that is no ONNX model gets that said plainly; parsed only on failure
-        gpu_hint = "" if wanted[0] == "CPUExecutionProvider" else ("; check that a GPU is visible and the "
-                                                                   "CUDA/cuDNN/TensorRT libraries; " + GPU_INSTALL)
-        raise UserError(f"{path}: onnxruntime could not load it with {wanted[0]} "
-                        f"({error_line(error, 300)}){gpu_hint}")
-    if session.get_providers()[0] != wanted[0]:
-        raise UserError(f"{wanted[0]} failed to start (onnxruntime fell back to "
-                        f"{session.get_providers()[0]}); check the CUDA/cuDNN/TensorRT libraries; "
-                        + GPU_INSTALL)
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def create_session(path, providers, settings=None):
+    """runner()'s InferenceSession alone, for code that calls session.run itself."""
+    return runner(path, providers=providers, settings=settings).engine
+
+
+def load_failure(path, providers, error):
+    """The one line for a session that could not be made from `path`."""
+    contract.load_onnx(path)  # a file that is no ONNX model gets that said plainly; parsed only on failure
+    wanted = provider_names(providers)[0]
+    gpu_hint = "" if wanted == "CPUExecutionProvider" else ("; check that a GPU is visible and the "
+                                                            "CUDA/cuDNN/TensorRT libraries; " + GPU_INSTALL)
+    return UserError(f"{path}: onnxruntime could not load it with {wanted} ({error_line(error, 300)}){gpu_hint}")
+
+
+def check_started(session, path, providers):
+    """The session runs on the provider asked for first, and its model keeps the input contract."""
+    wanted = provider_names(providers)[0]
+    if session.get_providers()[0] != wanted:
+        raise UserError(f"{wanted} failed to start (onnxruntime fell back to {session.get_providers()[0]}); "
+                        "check the CUDA/cuDNN/TensorRT libraries; " + GPU_INSTALL)
     contract.check(path, *session_io(session))
-    return session
 
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -88,14 +112,6 @@ def session_io(session):
         return [(p.name, ORT_TYPES.get(p.type, p.type), [d if isinstance(d, int) else None for d in p.shape])
                 for p in ports]
     return entries(session.get_inputs()), entries(session.get_outputs())
-
-
-def predictor(session):
-    input_name = session.get_inputs()[0].name
-
-    def predict(batch):
-        return session.run(["logits"], {input_name: batch})[0]
-    return predict
 
 
 def resident_clock(session, device="cpu", device_id=0):
@@ -152,13 +168,13 @@ def cuda_graph_latency(path, device_id, images, runs):
     return np.concatenate(logits), latencies[:runs]
 
 
-def provider_kernels(path, providers, options_kwargs, sample):
-    """Kernels per execution provider, from one profiled run: shows what fell back to CPU."""
+def provider_kernels(path, providers, settings=None):
+    """{provider: nodes} from one run of a second session, profiled: shows what fell back to the CPU."""
     import onnxruntime as ort
-    options = session_options(**options_kwargs, profile_prefix=os.path.join(
-        os.path.dirname(os.path.abspath(path)), ".profile"))
-    session = ort.InferenceSession(path, sess_options=options, providers=providers)
-    session.run(None, {session.get_inputs()[0].name: sample})
+    profiled = replace(settings or SessionSettings(),
+                       profile_prefix=os.path.join(os.path.dirname(os.path.abspath(path)), ".profile"))
+    session = ort.InferenceSession(path, sess_options=profiled.options(), providers=providers)
+    session.run(None, {contract.PIXELS: np.zeros((1, 1, 28, 28), np.float32)})
     trace = session.end_profiling()
     try:
         with open(trace) as f:
@@ -168,6 +184,19 @@ def provider_kernels(path, providers, options_kwargs, sample):
     nodes = {e["name"]: e["args"]["provider"] for e in events
              if e.get("cat") == "Node" and "provider" in e.get("args", {})}
     return dict(collections.Counter(nodes.values()).most_common())
+
+
+def with_kernels(details, paths, providers, settings=None):
+    """A printed block's details, then provider_kernels() of each graph: a function of the runner, so
+    that the profile runs once the runner's own session has checked the providers."""
+    graphs = (" (dense)", " (loop)") if len(paths) > 1 else ("",)
+
+    def shown(runner):
+        kernels = {f"kernels on{graph}": ", ".join(f"{p} {n}" for p, n in provider_kernels(path, providers,
+                                                                                          settings).items())
+                   + " (nodes, from a second, profiled session)" for path, graph in zip(paths, graphs)}
+        return {**(details or {}), **kernels}
+    return shown
 
 
 def gpu_name(device_id=0):
@@ -189,10 +218,13 @@ def gpu_name(device_id=0):
 
 
 def describe(session, precision="fp32"):
-    """What ran: the engine, the provider that really took the graph, the precision, the threads."""
+    """What ran: the engine, the provider that takes the graph (and those after it, for what it does
+    not take), the precision, the threads."""
     import onnxruntime as ort
     threads = session.get_session_options().intra_op_num_threads
-    return {"engine": f"ONNX Runtime {ort.__version__}", "provider": session.get_providers()[0],
+    first, *rest = session.get_providers()
+    return {"engine": f"ONNX Runtime {ort.__version__}", "provider": first,
+            **({"then": ", ".join(rest) + " (for the nodes the first does not take)"} if rest else {}),
             "precision": precision, "threads": threads or "auto (one per physical core)"}
 
 
@@ -202,42 +234,57 @@ def versions():
     return {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__}
 
 
-def runner(path, name="ONNX Runtime CPU", providers=("CPUExecutionProvider",), options=None, precision="fp32",
-           device="cpu", device_id=0):
-    """The ONNX file at path in one session; predict() returns the gates too where the graph has them.
-    Timed from host arrays, or device-resident through IOBinding on `device`."""
-    session = create_session(path, list(providers), options)
+def runner(path, name="ONNX Runtime CPU", device="cpu", settings=None, precision="fp32", device_id=0,
+           providers=None):
+    """The recipe: the ONNX file at `path` in one InferenceSession on `device` ('cpu', 'cuda', or
+    'auto': CUDA where it is here), or on `providers` given best first; session.run() answers the
+    logits, and the gates where the graph has them. Timed from host arrays, or device-resident
+    through IOBinding."""
+    import onnxruntime as ort
+    providers = list(providers or providers_for(device, device_id))
+    device = "cuda" if provider_names(providers)[0] != "CPUExecutionProvider" else "cpu"
+    require_providers(providers)
+    contract.require_file(path)
+    try:
+        session = ort.InferenceSession(path, sess_options=(settings or SessionSettings()).options(),
+                                       providers=providers)
+    except Exception as error:
+        raise load_failure(path, providers, error)
+    check_started(session, path, providers)
     wanted = [contract.LOGITS] + [o.name for o in session.get_outputs() if o.name == contract.GATES]
 
     def predict(pixels):
         found = session.run(wanted, {contract.PIXELS: pixels})
         return found[0], found[1] if len(found) > 1 else None
-    return Runner(name, predict, describe(session, precision), engine=session, logits=predictor(session),
+
+    def logits(pixels):
+        return session.run([contract.LOGITS], {contract.PIXELS: pixels})[0]
+    return Runner(name, predict, describe(session, precision), engine=session, logits=logits,
                   clocks={"resident": resident_clock(session, device, device_id)}, versions=versions())
 
 
-def auto_runner(dense, loop, threshold, name="ONNX Runtime CPU, auto", threads=0, opt_level="all"):
+def auto_runner(dense, loop, threshold, name="ONNX Runtime CPU, auto", settings=None):
     """Two sessions, the dense graph for batches below `threshold` and the loop graph from it on;
     the loop session's idle threads do not spin, or they would slow the dense one."""
-    small = runner(dense, name, options=session_options(opt_level, threads, spinning=True))
-    large = runner(loop, name, options=session_options(opt_level, threads, spinning=False))
+    settings = settings or SessionSettings()
+    small = runner(dense, name, settings=replace(settings, spinning=True))
+    large = runner(loop, name, settings=replace(settings, spinning=False))
 
     def pick(pixels):
         return small if len(pixels) < threshold else large
     clocks = {timing: by_batch_size(small.clock(timing), large.clock(timing), threshold)
               for timing in ("host", "resident")}
     return Runner(name, lambda pixels: pick(pixels).predict(pixels),
-                  {**small.describe(), "routing": f"dense below batch {threshold}, loop from it"},
+                  {**small.describe(), "routing": f"auto: {dense} for batches below {threshold}, {loop} from it"},
                   engine=(small.engine, large.engine), logits=lambda pixels: pick(pixels).logits(pixels),
                   clocks=clocks, versions=small.versions, release=lambda: (small.close(), large.close()))
 
 
 def served(path, checkpoint_path=None, threads=0, precision="auto"):
     """serve.py --backend onnxruntime: the CPU provider, `threads` intra-op threads."""
-    return runner(path, "ONNX Runtime CPU", options=session_options(threads=threads))
+    return runner(path, "ONNX Runtime CPU", settings=SessionSettings(threads=threads))
 
 
 def served_on_cuda(path, checkpoint_path=None, threads=0, precision="auto"):
     """serve.py --backend onnxruntime-cuda: the CUDA provider, never a silent CPU fallback."""
-    return runner(path, "ONNX Runtime CUDA", ["CUDAExecutionProvider", "CPUExecutionProvider"],
-                  session_options(threads=threads), device="cuda")
+    return runner(path, "ONNX Runtime CUDA", "cuda", SessionSettings(threads=threads))

@@ -5,8 +5,7 @@ import logging
 import numpy as np
 
 from .. import contract
-from ..measuring.clock import Clock, full_pass
-from ..measuring.compare import accuracy as percent_right
+from ..measuring.clock import Clock
 from ..cli import UserError, error_line, for_the_user
 from .base import Runner
 
@@ -129,10 +128,6 @@ def quantize_int8(model, calibration, batch_size=100):
                          ignored_scope=nncf.IgnoredScope(names=ignored, validate=False)), quantized
 
 
-def accuracy(compiled, images, labels):
-    return percent_right(full_pass(clock(compiled), images, 1000), labels)
-
-
 def version():
     import openvino
     return openvino.__version__.split("-")[0]
@@ -143,9 +138,10 @@ def versions(int8=False):
     return {"openvino": version(), **({"nncf": nncf.__version__} if int8 else {}), "numpy": np.__version__}
 
 
-def runner(path, name="OpenVINO CPU", precision="auto", hint="latency", calibration=None, threads=0):
-    """The ONNX file compiled for the CPU at `precision`; INT8 (NNCF) first when calibration
-    images are given. describe() reads back the precision and threads the compiled model uses."""
+def runner(path, name=None, precision="auto", hint="latency", calibration=None, threads=0):
+    """The recipe: the ONNX file read and compiled for the CPU at `precision`, INT8 (NNCF) first when
+    calibration images are given; one infer request answers. describe() reads back the precision
+    and threads the compiled model uses; the name says them unless given."""
     import time
     model = read(path)
     described = {}
@@ -165,6 +161,8 @@ def runner(path, name="OpenVINO CPU", precision="auto", hint="latency", calibrat
     described = {"engine": f"OpenVINO {version()}", "provider": "CPU",
                  "precision": ("int8 products, the rest " if calibration is not None else "") + used["precision"],
                  "threads": used["threads"], "hint": used["hint"], "streams": used["streams"], **described}
+    name = name or (f"OpenVINO CPU{' INT8' if calibration is not None else ''} "
+                    f"({used['precision']}, {used['hint']} hint)")
     return Runner(name, predict, described, engine=compiled, clocks={"host": clock(compiled)},
                   versions=versions(calibration is not None))
 

@@ -169,6 +169,16 @@ def runner(variant, model, structure, device="cpu", name=None, kernel=None):
     if fused_op:
         described["kernel"] = fused.describe(ready.kernel)
     resident = {"resident": resident_clock(ready, torch.device(device), bf16)} if device == "cuda" else {}
-    return Runner(name or f"PyTorch {LABELS[variant]} {device.upper()}", predict, described, engine=ready,
+    return Runner(name or f"PyTorch {LABELS[variant]} on {device.upper()} ({device_name(device)})", predict, described, engine=ready,
                   logits=fused.predictor(ready) if fused_op else predictor(ready, device, bf16), clocks=resident,
                   versions={"torch": torch.__version__})
+
+
+def served_fused(path, checkpoint_path, threads=0, precision="auto"):
+    """serve.py --backend fused-int8: the operator reads the checkpoint, and with it the model's own
+    files (config.py, moe.py), so it serves where the repository is, never on a Ray worker."""
+    from .. import checkpoint
+    if threads:
+        torch.set_num_threads(threads)
+    model, structure, _ = checkpoint.load_model(checkpoint_path, {"ROUTING": "dense"})
+    return runner("fused-int8", model, structure, name="fused INT8 operator")

@@ -7,13 +7,15 @@ from typing import Callable
 
 import config
 
-from .. import checkpoint, fused
+from .. import fused
 from . import (executorch_runtime, iree_runtime, litert_runtime, mnn_runtime, ncnn_runtime, onnx_runtime, openvino_cpu,
                pytorch, tvm_compiler)
-from .base import Runner, Served
+from .base import Runner
+from .served import BACKENDS, Served
 from .sources import Sources
 
 REFERENCE = "ort-dense"  # fp32 ONNX Runtime on the dense graph: what the other rows are compared with
+BATCH_SWEEP, SIZE_SWEEP, LOADGEN = "batch sweep", "size sweep", "loadgen"  # sweep.py's panels, loadgen.py in process
 INT8_VARIANTS = (("dynamic", False, False), ("dynamic", True, False), ("dynamic", False, True),
                  ("static QDQ", False, False), ("static QDQ", True, False), ("static QDQ", False, True))
 CUDA = [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
@@ -21,6 +23,10 @@ CUDA = [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
 
 def runs_anywhere(structure):
     return ""
+
+
+def always():
+    return True
 
 
 @dataclass(frozen=True)
@@ -37,9 +43,8 @@ class Entry:
     measured_by: str = "runner"  # runner; or browser, dataloader: rows benchmark.py measures its own way
     lacks: Callable[[dict], str] = runs_anywhere  # why it cannot run here ('' where it can)
     served: Served = None  # how serve.py serves it, if it can
-
-    def runner(self, sources):
-        return self.make(sources)
+    reports: tuple = ()  # the selections it is in besides the benchmark's: BATCH_SWEEP, SIZE_SWEEP, LOADGEN
+    preferred: Callable[[], bool] = always  # False where a sibling entry of the same engine is this CPU's pick
 
 
 def provider_missing(provider):
@@ -65,23 +70,8 @@ def fused_lacks(kernel):
     return lacks
 
 
-def serve_fused(path, checkpoint_path, threads=0, precision="auto"):
-    """The fused operator reads the checkpoint, and with it the model's own files (config.py, moe.py):
-    it runs where the repository is, never on a Ray worker that has only this package."""
-    import torch
-    if threads:
-        torch.set_num_threads(threads)
-    model, structure, _ = checkpoint.load_model(checkpoint_path, {"ROUTING": "dense"})
-    return pytorch.runner("fused-int8", model, structure, name="fused INT8 operator")
-
-
-SERVE_ORT = Served("onnxruntime", "ONNX Runtime, CPU", onnx_runtime.served)
-SERVE_ORT_CUDA = Served("onnxruntime-cuda", "ONNX Runtime, CUDA (a CUDA machine with onnxruntime-gpu)",
-                        onnx_runtime.served_on_cuda)
-SERVE_OPENVINO = Served("openvino", "OpenVINO, CPU (bf16 where the CPU has it, unless --precision says otherwise)",
-                        openvino_cpu.served)
-SERVE_FUSED = Served("fused-int8", "the fused INT8 operator (PyTorch custom op) built from --checkpoint; CPU, "
-                                   "one machine only", serve_fused, from_checkpoint=True)
+SERVE_ORT, SERVE_OPENVINO, SERVE_ORT_CUDA, SERVE_FUSED = (BACKENDS[b] for b in ("onnxruntime", "openvino",
+                                                                          "onnxruntime-cuda", "fused-int8"))
 TORCH_KEYS = {"eager": "eager", "torchscript": "script", "compile": "compile", "compile-bf16": "compile-bf16",
               "cuda-graph": "cuda-graph"}
 
@@ -97,11 +87,13 @@ def torch_entries():
         entries += [Entry(f"torch-eager-{routing}", f"PyTorch eager CPU, {routing}", "torch", routing, "fp32",
                           torch_runner("eager", routing), quick=dense),
                     Entry(f"torch-script-{routing}", f"PyTorch TorchScript (frozen) CPU, {routing}", "torch", routing,
-                          "fp32", torch_runner("torchscript", routing), quick=dense)]
+                          "fp32", torch_runner("torchscript", routing), quick=dense,
+                          reports=(LOADGEN,) if dense else ())]
         if dense:
             entries += [Entry(f"fused-int8-{kernel}", fused.label(kernel), "int8", "fused", "int8",
                               torch_runner("fused-int8", routing, kernel=kernel), quick=True, lacks=fused_lacks(kernel),
-                              served=SERVE_FUSED) for kernel in fused.KERNELS]
+                              served=SERVE_FUSED, reports=(BATCH_SWEEP,),
+                              preferred=lambda k=kernel: fused.chosen_kernel() == k) for kernel in fused.KERNELS]
         entries += [Entry(f"torch-compile-{routing}", f"PyTorch torch.compile CPU, {routing}", "torch", routing, "fp32",
                           torch_runner("compile", routing), quick=dense),
                     Entry(f"torch-compile-bf16-{routing}", f"PyTorch torch.compile CPU, bf16 autocast, {routing}",
@@ -123,18 +115,21 @@ def onnx_entries():
     entries = [Entry(f"ort-{routing}{'-dynamo' if exporter == 'dynamo' else ''}",
                      f"ONNX Runtime CPU, {routing}, {exporter}", "onnx", routing, "fp32",
                      lambda s, r=routing, e=exporter: onnx_runtime.runner(s.onnx(r, e)), quick=True,
-                     served=SERVE_ORT if (routing, exporter) == ("dense", "torchscript") else None)
+                     served=SERVE_ORT if (routing, exporter) == ("dense", "torchscript") else None,
+                     reports=(BATCH_SWEEP, SIZE_SWEEP, LOADGEN) if exporter == "torchscript" else ())
                for routing in config.ROUTINGS for exporter in ("torchscript", "dynamo")]
     entries.append(Entry("ort-fp16-dense", "ONNX Runtime FP16 on CPU, dense", "fp16", "dense", "fp32",
                          lambda s: onnx_runtime.runner(s.fp16(), precision="fp16 weights, fp32 compute"), quick=True))
     entries += [Entry(int8_key(*variant), int8_label(*variant), "int8", "dense", "int8",
                       lambda s, v=variant: onnx_runtime.runner(s.int8(*v), precision="int8"),
-                      quick=variant in INT8_VARIANTS[::3]) for variant in INT8_VARIANTS]
+                      quick=variant in INT8_VARIANTS[::3], reports=(BATCH_SWEEP, LOADGEN) if variant == INT8_VARIANTS[0] else ())
+                for variant in INT8_VARIANTS]
     entries += [Entry("ort-auto", "ONNX Runtime CPU, auto (dense for small batches, loop for large)", "onnx", "loop",
                       "fp32", lambda s: onnx_runtime.auto_runner(s.onnx("dense"), s.onnx("loop"), config.AUTO_LOOP_FROM),
                       quick=True),
                 Entry("ort-int8-dynamic-loop", "ONNX Runtime INT8 dynamic, loop", "int8", "loop", "int8",
-                      lambda s: onnx_runtime.runner(s.int8(routing="loop"), precision="int8"), quick=True),
+                      lambda s: onnx_runtime.runner(s.int8(routing="loop"), precision="int8"), quick=True,
+                      reports=(BATCH_SWEEP,)),
                 Entry("web-wasm-dense", "ONNX Runtime Web, WebAssembly, dense (headless Chromium)", "web", "dense",
                       "fp32", quick=True, measured_by="browser"),
                 Entry("ort-loop-dataloader", "ONNX Runtime CPU, loop, fed by a per-image PIL Dataset and a "
@@ -149,11 +144,13 @@ def openvino_entries():
                           routing, "fp32" if precision == "f32" else "bf16",
                           lambda s, r=routing, p=precision: openvino_cpu.runner(s.onnx(r), precision=p), quick=True,
                           lacks=no_bf16 if precision == "bf16" else runs_anywhere,
-                          served=SERVE_OPENVINO if (routing, precision) == ("dense", "f32") else None)
+                          served=SERVE_OPENVINO if (routing, precision) == ("dense", "f32") else None,
+                          reports=(BATCH_SWEEP, SIZE_SWEEP) + ((LOADGEN,) if routing == "loop" else ()),
+                          preferred=lambda p=precision: openvino_precision() == p)
                     for precision in ("f32", "bf16")]
         entries.append(Entry(f"openvino-int8-{routing}", f"OpenVINO CPU INT8 (NNCF), {routing}", "openvino", routing,
                              "int8", lambda s, r=routing: openvino_cpu.runner(s.onnx(r), calibration=s.calibration()),
-                             quick=True))
+                             quick=True, reports=(BATCH_SWEEP, LOADGEN) if routing == "loop" else ()))
     return entries
 
 
@@ -179,7 +176,7 @@ def gpu_entries():
         provider = "TensorrtExecutionProvider" if "trt" in key else "CUDAExecutionProvider"
         entries += [Entry(f"{key}-{timing}", f"{label}, {timing}", "gpu", "loop" if "loop" in key else "dense",
                           precision, lambda s, p=path, v=providers, q=precision: onnx_runtime.runner(
-                              p(s), providers=v(s), precision=q, device="cuda"),
+                              p(s), providers=v(s), precision=q),
                           device="cuda", timing=timing, lacks=provider_missing(provider),
                           served=SERVE_ORT_CUDA if (key, timing) == ("ort-cuda-dense", "host") else None)
                     for timing in ("host", "resident")]
@@ -267,10 +264,13 @@ def runnable(structure, device="cpu"):
     return entries, lines
 
 
-def servable():
-    """{serve.py --backend: Served}: those served from the ONNX file first, in the catalogue's order."""
-    found = {entry.served.backend: entry.served for entry in catalogue() if entry.served}
-    return dict(sorted(found.items(), key=lambda item: item[1].from_checkpoint))
+def in_report(report, structure):
+    """(the runnable entries `report` measures, one per engine where siblings differ only in what
+    this CPU prefers (OpenVINO's float precision, the fused operator's path), in the catalogue's
+    order; what this machine lacks for the others)."""
+    wanted = [e for e in catalogue() if report in e.reports and e.device == "cpu" and e.preferred()]
+    return ([e for e in wanted if not e.lacks(structure)],
+            [f"{e.label}: {e.lacks(structure)}" for e in wanted if e.lacks(structure)])
 
 
 def openvino_precision():

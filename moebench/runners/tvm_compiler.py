@@ -138,5 +138,6 @@ def runner(path, cache_dir=None, cpu="host", tune_trials=0, tune_batch=64):
     libraries.of(1)
     clock = Clock(lambda pixels: libraries.predict(pixels)[0],
                   prepare=lambda batch: (libraries.of(len(batch)), batch)[1])
-    return Runner(f"TVM, llvm, {'tuned' if tune_trials else 'untuned'}", libraries.predict, described,
+    tuning = f"MetaSchedule, {tune_trials} trials" if tune_trials else "untuned"
+    return Runner(f"Apache TVM {versions()['apache-tvm']} (llvm, {tuning})", libraries.predict, described,
                   engine=libraries, clocks={"host": clock}, versions=versions())

@@ -16,7 +16,7 @@ import asyncio
 import numpy as np
 import orjson
 
-from .http_app import UVICORN_SETTINGS, classifier, read_body, respond
+from .http_app import UVICORN_SETTINGS, Application, read_body, respond
 from .requests import PIXELS_PER_IMAGE
 
 CANNED = {"class": 7, "logits": [-3.91825, -6.77241, 1.76233, 4.24012, -8.09416, -3.54183, -17.44731, 13.63474,
@@ -107,8 +107,8 @@ class CannedModelProcess:
 
 def serve_py_without_model():
     """serve.py's own application (request handling, batcher, hand-over) with a model that costs nothing."""
-    settings = {"max_batch_images": 64, "batch_wait_ms": 0, "max_queued": 256, "max_images": 1024}
-    return classifier(CannedEngine(), settings, SERVED_BY, elsewhere=CannedModelProcess())
+    settings = {"max_batch_size": 64, "batch_wait_ms": 0, "max_queued": 256, "max_request_images": 1024}
+    return Application(CannedEngine(), settings, SERVED_BY, elsewhere=CannedModelProcess())
 
 
 # --server: what it is, and its ASGI application for uvicorn (aiohttp's runs on aiohttp's own server)

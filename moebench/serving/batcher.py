@@ -28,13 +28,13 @@ class Waiting:
 
 
 class Batcher:
-    """Dynamic batching: each model call takes up to `max_images` images, first from the requests
+    """Dynamic batching: each model call takes up to `max_batch_size` images, first from the requests
     that arrived since the last call, then from requests with images left over (a big request's
     rest). So a request that arrives while the model computes is in the next call, whatever big
     request came before it; while leftovers wait, new arrivals fill at most 3/4 of a call, so a big
     request moves on even under a stream of small ones."""
 
-    def __init__(self, compute, max_images, wait_s, max_queued, finish=lambda computed: computed, inline_images=0,
+    def __init__(self, compute, max_batch_size, wait_s, max_queued, finish=lambda computed: computed, inline_images=0,
                  join=np.concatenate, elsewhere=None):
         """compute(images) runs on the model thread and should hold no GIL for long (the engine call),
         or on the event loop for batches of up to `inline_images`; finish(computed) -> one answer per
@@ -49,7 +49,7 @@ class Batcher:
         self.elsewhere = elsewhere
         self.room = asyncio.Semaphore(elsewhere.in_flight) if elsewhere else None
         self.handed_over = 0  # batches elsewhere now
-        self.max_images, self.wait_s, self.max_queued = max_images, wait_s, max_queued
+        self.max_batch_size, self.wait_s, self.max_queued = max_batch_size, wait_s, max_queued
         self.arrived, self.leftover = collections.deque(), collections.deque()
         self.waiting = 0
         self.busy = False  # the last batch found more than one request: worth waiting for company
@@ -57,7 +57,7 @@ class Batcher:
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.worker = None
 
-    async def classify(self, images):
+    async def infer(self, images):
         if self.waiting >= self.max_queued:
             raise Full(f"{self.waiting} requests are waiting already (--max-queued {self.max_queued}); try again")
         if self.worker is None:
@@ -77,8 +77,8 @@ class Batcher:
     def take(self):
         """[(request, start, end)] for the next call: arrivals first, leftovers after them."""
         pieces = []
-        kept_for_leftovers = min(self.max_images // 4, sum(r.untaken for r in self.leftover))
-        room = self.draw(self.arrived, self.max_images - kept_for_leftovers, pieces)
+        kept_for_leftovers = min(self.max_batch_size // 4, sum(r.untaken for r in self.leftover))
+        room = self.draw(self.arrived, self.max_batch_size - kept_for_leftovers, pieces)
         self.draw(self.leftover, room + kept_for_leftovers, pieces)
         return pieces
 
@@ -103,7 +103,7 @@ class Batcher:
                 await self.wake.wait()
             if self.room:
                 await self.room.acquire()
-            if self.busy and self.wait_s and self.queued_images() < self.max_images:
+            if self.busy and self.wait_s and self.queued_images() < self.max_batch_size:
                 await asyncio.sleep(self.wait_s)  # under load, a moment for more requests to join this batch
             pieces = self.take()
             self.busy = len(pieces) > 1

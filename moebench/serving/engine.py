@@ -1,18 +1,18 @@
-"""The model behind a server: one of the registry's servable runners, answering for float32 pixels."""
+"""The model behind a server: the runner of one of serve.py's backends (runners/served.py), answering
+for float32 pixels."""
 import os
 import tempfile
 
 import numpy as np
 
-from .requests import answers
 
 
 class Engine:
-    """The model on one of the registry's served runners, answering for float32 pixels (N, 1, 28, 28):
+    """The model on one of serve.py's backends' runners, answering for float32 pixels (N, 1, 28, 28):
     what a Ray Serve replica and a worker of the default server each hold."""
 
     def __init__(self, served, model_bytes=b"", threads=0, precision="auto", checkpoint_path=None):
-        """served: the registry's Served for the backend; model_bytes: the ONNX model (engines read the
+        """served: the backend's Served (runners/served.py); model_bytes: the ONNX model (engines read the
         file once, so it only lives in a temporary folder), or b"" for a backend made from the checkpoint."""
         self.backend = served.backend
         with tempfile.TemporaryDirectory() as folder:
@@ -30,14 +30,11 @@ class Engine:
         (a model thread can run it)."""
         return self.runner.predict(pixels)
 
-    def classify(self, pixels):
-        return answers(*self.compute(pixels))
-
 
 def engine_of(settings):
-    """The engine a server's settings name; it runs where the repository is, so it may read the registry."""
-    from ..runners.registry import servable
-    served = servable()[settings["backend"]]
+    """The engine a server's settings name, its backend's module alone imported."""
+    from ..runners.served import BACKENDS
+    served = BACKENDS[settings["backend"]]
     model = b""
     if not served.from_checkpoint:
         with open(settings["model"], "rb") as f:

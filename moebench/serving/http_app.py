@@ -4,7 +4,7 @@
 one or two images runs on the event loop, since a round trip to another process takes longer. A
 request's images never wait behind more than one batch of another's. The application answers its
 own API at / and the Open Inference Protocol (KServe v2, kserve.py) under /v2. A Ray Serve replica
-serves the same application (classifier()) with the model in its own process: a batch of more than
+serves the same application (Application) with the model in its own process: a batch of more than
 a few images on a model thread, a few on the event loop (cheaper than a thread handoff; docs/serving.md
 has the measurements).
 
@@ -123,90 +123,40 @@ def app():
     model_process = ModelProcess(settings, SETTINGS_ENV)  # starts while this process makes its own engine
     engine = engine_of(settings)
     model_process.wait_until_ready()
-    classify = classifier(engine, settings, {"server": "uvicorn", "backend": engine.backend,
-                                             "host": socket.gethostname(), "pid": os.getpid()}, model_process)
+    application = Application(engine, settings, {"server": "uvicorn", "backend": engine.backend,
+                                                 "host": socket.gethostname(), "pid": os.getpid()}, model_process)
     gc_settings.settle()
-    return classify
+    return application
 
 
-def classifier(engine, settings, served_by, elsewhere=None):
+class Application:
     """The server's API as a plain ASGI application around `engine` and a Batcher (plain ASGI, since
     a framework's routing and request objects cost more per request than the model does): its own
-    API at / and the Open Inference Protocol under /v2. elsewhere: the same model in a process of
-    its own (ModelProcess), which computes every batch but a lone small one."""
-    batcher = Batcher(engine.compute, settings["max_batch_images"], settings["batch_wait_ms"] / 1000,
-                      settings["max_queued"], with_rows, LONE_IMAGES if elsewhere else INLINE_IMAGES,
-                      requests.joined_pixels, elsewhere)
-    answers_end = b'],"served_by":' + orjson.dumps(served_by) + b"}"
-    described = engine.describe()
-    about = orjson.dumps({"model": "MoE MNIST classifier", **served_by, **described,
-                          "batching": f"up to {settings['max_batch_images']} images per model call, "
-                                      f"{settings['batch_wait_ms']:g} ms wait",
-                          "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    v2_documents = {"server": kserve.server_metadata(described.get("engine", engine.backend)),
-                    "model": kserve.model_metadata(engine.backend, engine.experts), "live": b"", "ready": b"",
-                    "model-ready": b""}
-    max_images = settings["max_images"]
-    limit = max_images * requests.PIXELS_PER_IMAGE * 8  # JSON spends up to ~8 bytes a pixel
-    too_big = {"error": f"body over {limit} bytes; at most {max_images} images per request"}
-    body_timeout_s = settings.get("body_timeout_s", BODY_TIMEOUT_S)
-    deadlines = Deadlines(body_timeout_s)
+    API at / (own_api) and the Open Inference Protocol under /v2 (open_inference, v2_infer).
+    elsewhere: the same model in a process of its own (ModelProcess), which computes every batch but
+    a lone small one. A request carries at most settings['max_request_images'] images; a model call
+    takes at most settings['max_batch_size']."""
 
-    async def body_of(declared, receive, send):
-        """The request's body, or None once a 413 or 408 has answered it."""
-        if declared is not None and declared > limit:  # refused from the header: its body is never awaited
-            return await respond(send, 413, too_big, CLOSE)
-        task = deadlines.watch(asyncio.get_running_loop())
-        try:
-            body = await read_body(receive, limit)
-        except asyncio.CancelledError:
-            if not deadlines.expired(task):
-                raise
-            return await respond(send, 408, {"error": f"the body did not arrive whole within {body_timeout_s:g} s"},
-                                 CLOSE)
-        finally:
-            deadlines.forget(task)
-        if body is None:
-            return await respond(send, 413, too_big, CLOSE)
-        return body
+    def __init__(self, engine, settings, served_by, elsewhere=None):
+        self.batcher = Batcher(engine.compute, settings["max_batch_size"], settings["batch_wait_ms"] / 1000,
+                               settings["max_queued"], with_rows, LONE_IMAGES if elsewhere else INLINE_IMAGES,
+                               requests.joined_pixels, elsewhere)
+        self.answers_end = b'],"served_by":' + orjson.dumps(served_by) + b"}"
+        described = engine.describe()
+        self.about = orjson.dumps({"model": "MoE MNIST classifier", **served_by, **described,
+                                   "batching": f"up to {settings['max_batch_size']} images per model call, "
+                                               f"{settings['batch_wait_ms']:g} ms wait",
+                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self.v2_documents = {"server": kserve.server_metadata(described.get("engine", engine.backend)),
+                             "model": kserve.model_metadata(engine.backend, engine.experts), "live": b"",
+                             "ready": b"", "model-ready": b""}
+        self.max_request_images = settings["max_request_images"]
+        self.limit = self.max_request_images * requests.PIXELS_PER_IMAGE * 8  # JSON spends up to ~8 bytes a pixel
+        self.too_big = {"error": f"body over {self.limit} bytes; at most {self.max_request_images} images per request"}
+        self.body_timeout_s = settings.get("body_timeout_s", BODY_TIMEOUT_S)
+        self.deadlines = Deadlines(self.body_timeout_s)
 
-    async def parsed(parse, body, *args):
-        """parse(body, *args), off the event loop when the body is big."""
-        if len(body) <= BIG_BODY:
-            return parse(body, *args)
-        return await asyncio.get_running_loop().run_in_executor(None, parse, body, *args)
-
-    async def own_api(scope, receive, send):
-        if scope["method"] == "GET":
-            return await respond(send, 200, about)
-        if scope["method"] != "POST":
-            return await respond(send, 405, {"error": f"{scope['method']} is not served; POST images, or GET /"})
-        declared, content_type = length_and_type(scope)
-        body = await body_of(declared, receive, send)
-        if body is None:
-            return
-        rows = await batcher.classify(await parsed(requests.parse, body, content_type, max_images))
-        await respond(send, 200, b'{"predictions":[' + b",".join([row[0] for row in rows]) + answers_end)
-
-    async def open_inference(scope, receive, send, asked):
-        if asked != "infer":
-            if scope["method"] != "GET":
-                return await respond(send, 405, {"error": f"{scope['method']} is not served at {scope['path']}; GET it"})
-            return await respond(send, 200, v2_documents[asked])
-        if scope["method"] != "POST":
-            return await respond(send, 405, {"error": f"{scope['method']} is not served at {scope['path']}; POST"})
-        body = await body_of(length_and_type(scope)[0], receive, send)
-        if body is None:
-            return
-        length = header(scope, kserve.HEADER_LENGTH.encode()) or None
-        pixels, request_id, wanted = await parsed(kserve.parse_infer, body, length, max_images)
-        rows = await batcher.classify(pixels)
-        answer, header_length = kserve.encode_infer(np.stack([row[1] for row in rows]),
-                                                    np.stack([row[2] for row in rows]), request_id, wanted)
-        extra = [] if header_length is None else [(kserve.HEADER_LENGTH.encode(), str(header_length).encode())]
-        await respond(send, 200, answer, extra, b"application/octet-stream" if extra else b"application/json")
-
-    async def classify(scope, receive, send):
+    async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return
         path = scope["path"]
@@ -215,13 +165,75 @@ def classifier(engine, settings, served_by, elsewhere=None):
             return await respond(send, 404, {"error": f"no {path} here; POST images to /, or use the Open Inference "
                                                       f"Protocol under /v2/models/{kserve.MODEL}"})
         try:
-            await (own_api(scope, receive, send) if asked is None else open_inference(scope, receive, send, asked))
+            if asked is None:
+                await self.own_api(scope, receive, send)
+            elif asked == "infer":
+                await self.v2_infer(scope, receive, send)
+            else:
+                await self.open_inference(scope, send, asked)
         except requests.RequestError as error:
             await respond(send, error.status, {"error": str(error)})
         except Full as error:
             await respond(send, 503, {"error": str(error)}, [(b"retry-after", b"1")])
 
-    return classify
+    async def own_api(self, scope, receive, send):
+        """GET / says what is served; POST / classifies raw or JSON images."""
+        if scope["method"] == "GET":
+            return await respond(send, 200, self.about)
+        if scope["method"] != "POST":
+            return await respond(send, 405, {"error": f"{scope['method']} is not served; POST images, or GET /"})
+        declared, content_type = length_and_type(scope)
+        body = await self.body_of(declared, receive, send)
+        if body is None:
+            return
+        rows = await self.batcher.infer(await parsed(requests.parse, body, content_type, self.max_request_images))
+        await respond(send, 200, b'{"predictions":[' + b",".join([row[0] for row in rows]) + self.answers_end)
+
+    async def open_inference(self, scope, send, asked):
+        """The Open Inference Protocol's health and metadata documents."""
+        if scope["method"] != "GET":
+            return await respond(send, 405, {"error": f"{scope['method']} is not served at {scope['path']}; GET it"})
+        return await respond(send, 200, self.v2_documents[asked])
+
+    async def v2_infer(self, scope, receive, send):
+        """POST /v2/models/moe/infer: JSON tensors or the binary tensor extension."""
+        if scope["method"] != "POST":
+            return await respond(send, 405, {"error": f"{scope['method']} is not served at {scope['path']}; POST"})
+        body = await self.body_of(length_and_type(scope)[0], receive, send)
+        if body is None:
+            return
+        length = header(scope, kserve.HEADER_LENGTH.encode()) or None
+        pixels, request_id, wanted = await parsed(kserve.parse_infer, body, length, self.max_request_images)
+        rows = await self.batcher.infer(pixels)
+        answer, header_length = kserve.encode_infer(np.stack([row[1] for row in rows]),
+                                                    np.stack([row[2] for row in rows]), request_id, wanted)
+        extra = [] if header_length is None else [(kserve.HEADER_LENGTH.encode(), str(header_length).encode())]
+        await respond(send, 200, answer, extra, b"application/octet-stream" if extra else b"application/json")
+
+    async def body_of(self, declared, receive, send):
+        """The request's body, or None once a 413 or 408 has answered it."""
+        if declared is not None and declared > self.limit:  # refused from the header: its body is never awaited
+            return await respond(send, 413, self.too_big, CLOSE)
+        task = self.deadlines.watch(asyncio.get_running_loop())
+        try:
+            body = await read_body(receive, self.limit)
+        except asyncio.CancelledError:
+            if not self.deadlines.expired(task):
+                raise
+            return await respond(send, 408, {"error": f"the body did not arrive whole within "
+                                                      f"{self.body_timeout_s:g} s"}, CLOSE)
+        finally:
+            self.deadlines.forget(task)
+        if body is None:
+            return await respond(send, 413, self.too_big, CLOSE)
+        return body
+
+
+async def parsed(parse, body, *args):
+    """parse(body, *args), off the event loop when the body is big."""
+    if len(body) <= BIG_BODY:
+        return parse(body, *args)
+    return await asyncio.get_running_loop().run_in_executor(None, parse, body, *args)
 
 
 def with_rows(computed):

@@ -54,7 +54,7 @@ def split_body(body, header_length):
     return body[:int(header_length)], body[int(header_length):]
 
 
-def parse_infer(body, header_length, max_images):
+def parse_infer(body, header_length, max_request_images):
     """(images: float32 pixels (N, 1, 28, 28), or uint8 (N, 784) for a UINT8 tensor; request id;
     {output: binary?}) of an infer request; a RequestError (4xx) names what is wrong."""
     header, binary = split_body(body, header_length)
@@ -65,7 +65,7 @@ def parse_infer(body, header_length, max_images):
                                 "Protocol's inference request")
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or len(request["inputs"]) != 1:
         raise RequestError(400, "an infer request needs \"inputs\": one tensor named \"pixels\"")
-    pixels = read_input(request["inputs"][0], binary, max_images)
+    pixels = read_input(request["inputs"][0], binary, max_request_images)
     parameters = request.get("parameters") or {}
     wanted = {}
     for output in request.get("outputs") or [{"name": name} for name in OUTPUTS]:
@@ -77,7 +77,7 @@ def parse_infer(body, header_length, max_images):
     return pixels, request.get("id"), wanted
 
 
-def read_input(tensor, binary, max_images):
+def read_input(tensor, binary, max_request_images):
     if not isinstance(tensor, dict) or tensor.get("name") != "pixels":
         raise RequestError(400, "the input must be named \"pixels\"")
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
@@ -86,8 +86,8 @@ def read_input(tensor, binary, max_images):
     if (not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape)
             or tuple(shape[1:]) not in SHAPES):
         raise RequestError(400, f"input shape {shape}; send [N, 1, 28, 28], [N, 28, 28] or [N, 784]")
-    if shape[0] > max_images:
-        raise RequestError(413, f"{shape[0]} images in one request; at most {max_images}")
+    if shape[0] > max_request_images:
+        raise RequestError(413, f"{shape[0]} images in one request; at most {max_request_images}")
     dtype, count = DTYPES[datatype], shape[0] * PIXELS_PER_IMAGE
     size = (tensor.get("parameters") or {}).get("binary_data_size")
     if size is not None:

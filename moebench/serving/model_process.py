@@ -45,12 +45,12 @@ class Layout:
     """The shared memory of one worker and its model process: IN_FLIGHT slots, each with room for
     one batch and its results."""
 
-    def __init__(self, max_images, experts):
-        self.shapes = {"pixels": (np.float32, (max_images, 1, 28, 28)),
-                       "images": (np.uint8, (max_images, requests.PIXELS_PER_IMAGE)),
-                       "logits": (np.float32, (max_images, 10)), "gates": (np.float32, (max_images, experts)),
-                       "ends": (np.int64, (max_images,)),
-                       "answers": (np.uint8, (max_images * (ANSWER_BYTES + EXPERT_BYTES * experts),))}
+    def __init__(self, max_batch_size, experts):
+        self.shapes = {"pixels": (np.float32, (max_batch_size, 1, 28, 28)),
+                       "images": (np.uint8, (max_batch_size, requests.PIXELS_PER_IMAGE)),
+                       "logits": (np.float32, (max_batch_size, 10)), "gates": (np.float32, (max_batch_size, experts)),
+                       "ends": (np.int64, (max_batch_size,)),
+                       "answers": (np.uint8, (max_batch_size * (ANSWER_BYTES + EXPERT_BYTES * experts),))}
         self.slot_bytes = sum(np.dtype(dtype).itemsize * int(np.prod(shape)) for dtype, shape in self.shapes.values())
         self.size = IN_FLIGHT * self.slot_bytes
 
@@ -101,7 +101,7 @@ def serve_batches(connection, settings):
     if os.getppid() == 1:  # the worker died before the line above took effect
         return
     engine = engine_of(settings)
-    layout = Layout(settings["max_batch_images"], engine.experts)
+    layout = Layout(settings["max_batch_size"], engine.experts)
     descriptor, buffer = shared_memory(layout.size)
     slots = layout.slots(buffer)
     ready = json.dumps({"experts": engine.experts}).encode()
@@ -135,7 +135,7 @@ class ModelProcess:
                                         pass_fds=[there.fileno()], env=environment)
         there.close()
         self.connection = here
-        self.max_images = settings["max_batch_images"]
+        self.max_batch_size = settings["max_batch_size"]
         self.in_flight = IN_FLIGHT
         self.futures = collections.deque()  # the batches handed over, in order
         self.handed = 0  # batches handed over so far: batch n uses slot n % IN_FLIGHT
@@ -151,7 +151,7 @@ class ModelProcess:
         except (OSError, ValueError) as error:
             self.process.kill()
             raise RuntimeError(f"the model process did not start ({error}); its error is above") from None
-        layout = Layout(self.max_images, ready["experts"])
+        layout = Layout(self.max_batch_size, ready["experts"])
         self.slots = layout.slots(mmap.mmap(descriptor, layout.size))
         os.close(descriptor)
         self.connection.setblocking(False)

@@ -44,8 +44,8 @@ class Replicas:
 
 def deployment(replicas, served, payload, threads, precision, settings):
     """The Ray Serve application: each replica serves the default server's own ASGI application
-    (http_app.classifier: its batcher, its answers) behind Ray Serve's ingress. `served` is the
-    registry's Served for the backend; its make() is what a replica calls."""
+    (http_app.Application: its batcher, its answers) behind Ray Serve's ingress. `served` is the
+    backend's Served (runners/served.py); its make() is what a replica calls."""
     from ray import serve
 
     @serve.deployment(num_replicas=replicas.count, max_ongoing_requests=replicas.max_ongoing,
@@ -62,9 +62,9 @@ def deployment(replicas, served, payload, threads, precision, settings):
                               "host": socket.gethostname(), "pid": os.getpid(), "node": node, "node_ip": node_ip}
 
         def __serve_build_asgi_app__(self):
-            classify = http_app.classifier(self.engine, self.settings, self.served_by)
+            application = http_app.Application(self.engine, self.settings, self.served_by)
             gc_settings.settle()
-            return classify
+            return application
 
     return MoEClassifier.bind(served, payload, threads, precision, settings)
 

@@ -17,20 +17,20 @@ class RequestError(Exception):
         self.status = status
 
 
-def images_from_bytes(body, max_images):
-    """Raw uint8 pixels, 784 bytes per image, row-major, any number of images up to max_images."""
+def images_from_bytes(body, max_request_images):
+    """Raw uint8 pixels, 784 bytes per image, row-major, any number of images up to max_request_images."""
     if not body:
         raise RequestError(400, "empty body: send 784 uint8 bytes per 28x28 image, or JSON {\"images\": [...]}")
     if len(body) % PIXELS_PER_IMAGE:
         raise RequestError(400, f"body of {len(body)} bytes is not a whole number of 28x28 uint8 images "
                                 f"({PIXELS_PER_IMAGE} bytes each)")
     count = len(body) // PIXELS_PER_IMAGE
-    if count > max_images:
-        raise RequestError(413, f"{count} images in one request; at most {max_images}")
+    if count > max_request_images:
+        raise RequestError(413, f"{count} images in one request; at most {max_request_images}")
     return np.frombuffer(body, dtype=np.uint8).reshape(count, PIXELS_PER_IMAGE)
 
 
-def images_from_json(body, max_images):
+def images_from_json(body, max_request_images):
     """{"images": [image, ...]}, each image 784 numbers or 28 rows of 28, pixel values 0-255."""
     try:
         document = json.loads(body)
@@ -41,8 +41,8 @@ def images_from_json(body, max_images):
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list) or not images:
         raise RequestError(400, "JSON needs a non-empty list under \"images\"")
-    if len(images) > max_images:
-        raise RequestError(413, f"{len(images)} images in one request; at most {max_images}")
+    if len(images) > max_request_images:
+        raise RequestError(413, f"{len(images)} images in one request; at most {max_request_images}")
     try:
         array = np.asarray(images, dtype=np.float64)
     except (ValueError, TypeError, RecursionError):
@@ -54,11 +54,11 @@ def images_from_json(body, max_images):
     return np.round(array).astype(np.uint8).reshape(len(images), PIXELS_PER_IMAGE)
 
 
-def parse(body, content_type, max_images):
+def parse(body, content_type, max_request_images):
     """uint8 (N, 784) from a request body: JSON when the content type says so, else raw bytes."""
     if "json" in (content_type or ""):
-        return images_from_json(body, max_images)
-    return images_from_bytes(body, max_images)
+        return images_from_json(body, max_request_images)
+    return images_from_bytes(body, max_request_images)
 
 
 def to_pixels(images_uint8):

@@ -42,7 +42,7 @@ def distribution():
 def model_config(experts, settings):
     """config.pbtxt: the model's contract, and Triton's batching, instances and queue from the flags."""
     return "\n".join([
-        f'name: "{kserve.MODEL}"', 'backend: "python"', f"max_batch_size: {settings['max_batch_images']}",
+        f'name: "{kserve.MODEL}"', 'backend: "python"', f"max_batch_size: {settings['max_batch_size']}",
         'input [ { name: "pixels" data_type: TYPE_FP32 dims: [ 1, 28, 28 ] } ]',
         'output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] }, '
         f'{{ name: "gates" data_type: TYPE_FP32 dims: [ {experts} ] }} ]',
