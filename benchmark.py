@@ -41,11 +41,11 @@ def parse_args(argv=None):
                         help="add the ONNX Runtime Web row (WebAssembly in headless Chromium, against the floor "
                              "in the same browser); needs Chromium and 'npm ci --prefix web'")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 20 single-image runs per block, fewer rows")
+                        help="a smoke run: 2 timing blocks of 20 single-image runs per row, fewer rows")
     add_data_args(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.latency_runs = min(args.latency_runs, 20)
+        args.latency_runs, args.repeats = min(args.latency_runs, 20), min(args.repeats, 2)
     if args.repeats < 5 and not args.quick:  # a reportable run is a median of at least 5
         parser.error("--repeats must be >= 5 for a reportable run (use --quick for a smoke run)")
     return args

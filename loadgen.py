@@ -36,10 +36,11 @@ BASELINE = "in-process ONNX Runtime, no server"
 
 @dataclass(frozen=True)
 class Server:
-    """A system measured over HTTP: a bare server with no model (`bare`: aiohttp or uvicorn; the
-    faster is the ceiling of this machine's HTTP path, in the same run) or serve.py with `flags`;
-    the protocols wrk drives it with; whether LoadGen's ladder measures it too (else its answers are
-    checked over the Open Inference Protocol); whether a smoke run has it."""
+    """A system measured over HTTP: a server of bare_http.py with no model (`bare`: aiohttp or uvicorn,
+    the faster of which, with a ladder, is the ceiling of this machine's HTTP path in the same run; or
+    serve-py-no-model, serve.py's own application around a model that takes no time) or serve.py with
+    `flags`; the protocols wrk drives it with; whether LoadGen's ladder measures it too (else a
+    served model's answers are checked over the Open Inference Protocol); whether a smoke run has it."""
     name: str
     bare: str = None
     flags: tuple = ()
@@ -51,6 +52,8 @@ class Server:
 SERVERS = (Server("bare HTTP server, no model: aiohttp", bare="aiohttp", quick=True),
            Server("bare HTTP server, no model: uvicorn (serve.py's HTTP stack)", bare="uvicorn"),
            Server("serve.py (uvicorn, dynamic batching)", protocols=("own", "v2"), quick=True),
+           Server("serve.py's own work, a model that takes no time (bare_http.py --server serve-py-no-model)",
+                  bare="serve-py-no-model", ladder=False),
            Server("serve.py --ray (Ray Serve, HAProxy ingress)", flags=("--ray",)),
            Server("serve.py --backend fused-int8", flags=("--backend", "fused-int8"), ladder=False),
            Server("serve.py --backend openvino", flags=("--backend", "openvino"), ladder=False),
@@ -239,7 +242,7 @@ def server_row(server, args, pixels, labels, expected, logs, url=None):
         if server.ladder:
             row.update(over_http(url, pixels, labels, args, os.path.join(logs, slug(server.name)),
                                  None if server.bare else expected))
-        else:
+        elif not server.bare:
             classes = http_load.classes_over_v2(url, pixels)
             row["answers"] = {"accuracy": accuracy(classes, labels), "agreement": accuracy(classes, expected)}
             print(f"  answers over the Open Inference Protocol: {row['answers']['agreement']:.2f}% equal to ONNX "
@@ -268,10 +271,10 @@ def server_rows(args, images, labels, logs):
     each server; and the ceiling's name."""
     pixels = np.round(images[:, 0] * 255).astype(np.uint8)
     servers = [s for s in SERVERS if s.quick or not args.quick]
-    bare = [s.name for s in servers if s.bare]
+    bare = [s.name for s in servers if s.bare and s.ladder]  # the ceiling's candidates
     with onnx_runtime.runner(args.model) as baseline:
         expected = clock.full_pass(baseline.logits, images, 1024).argmax(1)
-        rows = {s.name: server_row(s, args, pixels, labels, expected, logs) for s in servers if s.bare}
+        rows = {s.name: server_row(s, args, pixels, labels, expected, logs) for s in servers if s.name in bare}
         sut = systems.InProcess(baseline.logits, images, worker=True)
         rows[BASELINE] = {"ladder": ladder(sut, len(images), args, os.path.join(logs, slug(BASELINE))),
                           "direct_accuracy": accuracy(expected, labels)}
@@ -280,7 +283,8 @@ def server_rows(args, images, labels, logs):
         given = Server(f"serve.py at {args.server_url}")
         rows[given.name] = server_row(given, args, pixels, labels, expected, logs, args.server_url)
     else:
-        rows.update({s.name: measured_row(s, args, pixels, labels, expected, logs) for s in servers if not s.bare})
+        rows.update({s.name: measured_row(s, args, pixels, labels, expected, logs) for s in servers
+                     if s.name not in bare})
     http_load.shares(rows, bare)
     ceiling = max(bare, key=lambda name: rows[name]["ladder"]["best_qps"] or 0)
     best = rows[ceiling]["ladder"]["best_qps"]

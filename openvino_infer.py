@@ -25,31 +25,32 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def fp32_accuracy(path, args):
-    images, labels = load_test_set(args.data_dir, args.test_limit)
-    with openvino_cpu.runner(path, precision="f32") as fp32:
-        return accuracy(full_pass(fp32.clock(), images, 1000), labels)
+def test_set_accuracy(runner, test_set):
+    return accuracy(full_pass(runner.clock(), test_set[0], 1000), test_set[1])
 
 
 def main(argv=None):
     args = parse_args(argv)
     measurement = backend_script.Measurement.from_flags(args)
-    details, calibration, baseline = {}, None, None
+    test_set = load_test_set(args.data_dir, args.test_limit)
+    calibration = baseline = None
     if args.int8:
-        baseline = fp32_accuracy(measurement.model, args)
-        details["vs fp32"] = f"fp32 accuracy {baseline:.2f}%"
+        with openvino_cpu.runner(measurement.model, precision="f32") as fp32:
+            baseline = test_set_accuracy(fp32, test_set)
         calibration = load_split("train", args.data_dir, args.calibration_images)[0].numpy()
 
     def shown(runner):
+        """What the compiled model says it computes in; for INT8, the change against fp32."""
         used = runner.describe()["precision"]
-        return {**details, "precision": f"{used} (asked: {args.precision}; from the compiled model's "
-                                        "INFERENCE_PRECISION_HINT)"}
-    record = backend_script.measure(lambda: openvino_cpu.runner(measurement.model, precision=args.precision,
-                                                                hint=args.hint, calibration=calibration),
-                                    measurement, shown)[0]
-    if args.int8:
-        print(f"   change        {record['accuracy'] - baseline:+.2f} points of accuracy against fp32")
-    return record
+        details = {"precision": f"{used} (asked: {args.precision}; from the compiled model's "
+                                "INFERENCE_PRECISION_HINT)"}
+        if args.int8:
+            change = test_set_accuracy(runner, test_set) - baseline
+            details["vs fp32"] = f"fp32 accuracy {baseline:.2f}%, change {change:+.2f} points"
+        return details
+    return backend_script.measure(lambda: openvino_cpu.runner(measurement.model, precision=args.precision,
+                                                              hint=args.hint, calibration=calibration),
+                                  measurement, shown)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ fi
 
 command -v wrk >/dev/null || echo "skipped the C client's serving rows: no wrk here (bash tests/install_tools.sh)"
 
-script train.py ${train[@]+"${train[@]}"} "$@"
+script train.py --report-dir "$out" ${train[@]+"${train[@]}"} "$@"
 script export_onnx.py
 script plot_routing.py --output "$out/routing.png"
 script torch_infer.py --json "$jsonl" ${each[@]+"${each[@]}"}

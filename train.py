@@ -12,6 +12,9 @@ from tqdm import tqdm
 
 import config
 from moebench import checkpoint, parallel
+from moebench.measuring.machine import cpu_name
+from moebench.reports import training as training_report
+from moebench.reports.files import write as write_report
 from moebench.runners.pytorch import pick_device
 from moebench.cli import ArgumentParser, UserError, atomic_path, positive_int, run, save_figure
 from data import add_data_args, load_split
@@ -34,6 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--scripted", default=checkpoint.SCRIPTED_PATH,
                         help="TorchScript model written at the end")
     parser.add_argument("--plot", default=PLOT_PATH)
+    parser.add_argument("--report-dir", help="also write the run's report there: training.json, training.md and "
+                                             "training.png (run_all.sh writes results/)")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     parser.add_argument("--train-limit", type=positive_int, help="use only the first N training images")
     parser.add_argument("--test-limit", type=positive_int, help="use only the first N test images")
@@ -243,6 +248,11 @@ def train(args, ctx):
         final.load_state_dict(weights)
         save_scripted(final, args.scripted)
         plot_history(history, args.plot)
+        if args.report_dir:
+            report = training_report.summary(history, structure, f"{cpu_name()}, {os.cpu_count()} cores",
+                                             str(ctx.device))
+            write_report(report, args.report_dir, "training", training_report.markdown,
+                         {"training.png": lambda report, path: plot_history(report["history"], path)})
     total = sum(h["seconds"] for h in history)
     say(f"test accuracy {history[-1]['test_accuracy']:.2f}% after {history[-1]['epoch']} epochs, "
         f"{total:.0f}s of training; wrote {args.checkpoint}, {args.scripted}, {args.plot}")

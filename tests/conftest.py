@@ -1,4 +1,5 @@
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -77,6 +78,49 @@ def small_models(tmp_path_factory, mnist_dir):
     return folder
 
 
+USER_FILES = ("checkpoint.pt", "model.pt", "model.onnx", "model.loop.onnx", "training.png")
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def repository_copy(folder):
+    """The repository's own files (tracked, or new and not ignored), as a fresh clone has them."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split()
+    for name in listed:
+        if os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(folder, name))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, mnist_dir):
+    """run_all.sh --quick end to end, once (every script, in this environment: a missing dependency
+    fails it), in a copy of the repository whose root holds a user's trained files; the tests of the
+    benchmark's, the sweep's and loadgen's reports read what it wrote. Returns (the run, the copy,
+    {file: sha256} of the user's files and results/ before it)."""
+    repo = repository_copy(tmp_path_factory.mktemp("smoke") / "repo")
+    for name in USER_FILES:
+        (repo / name).write_bytes(os.urandom(64) + name.encode())
+    kept = USER_FILES + tuple(str(p.relative_to(repo)) for p in (repo / "results").rglob("*") if p.is_file())
+    before = {name: sha256(repo / name) for name in kept}
+    result = subprocess.run(["bash", "run_all.sh", "--quick"], cwd=repo, capture_output=True, text=True,
+                            timeout=1200, env={**os.environ, "MNIST_DIR": mnist_dir})
+    return result, repo, before
+
+
+@pytest.fixture(scope="session")
+def smoke_results(smoke_run):
+    """The smoke run's report folder (results/quick in its copy), once the run has passed."""
+    result, repo, _ = smoke_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return repo / "results" / "quick"
+
+
 def run_script(*args, env=None):
     """A repository script run as a user runs it, from the repository's root."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -136,15 +180,31 @@ SERVERS = {"embedded": ["--max-batch-size", "8", "--max-queued", "2", "--body-ti
                    str(BODY_TIMEOUT_S)]}
 
 
-@pytest.fixture(scope="module", params=list(SERVERS))
-def server(request, tiny_models):
-    """serve.py started as a user starts it, each of the two servers in turn: (process, url, port)."""
+def started_server(kind, tiny_models):
+    """serve.py started as a user starts it: (process, url, port)."""
     from moebench.serving.server_process import ServerProcess
     port = free_port()
     started = ServerProcess([sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"), "--port", str(port),
-                             "--threads", "1", "--max-request-images", "500", *SERVERS[request.param]], ROOT, port)
-    yield started, started.url, port
-    started.stop()  # Ctrl-C, as a user stops it: a killed Ray server would leave HAProxy and Ray's agents behind
+                             "--threads", "1", "--max-request-images", "500", *SERVERS[kind]], ROOT, port)
+    return started, started.url, port
+
+
+@pytest.fixture(scope="session", params=list(SERVERS))
+def server(request, tiny_models):
+    """Each of the two servers in turn, shared by every test that only sends it requests (pytest runs
+    all of one server's tests before it starts the next)."""
+    started = started_server(request.param, tiny_models)
+    yield started
+    started[0].stop()  # Ctrl-C, as a user stops it: a killed Ray server would leave HAProxy and Ray's agents behind
+
+
+@pytest.fixture(params=list(SERVERS))
+def own_server(request, tiny_models):
+    """Each of the two servers, started for one test that kills its processes or stops it:
+    (process, url, port, kind)."""
+    started = started_server(request.param, tiny_models)
+    yield (*started, request.param)
+    started[0].stop()
 
 
 def check_answers(predictions, expected, rows):

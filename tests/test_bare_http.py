@@ -3,7 +3,9 @@ serve.py's in shape, and the deferred one writes a pass's answers only after it 
 pass's requests, as a batching server does."""
 import asyncio
 
+import numpy as np
 import orjson
+import pytest
 
 from moebench.serving import bare_http
 
@@ -50,13 +52,19 @@ def test_the_deferred_server_reads_the_whole_pass_before_it_writes_the_same_answ
 
 
 def test_serve_py_without_a_model_answers_every_image_with_the_canned_answer():
-    """serve.py's own application around a model that takes no time: lone requests computed by the
-    worker and batches 'handed over' alike get the canned answer per image."""
+    """serve.py's own application around a model that takes no time: a lone request computed by the
+    worker's engine (its logits and gates through serve.py's own answer encoding) and batches 'handed
+    over' to the canned model process (its prepared answer) give the same answer, the one those
+    logits and gates mean."""
     _, answers = run_requests(bare_http.serve_py_without_model(), [1] + [2] * 5 + [1])
     assert sorted(answers) == list(range(7))
-    for index, body in answers.items():
-        document = orjson.loads(body)
-        assert len(document["predictions"]) == (1 if index in (0, 6) else 2)
-        for prediction in document["predictions"]:
-            assert prediction["class"] == bare_http.CANNED["class"]
-            assert [e["expert"] for e in prediction["experts"]] == [3, 6]
+    documents = {index: orjson.loads(body) for index, body in answers.items()}
+    assert [len(documents[i]["predictions"]) for i in range(7)] == [1] + [2] * 5 + [1]
+    computed_here = documents[0]["predictions"][0]
+    assert all(p == computed_here for d in documents.values() for p in d["predictions"])
+    engine = bare_http.CannedEngine()
+    logits, gates = engine.compute(np.zeros((1, 1, 28, 28), np.float32))
+    assert computed_here["class"] == int(logits[0].argmax())
+    np.testing.assert_allclose(computed_here["logits"], logits[0], atol=1e-5)
+    assert {e["expert"]: e["weight"] for e in computed_here["experts"]} == pytest.approx(
+        {int(i): float(gates[0][i]) for i in np.flatnonzero(gates[0])}, abs=1e-5)

@@ -79,7 +79,7 @@ def test_the_scripts_print_the_block_with_onnx_runtimes_accuracy(script, flags, 
     module, built = SCRIPTS[script]
     graph = "model.loop.onnx" if "loop" in flags else "model.onnx"
     model = tiny_models / ("checkpoint.pt" if script in ("litert", "executorch") else graph)
-    record = module.main(["--model", str(model), "--data-dir", mnist_dir, "--test-limit", str(IMAGES),
+    record, = module.main(["--model", str(model), "--data-dir", mnist_dir, "--test-limit", str(IMAGES),
                           "--latency-runs", "20", "--quiet", "--cache-dir", str(cache), "--json", str(results),
                           *[f for f in flags if f not in ("--routing", "loop")]])
     expected = onnx_runtime.runner(str(tiny_models / graph)).logits(images[0])
@@ -158,4 +158,3 @@ def test_bad_input_is_one_line(tiny_models, tmp_path):
                   f"runpy.run_path({script!r}, run_name='__main__')")
         line = one_line_error(run_script("-c", hidden, str(model)))
         assert f"needs the Python module {module}" in line and "pip install -r requirements.txt" in line, line
-    assert os.path.isfile(os.path.join(ROOT, "mnn_infer.py"))

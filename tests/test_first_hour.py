@@ -1,6 +1,5 @@
 """What a new user meets first: the smoke run never touches their trained files, a crafted
 checkpoint runs nothing, and every failure on the way is one line naming the flag or file."""
-import hashlib
 import os
 import shutil
 import subprocess
@@ -14,43 +13,17 @@ import torch_infer
 from moebench import checkpoint
 from moebench.cli import UserError, atomic_path, error_line
 from moebench.runners import pytorch
-from conftest import ROOT, one_line_error, run_script
-
-USER_FILES = ("checkpoint.pt", "model.pt", "model.onnx", "model.loop.onnx", "training.png")
+from conftest import ROOT, USER_FILES, one_line_error, run_script, sha256
 
 
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def repository_copy(folder):
-    """The repository's own files (tracked, or new and not ignored), as a fresh clone has them."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.split()
-    for name in listed:
-        if os.path.isfile(os.path.join(ROOT, name)):
-            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
-            shutil.copy2(os.path.join(ROOT, name), os.path.join(folder, name))
-    return folder
-
-
-def test_the_smoke_run_works_and_leaves_the_user_s_trained_files_byte_identical(tmp_path, mnist_dir):
-    """run_all.sh --quick end to end (every script, in this environment: a missing dependency fails
-    here), in a copy of the repository whose root holds a user's trained files."""
-    repo = repository_copy(tmp_path / "repo")
-    for name in USER_FILES:
-        (repo / name).write_bytes(os.urandom(64) + name.encode())
-    kept = USER_FILES + tuple(str(p.relative_to(repo)) for p in (repo / "results").rglob("*") if p.is_file())
-    assert "results/benchmark.json" in kept
-    before = {name: sha256(repo / name) for name in kept}
-    result = subprocess.run(["bash", "run_all.sh", "--quick"], cwd=repo, capture_output=True, text=True,
-                            timeout=1200, env={**os.environ, "MNIST_DIR": mnist_dir})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert {name: sha256(repo / name) for name in kept} == before
-    quick = repo / "results" / "quick"
+def test_the_smoke_run_works_and_leaves_the_user_s_trained_files_byte_identical(smoke_run, smoke_results):
+    """run_all.sh --quick end to end, in a copy of the repository whose root holds a user's trained
+    files: they and results/ are byte for byte what they were, and every report is in results/quick."""
+    _, repo, before = smoke_run
+    assert "results/benchmark.json" in before
+    assert {name: sha256(repo / name) for name in before} == before
     for name in USER_FILES + ("results.jsonl", "benchmark.json", "sweep.json", "loadgen.json", "routing.png"):
-        assert (quick / name).stat().st_size > 0, name
+        assert (smoke_results / name).stat().st_size > 0, name
 
 
 def test_export_writes_both_graphs_the_other_scripts_read_by_default(tiny_models, mnist_dir, tmp_path,

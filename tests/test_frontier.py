@@ -89,10 +89,10 @@ def test_openvino_script_says_which_precision_ran_and_the_int8_change(tiny_model
     results = tmp_path / "results.jsonl"
     common = ["--model", str(tiny_models / "model.onnx"), "--data-dir", mnist_dir, "--test-limit", "300",
               "--latency-runs", "20", "--quiet", "--json", str(results)]
-    plain = openvino_infer.main(common + ["--precision", "f32", "--hint", "throughput"])
+    plain, = openvino_infer.main(common + ["--precision", "f32", "--hint", "throughput"])
     assert plain["details"]["precision"].startswith("f32 (asked: f32")
     assert plain["details"]["hint"] == "throughput" and "AsyncInferQueue" in plain["timing"]
-    int8 = openvino_infer.main(common + ["--int8", "--calibration-images", "100"])
+    int8, = openvino_infer.main(common + ["--int8", "--calibration-images", "100"])
     assert "NNCF INT8" in int8["details"]["quantized"] and "change" in int8["details"]["vs fp32"]
     assert int8["backend"].startswith("OpenVINO CPU INT8")
     assert len(results.read_text().splitlines()) == 2
@@ -138,17 +138,20 @@ def test_placement_arithmetic():
     assert place["peak_fraction"] == pytest.approx(0.5)
 
 
-def test_sweep_quick_writes_both_plots(tiny_models, mnist_dir, tmp_path):
-    report = sweep.main(["--checkpoint", str(tiny_models / "checkpoint.pt"), "--data-dir", mnist_dir,
-                         "--test-limit", "300", "--quick", "--repeats", "1", "--out-dir", str(tmp_path)])
-    saved = json.loads((tmp_path / "sweep.json").read_text())
-    assert set(saved["batch"]) >= {registry.entry(key).label for key in (
-        registry.REFERENCE, f"openvino-{registry.openvino_precision()}-loop")}
+def test_the_smoke_run_s_sweep_has_the_registry_s_rows_and_both_plots(smoke_results):
+    """sweep.py --quick as run_all.sh --quick ran it: the batch panel's curves are the registry's
+    BATCH_SWEEP entries (one OpenVINO float precision, one fused path), the size panel its SIZE_SWEEP
+    ones."""
+    saved = json.loads((smoke_results / "sweep.json").read_text())
+    trained = config.defaults()  # run_all.sh --quick trains the default structure
+    assert list(saved["batch"]) == [e.label for e in registry.in_report(registry.BATCH_SWEEP, trained)[0]]
+    assert registry.entry(f"openvino-{registry.openvino_precision()}-loop").label in saved["batch"]
     assert all(set(curve) == {"1", "16", "256"} and min(curve.values()) > 0 for curve in saved["batch"].values())
-    assert {(p["EXPERTS"], p["HIDDEN_SIZE"]) for p in report["size"]} == {(4, 32), (8, 32)}
+    assert {(p["EXPERTS"], p["HIDDEN_SIZE"]) for p in saved["size"]} == {(4, 32), (8, 32)}
+    assert {p["engine"] for p in saved["size"]} == {e.label for e in registry.in_report(registry.SIZE_SWEEP, trained)[0]}
     for name in ("sweep_batch.png", "sweep_size.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    markdown = (tmp_path / "sweep.md").read_text()
+        assert (smoke_results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (smoke_results / "sweep.md").read_text()
     assert all(f"| {name} |" in markdown for name in saved["batch"])
 
 

@@ -28,6 +28,7 @@ MODEL_FILES = {"config", "moe", "data"}  # the model's own files: structure, net
 ENTRY_SCRIPTS = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))} - MODEL_FILES
 PACKAGE = "moebench"
 MAX_LINES = 350
+MAX_FUNCTION_LINES = 60
 MAX_TOP_MODULES = 16  # modules directly in moebench/; the rest live in subpackages
 SUBPACKAGES = {"measuring", "reports", "runners", "serving"}
 FLAG_READERS = {"from_flags", "asked"}  # the only library functions that read an argparse Namespace
@@ -136,10 +137,18 @@ def test_the_runner_modules_import_nothing_from_the_top_level():
             assert not imported_modules(path) & (MODEL_FILES | ENTRY_SCRIPTS), path
 
 
-def test_every_file_reads_top_to_bottom():
+def test_every_file_and_function_reads_top_to_bottom():
     files = python_files("") + python_files(PACKAGE, recursive=True) + python_files("tests")
     long = {os.path.relpath(p, ROOT): n for p in files if (n := sum(1 for _ in open(p))) > MAX_LINES}
     assert not long, f"over {MAX_LINES} lines: {long}"
+    functions = {}
+    for path in python_files("") + python_files(PACKAGE, recursive=True):
+        with open(path) as f:
+            functions.update({f"{os.path.relpath(path, ROOT)}:{node.name}": node.end_lineno - node.lineno + 1
+                              for node in ast.walk(ast.parse(f.read()))
+                              if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))})
+    long = {name: n for name, n in functions.items() if n > MAX_FUNCTION_LINES}
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
 
 
 def test_a_ray_worker_with_only_the_package_serves_and_says_what_ran(tiny_models, mnist_dir, tmp_path):

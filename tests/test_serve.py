@@ -20,7 +20,8 @@ from conftest import (ROOT, SERVED_IMAGES as IMAGES, check_answers, free_port, o
                       run_script)
 from moebench import gc_settings
 from moebench.measuring import wrk
-from moebench.runners import registry
+from moebench.runners import onnx_runtime, registry
+from moebench.test_set import load_test_set
 from moebench.serving.server_process import ServerProcess
 
 
@@ -89,26 +90,28 @@ def background_wrk(url, body, folder, seconds):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def test_a_worker_killed_under_load_is_replaced_and_no_answer_is_wrong(server, served_images, served_expected,
-                                                                        tmp_path):
+def test_killed_workers_are_replaced_without_a_wrong_answer_and_ctrl_c_stops_the_server(own_server, served_images,
+                                                                                        served_expected, tmp_path):
     """Four clients post images of their own rows, and check each answer against that row, while the
-    process that serves them is killed under wrk's load too; a new one must take over."""
-    _, url, _ = server
+    process that serves them is killed under wrk's load too; a new one must take over. The default
+    server's model computes in a process of its own beside each worker: killed under load, its worker
+    ends too, and the new worker's model process answers. Then Ctrl-C under load ends the server
+    cleanly."""
+    started, url, _, kind = own_server
     killed_under_load(url, lambda worker: worker, served_images, served_expected, tmp_path)
-
-
-def test_a_killed_model_process_takes_its_worker_along_and_a_new_pair_answers_right(tiny_models, served_images,
-                                                                                   served_expected, tmp_path):
-    """The default server's model computes in a process of its own beside each worker: killed under
-    load, its worker ends too, and the new worker's model process answers, every answer right."""
-    port = free_port()
-    started = ServerProcess([sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"), "--port",
-                             str(port), "--max-batch-size", "8"], ROOT, port)
-    try:
-        killed = killed_under_load(started.url, model_process_of, served_images, served_expected, tmp_path)
+    if kind == "embedded":
+        killed = killed_under_load(url, model_process_of, served_images, served_expected, tmp_path)
         assert not running(killed["worker"])
-    finally:
-        started.stop()
+    flood = background_wrk(url, served_images[0][:1].tobytes(), tmp_path, 30)  # Ctrl-C under load
+    time.sleep(1)
+    started.process.send_signal(signal.SIGINT)
+    assert started.process.wait(60) == 0
+    if flood:
+        flood.kill()
+        flood.wait()
+    assert started.output().strip().endswith("stopped")
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url, timeout=5)
 
 
 def model_process_of(worker):
@@ -192,26 +195,44 @@ def test_a_big_request_and_small_ones_together_get_their_own_answers(server, ser
     assert answered >= 2  # the queue's two places at least
 
 
-def test_loadgen_runs_every_scenario_end_to_end(server, tiny_models, mnist_dir, tmp_path):
-    _, url, _ = server
-    report = loadgen.main(["--quick", "--server-url", url, "--model", str(tiny_models / "model.onnx"),
-                           "--data-dir", mnist_dir, "--test-limit", "600", "--out-dir", str(tmp_path)])
+def test_the_smoke_run_s_loadgen_report_has_every_scenario(smoke_results):
+    """loadgen.py --quick as run_all.sh --quick ran it: the in-process reference in SingleStream,
+    Offline and accuracy mode, the bare server as the ceiling, and serve.py under LoadGen and wrk."""
+    report = json.loads((smoke_results / "loadgen.json").read_text())
     row = report["in_process"][registry.entry(registry.REFERENCE).label]
     assert row["key"] == registry.REFERENCE
     assert row["single_stream"]["p90_ns"] > 0 and row["offline"]["samples_per_s"] > 0
     assert row["loadgen"]["accuracy"] == pytest.approx(row["direct_accuracy"])
-    served = report["server"][f"serve.py at {url}"]
+    served = report["server"][next(s.name for s in loadgen.SERVERS if not s.bare)]
     assert served["loadgen"]["accuracy"] == pytest.approx(served["direct_accuracy"])
     assert served["ladder"]["steps"] and report["server"][loadgen.BASELINE]["ladder"]["steps"]
     ceiling = report["server"][report["ceiling"]]
-    assert report["ceiling"] in {s.name for s in loadgen.SERVERS if s.bare} and ceiling["vs_ceiling"] == 1.0 and "loadgen" not in ceiling
-    logs = tmp_path / "loadgen" / "onnx-runtime-cpu-dense-torchscript"
+    assert report["ceiling"] in {s.name for s in loadgen.SERVERS if s.bare} and ceiling["vs_ceiling"] == 1.0
+    assert "loadgen" not in ceiling and report["loadgen_version"] not in ("", "unknown")
+    logs = smoke_results / "loadgen" / loadgen.slug(registry.entry(registry.REFERENCE).label)
     for scenario in ("singlestream", "offline"):
         assert "Result is : VALID" in (logs / scenario / "mlperf_log_summary.txt").read_text()
     for scenario in ("singlestream", "offline", "accuracy"):
         assert "test_mode" in (logs / scenario / "mlperf_log_detail.txt").read_text()
-    assert (tmp_path / "loadgen.png").read_bytes()[:4] == b"\x89PNG"
-    assert "## Server" in (tmp_path / "loadgen.md").read_text()
+    assert (smoke_results / "loadgen.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Server" in (smoke_results / "loadgen.md").read_text()
+
+
+def test_loadgen_measures_a_running_server_given_by_its_url(server, tiny_models, mnist_dir, tmp_path):
+    """loadgen.py --server-url: the running server's answers checked in LoadGen's accuracy mode, one
+    request at a time, and its Server ladder, as for a server loadgen.py starts itself."""
+    _, url, _ = server
+    args = loadgen.parse_args(["--quick", "--server-url", url, "--model", str(tiny_models / "model.onnx"),
+                               "--data-dir", mnist_dir, "--test-limit", "600", "--out-dir", str(tmp_path)])
+    images, labels = load_test_set(mnist_dir, 600)
+    with onnx_runtime.runner(args.model) as reference:
+        expected = reference.logits(images).argmax(1)
+    pixels = np.round(images[:, 0] * 255).astype(np.uint8)
+    row = loadgen.server_row(loadgen.Server(f"serve.py at {url}"), args, pixels, labels, expected, str(tmp_path), url)
+    assert row["loadgen"]["accuracy"] == pytest.approx(row["direct_accuracy"]) and row["loadgen"]["agreement"] == 100.0
+    assert row["single_stream"]["p90_ns"] > 0 and row["ladder"]["steps"]
+    if wrk.available():
+        assert row["wrk"]
 
 
 def test_the_load_generator_keeps_its_loaded_heap_out_of_the_collector_during_a_test():
@@ -228,20 +249,6 @@ def test_a_taken_port_is_one_clear_line(server, tiny_models):
     _, _, port = server
     line = one_line_error(run_script("serve.py", "--model", str(tiny_models / "model.onnx"), "--port", str(port)))
     assert f"--port {port}: cannot listen there" in line
-
-
-def test_ctrl_c_stops_the_server_cleanly(server, served_images, tmp_path):
-    started, url, _ = server
-    flood = background_wrk(url, served_images[0][:1].tobytes(), tmp_path, 30)  # Ctrl-C under load
-    time.sleep(1)
-    started.process.send_signal(signal.SIGINT)
-    assert started.process.wait(60) == 0
-    if flood:
-        flood.kill()
-        flood.wait()
-    assert started.output().strip().endswith("stopped")
-    with pytest.raises(OSError):
-        urllib.request.urlopen(url, timeout=5)
 
 
 def test_refuses_a_model_without_gates_and_an_unreachable_cluster(tmp_path, tiny_models):
