@@ -116,7 +116,9 @@ def test_the_smoke_run_s_benchmark_has_every_file_and_field(smoke_results, tmp_p
                      "ort-dense-dynamo", "ort-fp16-dense", "ort-int8-static"):
         assert expected in keys
     assert len(set(keys)) == len(keys)
-    assert all(registry.entry(row["key"]).label == row["name"] for row in saved["rows"])  # labels only display
+    # labels only display; the browser's row names the threads the page got
+    assert all(registry.entry(row["key"]).label == row["name"] for row in saved["rows"]
+               if registry.entry(row["key"]).measured_by != "browser")
     for row in saved["rows"]:
         assert 0 <= row["accuracy"] <= 100 and row["vs_floor_test_set"] > 0
         assert row["model"]["images_per_s"] > 0 and row["floor"]["best_test_set_ms"] > 0
