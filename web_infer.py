@@ -6,7 +6,9 @@ browser, provider and threads that really ran.
 python web_infer.py --demo serves a page where you draw a digit and see the class, the ten scores and
 the experts the gate chose, computed in the page by the same model file.
 
-onnxruntime-web comes from the npm registry: npm ci --prefix web (the README's main command runs it)."""
+onnxruntime-web comes from the npm registry: npm ci --prefix web (the README's main command runs it).
+The InferenceSession is built in web/moe.mjs and called by web/bench.mjs, the page that
+moebench/web.py, measure_in_page(), drives."""
 import sys
 import time
 

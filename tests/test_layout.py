@@ -180,6 +180,13 @@ def doc_code_blocks(name):
         return re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
 
 
+def test_serve_py_imports_only_the_backend_it_serves():
+    """serve.py lists its backends without importing them: no torch, OpenVINO or compiler behind it."""
+    program = "import sys, serve; print(sorted({'torch', 'openvino', 'tvm', 'MNN'} & set(sys.modules)))"
+    found = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True)
+    assert found.returncode == 0 and found.stdout.strip() == "[]", found.stdout + found.stderr
+
+
 def test_the_documented_way_to_add_a_backend_works(tiny_models, mnist_dir, tmp_path, monkeypatch):
     """docs/adding-a-backend.md's runner, entry and script, run as written: the entry's runner answers
     as ONNX Runtime does, holds its engine, is timed by its clock, and lets its engine go on close();
