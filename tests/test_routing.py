@@ -124,7 +124,9 @@ def test_the_smoke_run_s_benchmark_has_every_file_and_field(smoke_results, tmp_p
         assert row["model"]["images_per_s"] > 0 and row["floor"]["best_test_set_ms"] > 0
         if row["key"] != "ort-loop-dataloader":
             assert set(row["model"]["latency_us"]) == {"p50", "p90", "p99"}
-            assert set(row["model"]["test_set_ms"]) == {"64", "1024", "1000"}
+            # the page in the browser times no batch larger than the test set
+            browser = registry.entry(row["key"]).measured_by == "browser"
+            assert set(row["model"]["test_set_ms"]) == ({"64", "1000"} if browser else {"64", "1024", "1000"})
             assert row["vs_floor_b1"] > 0 and 0 <= row["agreement"] <= 100
             assert {"engine", "provider", "precision", "threads"} <= set(row["described"])
     reference = next(row for row in saved["rows"] if row["key"] == registry.REFERENCE)
