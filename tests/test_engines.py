@@ -13,7 +13,7 @@ import litert_infer
 import mnn_infer
 import ncnn_infer
 import tvm_infer
-from conftest import ROOT, one_line_error, run_script
+from conftest import one_line_error, run_script
 from data import load_split
 from moebench import checkpoint
 from moebench.runners import (executorch_runtime, iree_runtime, litert_runtime, mnn_runtime, ncnn_runtime,
