@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -115,7 +116,8 @@ class SmokeRun:
         self.before = {name: sha256(self.repo / name) for name in kept}
         self.log = open(folder / "smoke.log", "w+")
         self.process = subprocess.Popen(["bash", "run_all.sh", "--quick"], cwd=self.repo, stdout=self.log,
-                                        stderr=subprocess.STDOUT, text=True, env={**os.environ, "MNIST_DIR": MNIST_DIR})
+                                        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                        env={**os.environ, "MNIST_DIR": MNIST_DIR})
 
     def finished(self, timeout=1500):
         """(exit status, the run's output)."""
@@ -135,8 +137,8 @@ def pytest_collection_finish(session):
 def pytest_sessionfinish(session):
     run = SMOKE.pop("run", None)
     if run:
-        if run.process.poll() is None:
-            run.process.kill()
+        if run.process.poll() is None:  # the session ended early: the run and every process it started
+            os.killpg(run.process.pid, signal.SIGKILL)
         run.process.wait()
         run.log.close()
         shutil.rmtree(run.repo.parent, ignore_errors=True)
