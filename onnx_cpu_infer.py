@@ -18,7 +18,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     settings = onnx_runtime.SessionSettings(args.opt_level, args.threads)
     auto = args.routing == "auto" and not args.model
-    paths = [config.onnx_path("dense"), config.onnx_path("loop")] if auto else [backend_script.model_path(args.model, args.routing)]
+    paths = ([config.onnx_path("dense"), config.onnx_path("loop")] if auto
+             else [backend_script.model_path(args.model, args.routing)])
     measurement = backend_script.Measurement.from_flags(args, " and ".join(paths))
     details = {"options": f"graph optimisation {args.opt_level}, intra-op threads {args.threads or 'auto'}"}
     if args.kernels:

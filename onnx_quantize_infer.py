@@ -9,8 +9,6 @@ from data import load_split
 from moebench import backend_script, contract, netron
 from moebench.cli import ArgumentParser, positive_int, run
 from moebench.convert import quantize
-from moebench.measuring.clock import full_pass
-from moebench.measuring.compare import accuracy
 from moebench.runners import onnx_runtime
 from moebench.test_set import load_test_set
 
@@ -26,9 +24,8 @@ def quantized_copies(path, args):
 
 
 def fp32_accuracy(path, args):
-    images, labels = load_test_set(args.data_dir, args.test_limit)
     with onnx_runtime.runner(path) as fp32:
-        return accuracy(full_pass(fp32.clock(), images, 1000), labels)
+        return backend_script.test_set_accuracy(fp32, load_test_set(args.data_dir, args.test_limit))
 
 
 def main(argv=None):

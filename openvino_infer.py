@@ -4,8 +4,6 @@ model is compiled and called in moebench/runners/openvino_cpu.py, runner()."""
 from data import load_split
 from moebench import backend_script
 from moebench.cli import ArgumentParser, positive_int, run
-from moebench.measuring.clock import full_pass
-from moebench.measuring.compare import accuracy
 from moebench.runners import openvino_cpu
 from moebench.test_set import load_test_set
 
@@ -25,10 +23,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def test_set_accuracy(runner, test_set):
-    return accuracy(full_pass(runner.clock(), test_set[0], 1000), test_set[1])
-
-
 def main(argv=None):
     args = parse_args(argv)
     measurement = backend_script.Measurement.from_flags(args)
@@ -36,7 +30,7 @@ def main(argv=None):
     calibration = baseline = None
     if args.int8:
         with openvino_cpu.runner(measurement.model, precision="f32") as fp32:
-            baseline = test_set_accuracy(fp32, test_set)
+            baseline = backend_script.test_set_accuracy(fp32, test_set)
         calibration = load_split("train", args.data_dir, args.calibration_images)[0].numpy()
 
     def shown(runner):
@@ -45,7 +39,7 @@ def main(argv=None):
         details = {"precision": f"{used} (asked: {args.precision}; from the compiled model's "
                                 "INFERENCE_PRECISION_HINT)"}
         if args.int8:
-            change = test_set_accuracy(runner, test_set) - baseline
+            change = backend_script.test_set_accuracy(runner, test_set) - baseline
             details["vs fp32"] = f"fp32 accuracy {baseline:.2f}%, change {change:+.2f} points"
         return details
     return backend_script.measure(lambda: openvino_cpu.runner(measurement.model, precision=args.precision,

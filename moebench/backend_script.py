@@ -7,7 +7,8 @@ import config
 
 from . import netron
 from .measuring import block
-from .measuring.clock import timed
+from .measuring.clock import full_pass, timed
+from .measuring.compare import accuracy
 from .test_set import load_test_set
 
 TIMINGS = ("host", "resident", "both")
@@ -70,6 +71,11 @@ class Measurement:
         return cls(model or model_path(args.model, args.routing), args.data_dir, args.test_limit,
                    ("host", "resident") if timing == "both" else (timing,), block.Settings.from_flags(args),
                    netron.asked(args) if hasattr(args, "netron") else None)
+
+
+def test_set_accuracy(runner, test_set):
+    """The runner's accuracy on (images, labels), one untimed pass: what an INT8 row is compared with."""
+    return accuracy(full_pass(runner.clock(), test_set[0], 1000), test_set[1])
 
 
 def measure(make, measurement, details=None):

@@ -164,7 +164,8 @@ def test_a_ray_worker_with_only_the_package_serves_and_says_what_ran(tiny_models
                "engine = Engine(pickle.load(open('served.pickle', 'rb')), open('model.onnx', 'rb').read(), threads=1); "
                "assert not {'config', 'data', 'torch', 'openvino'} & set(sys.modules), sorted(sys.modules); "
                "print(json.dumps({'described': engine.describe(), "
-               "'classes': engine.compute(np.load('pixels.npy').astype(np.float32).reshape(-1, 1, 28, 28) / 255)[0].argmax(1).tolist()}))")
+               "'classes': engine.compute(np.load('pixels.npy').astype(np.float32).reshape(-1, 1, 28, 28) / 255)"
+               "[0].argmax(1).tolist()}))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     found = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert found.returncode == 0, found.stderr

@@ -43,7 +43,7 @@ def build_floor(structure, path):
 
 
 def floor_runner(structure, workdir, on_gpu=False):
-    """The floor MLP for `structure` in ONNX Runtime, on the CPU or on CUDA; FLOOR_TIMING says which
+    """The floor MLP for `structure` in ONNX Runtime, on the CPU or on CUDA; floor_timing() says which
     of its clocks the benchmark times it with."""
     path = build_floor(structure, os.path.join(workdir, "floor.onnx"))
     return onnx_runtime.runner(path, "floor MLP", "cuda" if on_gpu else "cpu")

@@ -89,5 +89,6 @@ def runner(path, cache_dir=None, driver="auto", target_cpu="host"):
                      driver, f"1 below batch {SYNC_BELOW}, one per core from it"),
                  "compile": "cached module, " + target if compile_s is None else f"{compile_s:.1f} s, into {target}"}
     host = clocks[0] if len(clocks) == 1 else by_batch_size(clocks[0], clocks[1], SYNC_BELOW)
-    return Runner(f"IREE {versions()['iree-base-runtime']} ({driver} driver, llvm-cpu)", predict, described, engine=handles, clocks={"host": host}, versions=versions())
+    return Runner(f"IREE {versions()['iree-base-runtime']} ({driver} driver, llvm-cpu)", predict, described,
+                  engine=handles, clocks={"host": host}, versions=versions())
 

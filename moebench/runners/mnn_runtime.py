@@ -112,7 +112,8 @@ def runner(path, cache_dir=None, threads=1, weight_bits=0, calibration=None):
                                "fp32" + (f" compute, int{weight_bits} weights" if weight_bits else "")),
                  "threads": threads,
                  "convert": "cached model, " + target if convert_s is None else f"{convert_s:.2f} s, into {target}"}
-    name = (f"MNN {versions()['mnn']} CPU ({plural(threads, 'thread')}" + (f", int{weight_bits} weights" if weight_bits else "")
+    name = (f"MNN {versions()['mnn']} CPU ({plural(threads, 'thread')}"
+            + (f", int{weight_bits} weights" if weight_bits else "")
             + (", int8" if calibration is not None else "") + ")")
     return Runner(name, predict, described,
                   engine=(module, manager), versions=versions())

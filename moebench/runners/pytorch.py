@@ -169,7 +169,8 @@ def runner(variant, model, structure, device="cpu", name=None, kernel=None):
     if fused_op:
         described["kernel"] = fused.describe(ready.kernel)
     resident = {"resident": resident_clock(ready, torch.device(device), bf16)} if device == "cuda" else {}
-    return Runner(name or f"PyTorch {LABELS[variant]} on {device.upper()} ({device_name(device)})", predict, described, engine=ready,
+    return Runner(name or f"PyTorch {LABELS[variant]} on {device.upper()} ({device_name(device)})", predict, described,
+                  engine=ready,
                   logits=fused.predictor(ready) if fused_op else predictor(ready, device, bf16), clocks=resident,
                   versions={"torch": torch.__version__})
 

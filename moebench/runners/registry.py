@@ -122,7 +122,8 @@ def onnx_entries():
                          lambda s: onnx_runtime.runner(s.fp16(), precision="fp16 weights, fp32 compute"), quick=True))
     entries += [Entry(int8_key(*variant), int8_label(*variant), "int8", "dense", "int8",
                       lambda s, v=variant: onnx_runtime.runner(s.int8(*v), precision="int8"),
-                      quick=variant in INT8_VARIANTS[::3], reports=(BATCH_SWEEP, LOADGEN) if variant == INT8_VARIANTS[0] else ())
+                      quick=variant in INT8_VARIANTS[::3],
+                      reports=(BATCH_SWEEP, LOADGEN) if variant == INT8_VARIANTS[0] else ())
                 for variant in INT8_VARIANTS]
     entries += [Entry("ort-auto", "ONNX Runtime CPU, auto (dense for small batches, loop for large)", "onnx", "loop",
                       "fp32", lambda s: onnx_runtime.auto_runner(s.onnx("dense"), s.onnx("loop"), config.AUTO_LOOP_FROM),
@@ -268,9 +269,9 @@ def in_report(report, structure):
     """(the runnable entries `report` measures, one per engine where siblings differ only in what
     this CPU prefers (OpenVINO's float precision, the fused operator's path), in the catalogue's
     order; what this machine lacks for the others)."""
-    wanted = [e for e in catalogue() if report in e.reports and e.device == "cpu" and e.preferred()]
-    return ([e for e in wanted if not e.lacks(structure)],
-            [f"{e.label}: {e.lacks(structure)}" for e in wanted if e.lacks(structure)])
+    wanted = [(e, e.lacks(structure)) for e in catalogue() if report in e.reports and e.device == "cpu"
+              and e.preferred()]
+    return [e for e, why in wanted if not why], [f"{e.label}: {why}" for e, why in wanted if why]
 
 
 def openvino_precision():
