@@ -54,6 +54,7 @@ SERVERS = (Server("bare HTTP server, no model: aiohttp", bare="aiohttp", quick=T
            Server("serve.py (uvicorn, dynamic batching)", protocols=("own", "v2"), quick=True),
            Server("serve.py's own work, a model that takes no time (bare_http.py --server serve-py-no-model)",
                   bare="serve-py-no-model", ladder=False),
+           Server("serve.py --no-metrics (what the Prometheus metrics cost)", flags=("--no-metrics",), ladder=False),
            Server("serve.py --ray (Ray Serve, HAProxy ingress)", flags=("--ray",)),
            Server("serve.py --backend fused-int8", flags=("--backend", "fused-int8"), ladder=False),
            Server("serve.py --backend openvino", flags=("--backend", "openvino"), ladder=False),

@@ -12,20 +12,22 @@ backend answered. GET / says what is served. The Open Inference Protocol (KServe
 it) is served too: GET /v2/health/ready, GET /v2/models/moe, POST /v2/models/moe/infer with JSON
 tensors or the binary tensor extension; --triton serves only that protocol. Bad bodies get a 400 or
 413, a body that does not arrive in time a 408, a full queue a 503."""
+import contextlib
 import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import config
-from moebench import contract
 from moebench.cli import (ArgumentParser, UserError, error_line, for_the_user, non_negative_float, non_negative_int,
                           port_number, positive_float, positive_int, run)
 from moebench.runners.served import BACKENDS
+from moebench.serving import metrics, repository
 from moebench.serving.engine import Engine
 from moebench.serving.http_app import BODY_TIMEOUT_S
 
@@ -58,6 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--body-timeout-s", type=positive_float, default=BODY_TIMEOUT_S,
                         help="a request's body must arrive whole within this, or it gets a 408 and its place goes to "
                              f"others (default {BODY_TIMEOUT_S:g})")
+    parser.add_argument("--no-metrics", action="store_true",
+                        help="no Prometheus metrics at GET /metrics (they are on by default; docs/serving.md has "
+                             "what they cost)")
     parser.add_argument("--threads", type=non_negative_int, default=1,
                         help="compute threads per replica (default 1; 0: the backend's own choice)")
     ray = parser.add_argument_group("Ray Serve (--ray)")
@@ -83,16 +88,6 @@ def parse_args(argv=None):
         parser.error(f"--backend {args.backend} reads the checkpoint with this repository's own files, which Ray "
                      "workers do not have: serve it without --ray, or use onnxruntime or openvino with --ray")
     return args
-
-
-def model_bytes(path):
-    """The model file's bytes, once it has passed the contract and has the 'gates' output."""
-    model = contract.check_onnx(path)
-    if contract.GATES not in [o.name for o in model.graph.output]:
-        raise UserError(f"{path} has no '{contract.GATES}' output, which the answers need; "
-                        "export it with export_onnx.py")
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def require_free_port(host, port):
@@ -147,7 +142,9 @@ def announce_when_answering(args, described):
         return
     print(f"serving {args.checkpoint if args.served.from_checkpoint else args.model} on {args.backend} "
           f"({described['engine']}, {described['precision']}) with {args.replicas} worker(s), batching up to "
-          f"{args.max_batch_size} images per call, at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+          f"{args.max_batch_size} images per call, at http://{args.host}:{args.port}/"
+          + ("" if args.no_metrics else f", metrics at http://{args.host}:{args.port}/metrics") + " (Ctrl-C stops)",
+          flush=True)
 
 
 def batching(args):
@@ -163,7 +160,10 @@ def serve_here(args, payload):
     settings = {"model": os.path.abspath(args.model), "checkpoint": os.path.abspath(args.checkpoint),
                 "backend": args.backend, "threads": args.threads, "precision": args.precision, **batching(args)}
     threading.Thread(target=announce_when_answering, args=(args, described), daemon=True).start()
-    http_app.serve(settings, args.host, args.port, args.replicas)  # until Ctrl-C or SIGTERM
+    with tempfile.TemporaryDirectory(prefix="moe-serve-") as run:  # what this run's processes share
+        settings["orders"] = os.path.join(run, "order.json")
+        with contextlib.nullcontext() if args.no_metrics else metrics.multiprocess_directory(run):
+            http_app.serve(settings, args.host, args.port, args.replicas)  # until Ctrl-C or SIGTERM
     print("stopped", flush=True)
 
 
@@ -206,7 +206,7 @@ def serve_with_triton(args, payload):
 
 def main(argv=None):
     args = parse_args(argv)
-    payload = b"" if args.served.from_checkpoint else model_bytes(args.model)
+    payload = b"" if args.served.from_checkpoint else repository.checked_model_bytes(args.model)
     (serve_with_ray if args.ray else serve_with_triton if args.triton else serve_here)(args, payload)
 
 

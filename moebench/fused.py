@@ -127,10 +127,27 @@ def read_bytes(path):
         return f.read()
 
 
+def source_files():
+    return sorted(name for name in os.listdir(FOLDER) if name.endswith((".cpp", ".h")))
+
+
 def source_bytes():
     """The operator's source and headers, what a cached build must have been built from."""
-    return b"".join(read_bytes(os.path.join(FOLDER, name)) for name in sorted(os.listdir(FOLDER))
-                    if name.endswith((".cpp", ".h")))
+    return b"".join(read_bytes(os.path.join(FOLDER, name)) for name in source_files())
+
+
+def staged_source(folder):
+    """The operator's files copied into the build folder, the copy that is compiled: PyTorch's loader
+    rebuilds whenever the source's path changes, so compiling the repository's own file would make
+    every other copy of the repository (a second checkout, the tests' copy) rebuild the same source."""
+    staged = os.path.join(folder, "source")
+    os.makedirs(staged, exist_ok=True)
+    for name in source_files():
+        content = read_bytes(os.path.join(FOLDER, name))
+        if read_bytes(os.path.join(staged, name)) != content:
+            with atomic_path(os.path.join(staged, name)) as tmp, open(tmp, "wb") as f:
+                f.write(content)
+    return os.path.join(staged, os.path.basename(SOURCE))
 
 
 @functools.cache
@@ -155,7 +172,7 @@ def build(kernel=None):
     try:
         # -fopenmp compiles at::parallel_for's OpenMP loops; nothing links an OpenMP runtime of its own,
         # so they run on PyTorch's, which torch.set_num_threads() sets
-        module = load(name, [SOURCE], extra_cflags=["-O3", "-fopenmp", *KERNELS[kernel][1]], build_directory=folder,
+        module = load(name, [staged_source(folder)], extra_cflags=["-O3", "-fopenmp", *KERNELS[kernel][1]], build_directory=folder,
                       is_python_module=True, verbose=False)
     except Exception as error:
         log = os.path.join(folder, "build-error.log")

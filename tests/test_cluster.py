@@ -147,17 +147,19 @@ def test_a_second_serve_with_other_http_settings_is_refused_not_announced(served
     assert [len(a["predictions"]) for a in answers] == [1, 1]
 
 
-@pytest.mark.parametrize("auth, expected", [
-    ({"RAY_AUTH_MODE": None}, "refused this client's authentication (RAY_AUTH_MODE is not set)"),
-    ({"RAY_AUTH_TOKEN": "0" * 64}, "refused this client's authentication (the token is not the cluster's)")])
-def test_a_join_refused_for_authentication_says_what_to_set(cluster, tiny_models, auth, expected):
+def test_a_join_refused_for_authentication_says_what_to_set(cluster, tiny_models):
+    """Both refusals at once: each waits for Ray's own connection timeout, so they wait together."""
     head, _, env = cluster
-    env = {k: v for k, v in {**env, **auth}.items() if v is not None}
-    result = subprocess.run(on(head, sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"),
-                               "--address", f"{head[1]}:{PORT}"),
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    line = one_line_error(result)
-    assert expected in line and "export RAY_AUTH_MODE=token" in line and "ray get-auth-token" in line, line
+    cases = {"refused this client's authentication (RAY_AUTH_MODE is not set)": {"RAY_AUTH_MODE": None},
+             "refused this client's authentication (the token is not the cluster's)": {"RAY_AUTH_TOKEN": "0" * 64}}
+    joins = {expected: subprocess.Popen(
+        on(head, sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"), "--address", f"{head[1]}:{PORT}"),
+        cwd=ROOT, env={k: v for k, v in {**env, **auth}.items() if v is not None}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for expected, auth in cases.items()}
+    for expected, process in joins.items():
+        out, err = process.communicate(timeout=180)
+        line = one_line_error(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+        assert expected in line and "export RAY_AUTH_MODE=token" in line and "ray get-auth-token" in line, line
 
 
 def test_ctrl_c_stops_serve_and_leaves_the_cluster_running(served, cluster):

@@ -64,7 +64,7 @@ def test_clients_stalled_mid_body_cannot_take_the_service_away(server, served_im
 
 
 def test_the_first_content_length_and_type_count_and_a_length_that_is_no_number_is_none():
-    from moebench.serving.http_app import length_and_type
+    from moebench.serving.asgi import length_and_type
     headers = [(b"host", b"x"), (b"content-length", b"784"), (b"content-type", b"application/json"),
                (b"content-length", b"5"), (b"content-type", b"text/plain")]
     assert length_and_type({"headers": headers}) == (784, "application/json")

@@ -16,7 +16,8 @@ import asyncio
 import numpy as np
 import orjson
 
-from .http_app import UVICORN_SETTINGS, Application, read_body, respond
+from .asgi import read_body, respond
+from .http_app import UVICORN_SETTINGS, Application
 from .requests import PIXELS_PER_IMAGE
 
 CANNED = {"class": 7, "logits": [-3.91825, -6.77241, 1.76233, 4.24012, -8.09416, -3.54183, -17.44731, 13.63474,

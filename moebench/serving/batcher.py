@@ -4,6 +4,7 @@ more than one call."""
 import asyncio
 import collections
 import functools
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,12 +14,20 @@ class Full(Exception):
     """More requests are waiting than --max-queued allows: answered 503 at once."""
 
 
-class Waiting:
-    """One request in the queue: its images, how far batches have taken them, its answers so far."""
-    __slots__ = ("images", "taken", "done", "answers", "future")
+class ClientGone(Exception):
+    """The request's client closed its connection before the request's images were computed: they
+    are not computed, and nothing is answered."""
+    STATUS = 499  # what the metrics count it as (nginx's name for it: client closed request)
 
-    def __init__(self, images, future):
-        self.images, self.future = images, future
+
+class Waiting:
+    """One request in the queue: its images, how far batches have taken them, its answers so far,
+    when it arrived, and its client (None, or an object whose `disconnected` says it went away)."""
+    __slots__ = ("images", "taken", "done", "answers", "future", "client", "arrived")
+
+    def __init__(self, images, future, client=None):
+        self.images, self.future, self.client = images, future, client
+        self.arrived = time.perf_counter()
         self.taken = self.done = 0
         self.answers = [None] * len(images)
 
@@ -35,7 +44,7 @@ class Batcher:
     request moves on even under a stream of small ones."""
 
     def __init__(self, compute, max_batch_size, wait_s, max_queued, finish=lambda computed: computed, inline_images=0,
-                 join=np.concatenate, elsewhere=None):
+                 join=np.concatenate, elsewhere=None, recorder=None):
         """compute(images) runs on the model thread and should hold no GIL for long (the engine call),
         or on the event loop for batches of up to `inline_images`; finish(computed) -> one answer per
         image runs on the event loop (cheap Python, per batch); join(pieces) makes the batch of the
@@ -44,7 +53,10 @@ class Batcher:
         compute(batch) -> a future of the answers, in_flight): every batch goes there but one of up to
         `inline_images` while none is there (a lone small request is answered sooner here than by a
         round trip to another process), and up to `in_flight` batches are there at a time, so that
-        the model does not wait for the event loop."""
+        the model does not wait for the event loop.
+        recorder: where queue waits, abandoned requests and the model calls made here are counted
+        (metrics.Recorder), or None."""
+        self.recorder = recorder
         self.compute, self.finish, self.inline_images, self.join = compute, finish, inline_images, join
         self.elsewhere = elsewhere
         self.room = asyncio.Semaphore(elsewhere.in_flight) if elsewhere else None
@@ -57,12 +69,13 @@ class Batcher:
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.worker = None
 
-    async def infer(self, images):
+    async def infer(self, images, client=None):
+        """The answers for `images`, one per image; ClientGone once `client` is gone before they are computed."""
         if self.waiting >= self.max_queued:
             raise Full(f"{self.waiting} requests are waiting already (--max-queued {self.max_queued}); try again")
         if self.worker is None:
             self.worker = asyncio.get_running_loop().create_task(self.run())
-        request = Waiting(images, asyncio.get_running_loop().create_future())
+        request = Waiting(images, asyncio.get_running_loop().create_future(), client)
         self.arrived.append(request)
         self.waiting += 1
         self.wake.set()
@@ -70,6 +83,12 @@ class Batcher:
             return await request.future
         finally:
             self.waiting -= 1
+
+    def stop(self):
+        """End a retired batcher's task and thread (it holds no request any more)."""
+        if self.worker is not None:
+            self.worker.cancel()
+        self.model_thread.shutdown(wait=False)
 
     def queued_images(self):
         return sum(r.untaken for line in (self.arrived, self.leftover) for r in line)
@@ -86,8 +105,13 @@ class Batcher:
         """Move up to `room` images from the head of `line` into pieces; returns the room left."""
         while line and room:
             request = line.popleft()
-            if request.future.done():  # its client went away
+            if request.future.done():
                 continue
+            if request.client is not None and request.client.disconnected:
+                self.abandon(request)
+                continue
+            if self.recorder is not None and not request.taken:
+                self.recorder.queue_waits.append(time.perf_counter() - request.arrived)
             count = min(room, request.untaken)
             pieces.append((request, request.taken, request.taken + count))
             request.taken += count
@@ -116,7 +140,13 @@ class Batcher:
             if self.room:
                 self.room.release()
 
+    def abandon(self, request):
+        request.future.set_exception(ClientGone())
+        if self.recorder is not None:
+            self.recorder.abandoned += 1
+
     async def compute_here(self, pieces, batch):
+        started = time.perf_counter()
         try:
             if len(batch) <= self.inline_images:
                 computed = self.compute(batch)
@@ -126,6 +156,8 @@ class Batcher:
         except Exception as error:  # the model failed on this batch: its requests get a 500
             self.fail(pieces, error)
             return
+        if self.recorder is not None:
+            self.recorder.model_call(len(batch), time.perf_counter() - started)
         self.deliver(pieces, answers)
 
     def hand_over(self, pieces, images):

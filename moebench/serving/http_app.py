@@ -12,24 +12,27 @@ Hostile clients: a declared length past the limit is refused (413) before the bo
 body that does not arrive whole within `body_timeout_s` is refused (408) and frees its place, and
 any body that cannot be parsed is a 4xx."""
 import asyncio
+import itertools
 import json
 import os
 import socket
+import sys
 import time
 
 import numpy as np
 import orjson
 
 from .. import gc_settings
-from ..cli import require_module
-from . import kserve, requests
-from .batcher import Batcher, Full
+from ..cli import UserError, require_module
+from . import kserve, metrics, repository, requests
+from .asgi import CLOSE, Deadlines, header, length_and_type, read_body, respond
+from .batcher import Batcher, ClientGone, Full
 from .engine import engine_of
 from .model_process import ModelProcess
 from .server_process import end_with_parent
+from .swap import Swapper, Unloaded
 
 BODY_TIMEOUT_S = 10.0  # a request's body must arrive whole within this, or its place goes to others
-CLOSE = [(b"connection", b"close")]
 # no proxy headers (nothing here reads the client's address), no Server and Date headers: each is work
 # per request that the answers do not need; the bare uvicorn server runs with the same settings
 UVICORN_SETTINGS = {"lifespan": "off", "log_level": "warning", "access_log": False, "backlog": 4096,
@@ -44,87 +47,23 @@ def settings_from_environment():
     return json.loads(os.environ[SETTINGS_ENV])
 
 
-async def respond(send, status, payload, headers=(), content_type=b"application/json"):
-    body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", content_type), (b"content-length", str(len(body)).encode()), *headers]})
-    await send({"type": "http.response.body", "body": body})
-
-
-def length_and_type(scope):
-    """The Content-Length the client declared (None: chunked, or no number) and the Content-Type, in
-    one pass over the headers."""
-    length = content_type = None
-    for key, value in scope["headers"]:
-        if key == b"content-length" and length is None:
-            length = value
-        elif key == b"content-type" and content_type is None:
-            content_type = value.decode("latin-1")
-    return int(length) if length and length.isdigit() else None, content_type or ""
-
-
-async def read_body(receive, limit):
-    """The request body, or None once it grows past `limit` bytes (the rest is not read)."""
-    chunks, size, more = [], 0, True
-    while more:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if size > limit:
-            return None
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
-class Deadlines:
-    """Bodies that must arrive within `timeout_s`: one sweep a fraction of the timeout cancels the
-    requests still reading past it. A dict entry per request is cheaper on the event loop than a timer
-    per request (asyncio.timeout; docs/serving.md has both measured)."""
-
-    def __init__(self, timeout_s, sweeps_per_timeout=10):
-        self.timeout_s, self.every_s = timeout_s, timeout_s / sweeps_per_timeout
-        self.reading, self.cut = {}, set()
-        self.sweeper = None
-
-    def watch(self, loop):
-        """Watch the request that `loop` runs now; returns its task."""
-        if self.sweeper is None:
-            self.sweeper = loop.create_task(self.sweep())
-        task = asyncio.current_task(loop)
-        self.reading[task] = loop.time() + self.timeout_s
-        return task
-
-    def forget(self, task):
-        self.reading.pop(task, None)
-        self.cut.discard(task)
-
-    def expired(self, task):
-        """Whether `task` was cancelled for its deadline (then it may go on to answer 408)."""
-        if task not in self.cut:
-            return False
-        task.uncancel()
-        return True
-
-    async def sweep(self):
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.every_s)
-            now = loop.time()
-            for task in [task for task, deadline in self.reading.items() if deadline <= now]:
-                del self.reading[task]
-                self.cut.add(task)
-                task.cancel()
-
-
 def app():
-    """The ASGI application of one worker process (uvicorn's factory)."""
+    """The ASGI application of one worker process (uvicorn's factory). It serves what the server's last
+    load order says (repository.py), or the settings' model where none was given yet."""
     end_with_parent()
     settings = settings_from_environment()
-    model_process = ModelProcess(settings, SETTINGS_ENV)  # starts while this process makes its own engine
-    engine = engine_of(settings)
+    order = repository.Orders(settings["orders"]).read()
+    serving = repository.serving(settings, order["model"]) if order and order["model"] else settings
+    model_process = ModelProcess(serving, SETTINGS_ENV)  # starts while this process makes its own engine
+    engine = engine_of(serving)
     model_process.wait_until_ready()
     application = Application(engine, settings, {"server": "uvicorn", "backend": engine.backend,
-                                                 "host": socket.gethostname(), "pid": os.getpid()}, model_process)
+                                                 "host": socket.gethostname(), "pid": os.getpid()}, model_process,
+                              metrics.Recorder() if metrics.enabled() else None, repository.served_path(serving))
+    application.swapper = Swapper(application, settings, SETTINGS_ENV, order["generation"] if order else 0)
+    if order and not order["model"]:
+        application.install(None, None, None)
+        model_process.close()
     gc_settings.settle()
     return application
 
@@ -137,44 +76,81 @@ class Application:
     a lone small one. A request carries at most settings['max_request_images'] images; a model call
     takes at most settings['max_batch_size']."""
 
-    def __init__(self, engine, settings, served_by, elsewhere=None):
-        self.batcher = Batcher(engine.compute, settings["max_batch_size"], settings["batch_wait_ms"] / 1000,
-                               settings["max_queued"], with_rows, LONE_IMAGES if elsewhere else INLINE_IMAGES,
-                               requests.joined_pixels, elsewhere)
+    def __init__(self, engine, settings, served_by, elsewhere=None, recorder=None, path=None):
+        self.settings, self.served_by, self.recorder = settings, served_by, recorder
+        self.batcher = self.elsewhere = None
+        self.install(engine, elsewhere, path)
+        if recorder:
+            recorder.waiting = lambda: self.batcher.waiting
         self.answers_end = b'],"served_by":' + orjson.dumps(served_by) + b"}"
-        described = engine.describe()
-        self.about = orjson.dumps({"model": "MoE MNIST classifier", **served_by, **described,
-                                   "batching": f"up to {settings['max_batch_size']} images per model call, "
-                                               f"{settings['batch_wait_ms']:g} ms wait",
-                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        self.v2_documents = {"server": kserve.server_metadata(described.get("engine", engine.backend)),
-                             "model": kserve.model_metadata(engine.backend, engine.experts), "live": b"",
-                             "ready": b"", "model-ready": b""}
         self.max_request_images = settings["max_request_images"]
         self.limit = self.max_request_images * requests.PIXELS_PER_IMAGE * 8  # JSON spends up to ~8 bytes a pixel
         self.too_big = {"error": f"body over {self.limit} bytes; at most {self.max_request_images} images per request"}
         self.body_timeout_s = settings.get("body_timeout_s", BODY_TIMEOUT_S)
         self.deadlines = Deadlines(self.body_timeout_s)
+        self.swapper = None  # a worker of serve.py's own server loads and unloads models (swap.Swapper)
+        self.housekeeper = None
+
+    def install(self, engine, elsewhere, path):
+        """Serve `engine` (None: no model; requests get a 503) with `elsewhere`, its model process, from
+        here on; returns the (batcher, model process) it replaces, which answer what they hold."""
+        replaced = self.batcher, self.elsewhere
+        settings = self.settings
+        self.elsewhere = elsewhere
+        if engine is None:
+            self.batcher = Unloaded()
+            self.about = orjson.dumps({"model": None, **self.served_by})
+            self.v2_documents = {**self.v2_documents, "model-ready": (503, {"error": "unloaded"})}
+            return replaced
+        self.batcher = Batcher(engine.compute, settings["max_batch_size"], settings["batch_wait_ms"] / 1000,
+                               settings["max_queued"], with_rows, LONE_IMAGES if elsewhere else INLINE_IMAGES,
+                               requests.joined_pixels, elsewhere, self.recorder)
+        described = engine.describe()
+        served = repository.describe(path) if path else {}
+        self.about = orjson.dumps({"model": "MoE MNIST classifier", **self.served_by, **described, **served,
+                                   "batching": f"up to {settings['max_batch_size']} images per model call, "
+                                               f"{settings['batch_wait_ms']:g} ms wait",
+                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        metadata = kserve.model_metadata(engine.backend, engine.experts)
+        self.v2_documents = {name: (200, document) for name, document in (
+            ("server", kserve.server_metadata(described.get("engine", engine.backend))),
+            ("model", {**metadata, "parameters": served} if served else metadata),
+            ("live", b""), ("ready", b""), ("model-ready", b""))}
+        return replaced
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return
+        started = time.perf_counter()
         path = scope["path"]
-        asked = kserve.route(path) if path.startswith("/v2") else None
-        if path != "/" and asked is None:
-            return await respond(send, 404, {"error": f"no {path} here; POST images to /, or use the Open Inference "
-                                                      f"Protocol under /v2/models/{kserve.MODEL}"})
+        asked = kserve.route(path) if path.startswith("/v2") else ("/" if path == "/" else path)
+        status = await self.answer(asked, scope, receive, send)
+        if self.housekeeper is None:
+            self.housekeeper = asyncio.get_running_loop().create_task(self.housekeeping())
+        if self.recorder is not None:
+            self.recorder.request(asked if asked in ROUTES else "other", status, time.perf_counter() - started)
+
+    async def answer(self, asked, scope, receive, send):
+        """Answer one request; returns the status it got (499: the client went away first)."""
         try:
-            if asked is None:
-                await self.own_api(scope, receive, send)
-            elif asked == "infer":
-                await self.v2_infer(scope, receive, send)
-            else:
-                await self.open_inference(scope, send, asked)
+            if asked == "/":
+                return await self.own_api(scope, receive, send)
+            if asked == "infer":
+                return await self.v2_infer(scope, receive, send)
+            if asked in kserve.DOCUMENTS:
+                return await self.open_inference(scope, send, asked)
+            if asked == "/metrics" and self.recorder is not None:
+                return await self.scrape(scope, send)
+            if asked in kserve.REPOSITORY and self.swapper is not None:
+                return await self.repository(scope, receive, send, asked)
+            return await respond(send, 404, {"error": f"no {scope['path']} here; POST images to /, or use the Open "
+                                                      f"Inference Protocol under /v2/models/{kserve.MODEL}"})
         except requests.RequestError as error:
-            await respond(send, error.status, {"error": str(error)})
+            return await respond(send, error.status, {"error": str(error)})
         except Full as error:
-            await respond(send, 503, {"error": str(error)}, [(b"retry-after", b"1")])
+            return await respond(send, 503, {"error": str(error)}, [(b"retry-after", b"1")])
+        except ClientGone:
+            return ClientGone.STATUS
 
     async def own_api(self, scope, receive, send):
         """GET / says what is served; POST / classifies raw or JSON images."""
@@ -184,34 +160,69 @@ class Application:
             return await respond(send, 405, {"error": f"{scope['method']} is not served; POST images, or GET /"})
         declared, content_type = length_and_type(scope)
         body = await self.body_of(declared, receive, send)
-        if body is None:
-            return
-        rows = await self.batcher.infer(await parsed(requests.parse, body, content_type, self.max_request_images))
-        await respond(send, 200, b'{"predictions":[' + b",".join([row[0] for row in rows]) + self.answers_end)
+        if isinstance(body, int):
+            return body
+        images = await parsed(requests.parse, body, content_type, self.max_request_images)
+        rows = await self.batcher.infer(images, client_of(receive))
+        return await respond(send, 200, b'{"predictions":[' + b",".join([row[0] for row in rows]) + self.answers_end)
 
     async def open_inference(self, scope, send, asked):
         """The Open Inference Protocol's health and metadata documents."""
         if scope["method"] != "GET":
             return await respond(send, 405, {"error": f"{scope['method']} is not served at {scope['path']}; GET it"})
-        return await respond(send, 200, self.v2_documents[asked])
+        return await respond(send, *self.v2_documents[asked])
+
+    async def repository(self, scope, receive, send, asked):
+        """The model repository extension: POST load (a body of {} or {"parameters": {"path": ...}}),
+        unload, and the index."""
+        if scope["method"] != "POST":
+            return await respond(send, 405, {"error": f"{scope['method']} is not served at {scope['path']}; POST"})
+        body = await self.body_of(length_and_type(scope)[0], receive, send)
+        if isinstance(body, int):
+            return body
+        if asked == "index":
+            state = "UNAVAILABLE" if isinstance(self.batcher, Unloaded) else "READY"
+            return await respond(send, 200, [{"name": kserve.MODEL, "version": kserve.VERSION, "state": state}])
+        if asked == "unload":
+            await self.swapper.unload()
+        else:
+            await self.swapper.load(repository.load_path(body, repository.served_path(self.settings)))
+        return await respond(send, 200, {})
 
     async def v2_infer(self, scope, receive, send):
         """POST /v2/models/moe/infer: JSON tensors or the binary tensor extension."""
         if scope["method"] != "POST":
             return await respond(send, 405, {"error": f"{scope['method']} is not served at {scope['path']}; POST"})
         body = await self.body_of(length_and_type(scope)[0], receive, send)
-        if body is None:
-            return
+        if isinstance(body, int):
+            return body
         length = header(scope, kserve.HEADER_LENGTH.encode()) or None
         pixels, request_id, wanted = await parsed(kserve.parse_infer, body, length, self.max_request_images)
-        rows = await self.batcher.infer(pixels)
+        rows = await self.batcher.infer(pixels, client_of(receive))
         answer, header_length = kserve.encode_infer(np.stack([row[1] for row in rows]),
                                                     np.stack([row[2] for row in rows]), request_id, wanted)
         extra = [] if header_length is None else [(kserve.HEADER_LENGTH.encode(), str(header_length).encode())]
-        await respond(send, 200, answer, extra, b"application/octet-stream" if extra else b"application/json")
+        return await respond(send, 200, answer, extra, b"application/octet-stream" if extra else b"application/json")
+
+    async def scrape(self, scope, send):
+        """GET /metrics: every worker's and model process's metrics, in Prometheus's text format."""
+        if scope["method"] != "GET":
+            return await respond(send, 405, {"error": f"{scope['method']} is not served at /metrics; GET it"})
+        self.recorder.flush()
+        return await respond(send, 200, metrics.exposition(), content_type=metrics.CONTENT_TYPE)
+
+    async def housekeeping(self):
+        """Follow the server's load orders, and write the metrics' observations, on this worker."""
+        ticks_per_flush = max(1, round(metrics.FLUSH_S / repository.ORDER_POLL_S))
+        for tick in itertools.count(1):
+            await asyncio.sleep(repository.ORDER_POLL_S)
+            if self.swapper is not None:
+                await self.swapper.follow()
+            if self.recorder is not None and tick % ticks_per_flush == 0:
+                self.recorder.flush()
 
     async def body_of(self, declared, receive, send):
-        """The request's body, or None once a 413 or 408 has answered it."""
+        """The request's body, or the status of the 413 or 408 that answered it."""
         if declared is not None and declared > self.limit:  # refused from the header: its body is never awaited
             return await respond(send, 413, self.too_big, CLOSE)
         task = self.deadlines.watch(asyncio.get_running_loop())
@@ -229,6 +240,16 @@ class Application:
         return body
 
 
+ROUTES = frozenset(("/", "infer", "/metrics", *kserve.DOCUMENTS, *kserve.REPOSITORY))  # what the metrics' route label can be
+
+
+def client_of(receive):
+    """What says whether the request's client is still there: uvicorn's request cycle, whose
+    `disconnected` turns true when the connection closes; None under a server that does not say."""
+    cycle = getattr(receive, "__self__", None)
+    return cycle if hasattr(cycle, "disconnected") else None
+
+
 async def parsed(parse, body, *args):
     """parse(body, *args), off the event loop when the body is big."""
     if len(body) <= BIG_BODY:
@@ -243,20 +264,27 @@ def with_rows(computed):
     return list(zip(requests.answers_json(logits, gates), logits, gates))
 
 
-def header(scope, name):
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return ""
-
-
 def serve(settings, host, port, workers):
-    """Run the supervisor and its workers until Ctrl-C or SIGTERM (blocks)."""
+    """Run the supervisor and its workers until Ctrl-C or SIGTERM (blocks); SIGHUP loads the settings'
+    model again in every worker (repository.py)."""
     require_module("uvicorn", "serve.py")
     import uvicorn
     from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def handle_hup(self):  # uvicorn's own restarts every worker, a cold start with requests waiting
+            path = repository.served_path(settings)
+            try:
+                repository.serving(settings, path)
+            except UserError as error:
+                print(f"SIGHUP: not loaded ({error}); the model served before goes on serving", file=sys.stderr,
+                      flush=True)
+                return
+            repository.Orders(settings["orders"]).write(path)
+            print(f"SIGHUP: loading {path} again in every worker", flush=True)
+
     os.environ[SETTINGS_ENV] = json.dumps(settings)
     config = uvicorn.Config("moebench.serving.http_app:app", factory=True, host=host, port=port, workers=workers,
                             **UVICORN_SETTINGS)
     sockets = [config.bind_socket()]
-    Multiprocess(config, sockets=sockets).run()
+    Supervisor(config, sockets=sockets).run()

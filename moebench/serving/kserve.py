@@ -17,6 +17,8 @@ HEADER_LENGTH = "inference-header-content-length"
 DTYPES = {"FP32": np.float32, "UINT8": np.uint8}
 OUTPUTS = ("logits", "gates")
 SHAPES = ((1, 28, 28), (28, 28), (PIXELS_PER_IMAGE,))
+DOCUMENTS = ("live", "ready", "server", "model", "model-ready")  # what route() names besides 'infer'
+REPOSITORY = ("load", "unload", "index")  # ... and the model repository extension's calls
 
 
 def route(path):
@@ -25,6 +27,9 @@ def route(path):
     parts = path.rstrip("/").split("/")[2:]  # after "", "v2"
     if parts in ([], ["health", "live"], ["health", "ready"]):
         return parts[-1] if parts else "server"
+    if parts in (["repository", "index"], ["repository", "models", MODEL, "load"],
+                 ["repository", "models", MODEL, "unload"]):
+        return parts[-1]
     if len(parts) < 2 or parts[0] != "models" or parts[1] != MODEL:
         return None
     rest = parts[2:]

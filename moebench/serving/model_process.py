@@ -23,11 +23,13 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 import types
 
 import numpy as np
 
-from . import requests
+from . import metrics, requests
 from .engine import engine_of
 from .server_process import end_with_parent
 
@@ -107,11 +109,17 @@ def serve_batches(connection, settings):
     ready = json.dumps({"experts": engine.experts}).encode()
     socket.send_fds(connection, [struct.pack("<i", len(ready)) + ready], [descriptor])
     os.close(descriptor)
+    counted = metrics.metrics() if metrics.enabled() else None
     while True:
         message = receive_exactly(connection, MESSAGE.size)
         if message is None:
             return
-        connection.sendall(compute_batch(engine, slots, *MESSAGE.unpack(message)))
+        slot, images, kind = MESSAGE.unpack(message)
+        started = time.perf_counter()
+        connection.sendall(compute_batch(engine, slots, slot, images, kind))
+        if counted is not None:
+            counted.model_call.observe(time.perf_counter() - started)
+            counted.batch_images.observe(images)
 
 
 def receive_exactly(connection, size):
@@ -218,6 +226,16 @@ class ModelProcess:
         ends = arrays.ends[:count].tolist()
         answers = bytes(arrays.answers[:ends[-1]])
         return [(answers[start:end], logits[k], gates[k]) for k, (start, end) in enumerate(zip([0] + ends[:-1], ends))]
+
+    def close(self):
+        """Stop the model process of a model taken out of service (or one that did not start); the
+        worker goes on."""
+        if self.watched:
+            asyncio.get_running_loop().remove_reader(self.connection.fileno())
+            self.watched = False
+        self.connection.close()
+        self.process.terminate()
+        threading.Thread(target=self.process.wait, daemon=True).start()  # reaped, never a zombie
 
     def ended(self):
         """The model process is gone: this worker cannot answer, so it ends and the supervisor starts

@@ -1,0 +1,186 @@
+"""What an operator of serve.py's default server relies on: GET /metrics in Prometheus's format whose
+counts add up to what a C load generator sent; a client that goes away before its images are
+computed costs no model call; a model swapped under load (the Open Inference Protocol's repository
+extension, and SIGHUP) drops no request, and one that breaks the contract is refused. The server
+has two workers, so that what one worker is told, the other follows."""
+import collections
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ROOT, free_port, post
+from moebench.measuring import wrk
+from moebench.serving import metrics
+from moebench.serving.repository import ORDER_POLL_S
+from moebench.serving.server_process import ServerProcess
+
+QUEUED = 32
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    """serve.py as an operator starts it, its queue long enough for the clients here to wait in it:
+    (process, url, port)."""
+    port = free_port()
+    started = ServerProcess([sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"), "--port", str(port),
+                             "--threads", "1", "--max-batch-size", "8", "--max-queued", str(QUEUED), "--replicas", "2"],
+                            ROOT, port)
+    yield started, started.url, port
+    started.stop()
+
+
+def scrape(url):
+    """{(sample name, frozenset of labels): value} of GET /metrics."""
+    with urllib.request.urlopen(url + "metrics", timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def total(samples, name, **labels):
+    """The sum of a metric's samples whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(value for (sample, have), value in samples.items() if sample == name and wanted <= have)
+
+
+def grown(before, after, name, **labels):
+    return total(after, name, **labels) - total(before, name, **labels)
+
+
+@pytest.mark.skipif(not wrk.available(), reason="needs wrk (bash tests/install_tools.sh)")
+def test_metrics_count_every_request_wrk_sent(server, served_images):
+    """Twice as many connections as the queue holds, so some get 503s; wrk counts the answers it
+    read, and the server may have answered up to one more per connection when wrk stopped."""
+    _, url, _ = server
+    connections = 2 * QUEUED
+    time.sleep(3 * metrics.FLUSH_S)  # what the workers saw before (their first GET /, too) is written
+    before = scrape(url)
+    result = wrk.load(url, served_images[0][:1].tobytes(), {"Content-Type": "application/octet-stream"},
+                      connections, 2)
+    time.sleep(3 * metrics.FLUSH_S)  # the worker's and its model process's last observations are written
+    after = scrape(url)
+    answered = grown(before, after, "moe_requests_total", route="/")
+    assert result["requests"] <= answered <= result["requests"] + connections, (result, answered)
+    refused = grown(before, after, "moe_requests_total", route="/", status="503")
+    assert 0 < refused and abs(refused - result["non_2xx"]) <= connections, (result, refused)
+    assert grown(before, after, "moe_request_seconds_count", route="/") == answered
+    computed = grown(before, after, "moe_requests_total", route="/", status="200")
+    # each request is one image: the images of the model calls are the requests that got an answer
+    assert grown(before, after, "moe_batch_images_sum") == computed
+    assert grown(before, after, "moe_queue_wait_seconds_count") == computed
+    assert grown(before, after, "moe_model_call_seconds_count") > 0
+    assert total(after, "moe_requests_waiting") == 0
+
+
+def test_a_client_gone_before_its_turn_is_not_computed(server, served_images):
+    """Two big requests keep the model busy; the clients sent behind them close their connections at
+    once. Those still waiting when their turn comes are dropped, counted, and never computed."""
+    _, url, port = server
+    before = scrape(url)
+    big = served_images[0].tobytes() * 2  # 400 images: 50 model calls of 8
+    one = served_images[0][:1].tobytes()
+    keep = [request(port, big) for _ in range(2)]
+    for _ in range(QUEUED - 4):
+        request(port, one).close()
+    for connection in keep:
+        assert b"200 OK" in connection.recv(64)
+        connection.close()
+    time.sleep(3 * metrics.FLUSH_S)
+    after = scrape(url)
+    abandoned = grown(before, after, "moe_abandoned_requests_total")
+    assert abandoned > 0 and grown(before, after, "moe_requests_total", status="499") == abandoned
+    computed = grown(before, after, "moe_requests_total", route="/", status="200")
+    assert grown(before, after, "moe_batch_images_sum") == 2 * 400 + computed - 2
+
+
+def request(port, body):
+    """A raw POST / on a connection of its own, sent whole; the open socket."""
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return connection
+
+
+def expected_logits(model, pixels):
+    from moebench.runners import onnx_runtime
+    session = onnx_runtime.create_session(str(model), ["CPUExecutionProvider"])
+    return session.run(["logits"], {"pixels": (pixels.astype(np.float32) / 255).reshape(-1, 1, 28, 28)})[0]
+
+
+def served_path(url):
+    return json.loads(urllib.request.urlopen(url + "v2/models/moe", timeout=30).read())["parameters"]["path"]
+
+
+def test_a_model_swapped_under_load_drops_no_request(server, tiny_models, small_models, served_images):
+    """While wrk sends, the server is told to load another model, SIGHUP loads --model again, and the
+    other model once more: no request fails or is refused, and every answer a checking client reads
+    is wholly the old model's or the new one's."""
+    process, url, _ = server
+    pixels = served_images[0][:20]
+    models = {"old": tiny_models / "model.onnx", "new": small_models / "model.onnx"}
+    expected = {name: expected_logits(path, pixels) for name, path in models.items()}
+    seen, stop = collections.Counter(), threading.Event()
+
+    def check():
+        while not stop.is_set():
+            status, answer = post(url, pixels.tobytes())
+            assert status == 200, answer
+            logits = np.array([p["logits"] for p in answer["predictions"]])
+            seen[next(name for name, rows in expected.items() if np.allclose(logits, rows, atol=1e-4))] += 1
+
+    with ThreadPoolExecutor(2) as pool:
+        loaded = pool.submit(wrk.load, url, served_images[0][:1].tobytes(),
+                             {"Content-Type": "application/octet-stream"}, 8, 4)
+        checked = pool.submit(check)
+        for step in ("new", "sighup", "new"):
+            time.sleep(0.8)
+            if step == "sighup":
+                process.process.send_signal(signal.SIGHUP)
+            else:
+                assert post(url + "v2/repository/models/moe/load",
+                            json.dumps({"parameters": {"path": str(models["new"])}}).encode()) == (200, {})
+        result = loaded.result()
+        stop.set()
+        checked.result()
+    assert result["errors"] == 0 and result["requests"] > 100, result
+    assert seen["old"] and seen["new"], seen
+    assert followed(url, models["new"])
+
+
+def followed(url, model, timeout_s=30):
+    """Whether every worker serves `model` within `timeout_s` (each makes it after it reads the order)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if {served_path(url) for _ in range(8)} == {str(model)}:
+            return True
+        time.sleep(ORDER_POLL_S)
+    return False
+
+
+def test_a_model_that_breaks_the_contract_is_refused_and_unload_and_load_bring_it_back(server, tiny_models, tmp_path,
+                                                                                       served_images):
+    _, url, _ = server
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    status, answer = post(url + "v2/repository/models/moe/load",
+                          json.dumps({"parameters": {"path": str(broken)}}).encode())
+    assert status == 400 and "not an ONNX model" in answer["error"] and "goes on serving" in answer["error"], answer
+    assert post(url, served_images[0][:1].tobytes())[0] == 200
+    assert post(url + "v2/repository/models/moe/unload", b"") == (200, {})
+    time.sleep(4 * ORDER_POLL_S)  # the other worker follows: unloading makes nothing
+    for _ in range(4):
+        status, answer = post(url, served_images[0][:1].tobytes())
+        assert status == 503 and "POST /v2/repository/models/moe/load" in answer["error"], answer
+    assert post(url + "v2/repository/models/moe/load", b"{}") == (200, {})  # --model, as started
+    assert followed(url, tiny_models / "model.onnx")
+    assert post(url, served_images[0][:1].tobytes())[0] == 200
