@@ -51,7 +51,9 @@ class Server:
 
 SERVERS = (Server("bare HTTP server, no model: aiohttp", bare="aiohttp", quick=True),
            Server("bare HTTP server, no model: uvicorn (serve.py's HTTP stack)", bare="uvicorn"),
+           Server("bare HTTP server, no model: granian (Rust, the same ASGI handler)", bare="granian"),
            Server("serve.py (uvicorn, dynamic batching)", protocols=("own", "v2"), quick=True),
+           Server("serve.py --http-server granian", flags=("--http-server", "granian"), ladder=False),
            Server("serve.py's own work, a model that takes no time (bare_http.py --server serve-py-no-model)",
                   bare="serve-py-no-model", ladder=False),
            Server("serve.py --no-metrics (what the Prometheus metrics cost)", flags=("--no-metrics",), ladder=False),

@@ -44,6 +44,9 @@ def parse_args(argv=None):
                         help="OpenVINO's precision (default auto: bf16 where the CPU has it)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=port_number, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--grpc-port", type=port_number,
+                        help="also serve the Open Inference Protocol over gRPC on this port (KServe's "
+                             "GRPCInferenceService, as Triton's gRPC clients call it; Triton's own is 8001)")
     parser.add_argument("--replicas", type=positive_int, default=1,
                         help="model replicas: worker processes, or with --ray Ray Serve replicas (default 1)")
     parser.add_argument("--max-batch-size", type=positive_int, default=64,
@@ -60,6 +63,9 @@ def parse_args(argv=None):
     parser.add_argument("--body-timeout-s", type=positive_float, default=BODY_TIMEOUT_S,
                         help="a request's body must arrive whole within this, or it gets a 408 and its place goes to "
                              f"others (default {BODY_TIMEOUT_S:g})")
+    parser.add_argument("--http-server", choices=("uvicorn", "granian"), default="uvicorn",
+                        help="the HTTP server under serve.py's application: uvicorn (default) or granian, a Rust "
+                             "server (loadgen.py measures both)")
     parser.add_argument("--no-metrics", action="store_true",
                         help="no Prometheus metrics at GET /metrics (they are on by default; docs/serving.md has "
                              "what they cost)")
@@ -78,11 +84,18 @@ def parse_args(argv=None):
                         help="serve with Triton Inference Server: --replicas model instances, --max-batch-size and "
                              "--batch-wait-ms for its dynamic batcher (its queue is unbounded: docs/serving.md); the "
                              "Open Inference Protocol only, at most --max-batch-size images per request")
-    args = parser.parse_args(argv)
+    return checked(parser, parser.parse_args(argv))
+
+
+def checked(parser, args):
+    """The flags, once their combination is one serve.py can serve."""
     args.ray = args.ray or bool(args.address)
     if args.triton and (args.ray or args.backend != "onnxruntime"):
         parser.error("--triton serves the ONNX model with ONNX Runtime in Triton's python backend: leave out --ray, "
                      "--address and --backend")
+    if (args.grpc_port or args.http_server != "uvicorn") and (args.ray or args.triton):
+        parser.error("--grpc-port and --http-server are serve.py's own server's: leave out --ray, --address and "
+                     "--triton")
     args.served = BACKENDS[args.backend]
     if args.ray and args.served.from_checkpoint:
         parser.error(f"--backend {args.backend} reads the checkpoint with this repository's own files, which Ray "
@@ -90,14 +103,14 @@ def parse_args(argv=None):
     return args
 
 
-def require_free_port(host, port):
+def require_free_port(host, port, flag="--port"):
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise UserError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error}); "
-                            "choose another --port")
+            raise UserError(f"--host {host} {flag} {port}: cannot listen there ({error.strerror or error}); "
+                            f"choose another {flag}")
 
 
 def stop_on_signals():
@@ -143,6 +156,7 @@ def announce_when_answering(args, described):
     print(f"serving {args.checkpoint if args.served.from_checkpoint else args.model} on {args.backend} "
           f"({described['engine']}, {described['precision']}) with {args.replicas} worker(s), batching up to "
           f"{args.max_batch_size} images per call, at http://{args.host}:{args.port}/"
+          + (f", gRPC at {args.host}:{args.grpc_port}" if args.grpc_port else "")
           + ("" if args.no_metrics else f", metrics at http://{args.host}:{args.port}/metrics") + " (Ctrl-C stops)",
           flush=True)
 
@@ -157,8 +171,11 @@ def serve_here(args, payload):
     from moebench.serving import http_app
     require_free_port(args.host, args.port)
     described = check_backend(args, payload)
+    if args.grpc_port:
+        require_free_port(args.host, args.grpc_port, "--grpc-port")
     settings = {"model": os.path.abspath(args.model), "checkpoint": os.path.abspath(args.checkpoint),
-                "backend": args.backend, "threads": args.threads, "precision": args.precision, **batching(args)}
+                "backend": args.backend, "threads": args.threads, "precision": args.precision,
+                "host": args.host, "grpc_port": args.grpc_port, "http_server": args.http_server, **batching(args)}
     threading.Thread(target=announce_when_answering, args=(args, described), daemon=True).start()
     with tempfile.TemporaryDirectory(prefix="moe-serve-") as run:  # what this run's processes share
         settings["orders"] = os.path.join(run, "order.json")

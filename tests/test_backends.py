@@ -14,7 +14,7 @@ import torch_infer
 import train
 from moebench import checkpoint, export
 from moebench.cli import UserError
-from conftest import one_line_error, run_script, without_gpus
+from conftest import one_line_error, run_script, run_scripts, without_gpus
 
 SUBSET = "300"
 
@@ -135,20 +135,18 @@ def test_gpu_scripts_without_their_provider_fail_clearly(trained, mnist_dir, scr
 
 
 def test_bad_inputs_fail_with_one_line(trained, mnist_dir, tmp_path):
-    line = one_line_error(run_script("onnx_cpu_infer.py", "--model", str(tmp_path / "absent.onnx")))
-    assert "absent.onnx not found; run train.py, then export_onnx.py first" in line
     (tmp_path / "junk.onnx").write_bytes(b"this is not a protobuf")
-    line = one_line_error(run_script("onnx_cpu_infer.py", *backend_args(trained, mnist_dir), "--model",
-                                     str(tmp_path / "junk.onnx")))
-    assert "junk.onnx is not an ONNX model" in line
-    line = one_line_error(run_script("onnx_cpu_infer.py", "--batch-size", "0"))
-    assert "--batch-size: must be a positive integer, got 0" in line
-    line = one_line_error(run_script("export_onnx.py", "--test-limit", "0"))
-    assert "--test-limit: must be a positive integer, got 0" in line
-    line = one_line_error(run_script("export_onnx.py", "--checkpoint", str(tmp_path / "none.pt")))
-    assert "none.pt not found; run train.py first (or pass --checkpoint PATH)" in line
-    line = one_line_error(run_script("torch_infer.py", "--model", str(tmp_path / "none.pt")))
-    assert "none.pt not found; run train.py first (or pass --model PATH)" in line
-    line = one_line_error(run_script("torch_infer.py", *backend_args(trained, mnist_dir, "checkpoint.pt"),
-                                     "--experts", "8"))
-    assert "trained with EXPERTS=4, but the command line asks for 8" in line
+    cases = [(("onnx_cpu_infer.py", "--model", str(tmp_path / "absent.onnx")),
+              "absent.onnx not found; run train.py, then export_onnx.py first"),
+             (("onnx_cpu_infer.py", *backend_args(trained, mnist_dir), "--model", str(tmp_path / "junk.onnx")),
+              "junk.onnx is not an ONNX model"),
+             (("onnx_cpu_infer.py", "--batch-size", "0"), "--batch-size: must be a positive integer, got 0"),
+             (("export_onnx.py", "--test-limit", "0"), "--test-limit: must be a positive integer, got 0"),
+             (("export_onnx.py", "--checkpoint", str(tmp_path / "none.pt")),
+              "none.pt not found; run train.py first (or pass --checkpoint PATH)"),
+             (("torch_infer.py", "--model", str(tmp_path / "none.pt")),
+              "none.pt not found; run train.py first (or pass --model PATH)"),
+             (("torch_infer.py", *backend_args(trained, mnist_dir, "checkpoint.pt"), "--experts", "8"),
+              "trained with EXPERTS=4, but the command line asks for 8")]
+    for (command, expected), result in zip(cases, run_scripts(*[command for command, _ in cases])):
+        assert expected in one_line_error(result), command

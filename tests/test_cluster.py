@@ -153,7 +153,8 @@ def test_a_join_refused_for_authentication_says_what_to_set(cluster, tiny_models
     cases = {"refused this client's authentication (RAY_AUTH_MODE is not set)": {"RAY_AUTH_MODE": None},
              "refused this client's authentication (the token is not the cluster's)": {"RAY_AUTH_TOKEN": "0" * 64}}
     joins = {expected: subprocess.Popen(
-        on(head, sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"), "--address", f"{head[1]}:{PORT}"),
+        on(head, sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"), "--address",
+           f"{head[1]}:{PORT}"),
         cwd=ROOT, env={k: v for k, v in {**env, **auth}.items() if v is not None}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for expected, auth in cases.items()}
     for expected, process in joins.items():

@@ -13,7 +13,7 @@ import litert_infer
 import mnn_infer
 import ncnn_infer
 import tvm_infer
-from conftest import one_line_error, run_script
+from conftest import one_line_error, run_scripts
 from data import load_split
 from moebench import checkpoint
 from moebench.runners import (executorch_runtime, iree_runtime, litert_runtime, mnn_runtime, ncnn_runtime,
@@ -138,23 +138,24 @@ def test_a_corrupt_cached_build_is_built_again_and_said(tiny_models, tmp_path, i
 
 def test_bad_input_is_one_line(tiny_models, tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
-    assert "junk.onnx is not an ONNX model" in one_line_error(run_script("iree_infer.py", "--model",
-                                                                         str(tmp_path / "junk.onnx")))
     loop = str(tiny_models / "model.loop.onnx")
-    assert "loop graph, which IREE cannot run" in one_line_error(run_script("iree_infer.py", "--model", loop))
-    assert "--tune-trials tunes the dense graph only" in one_line_error(run_script("tvm_infer.py", "--model", loop,
-                                                                                 "--tune-trials", "1"))
-    assert "loop graph, which ncnn cannot run" in one_line_error(run_script("ncnn_infer.py", "--model", loop))
-    assert "--threads: must be a positive integer, got 0" in one_line_error(run_script("mnn_infer.py", "--threads", "0"))
-    assert "--int8 takes the dense graph only" in one_line_error(run_script("mnn_infer.py", "--int8", "--model", loop))
-    assert "--tune-trials: must be >= 0, got -1" in one_line_error(
-        run_script("tvm_infer.py", "--tune-trials", "-1"))
-    line = one_line_error(run_script("litert_infer.py", "--model", str(tmp_path / "none.pt")))
-    assert "none.pt not found; run train.py first (or pass --model PATH)" in line
+    cases = [(("iree_infer.py", "--model", str(tmp_path / "junk.onnx")), "junk.onnx is not an ONNX model"),
+             (("iree_infer.py", "--model", loop), "loop graph, which IREE cannot run"),
+             (("tvm_infer.py", "--model", loop, "--tune-trials", "1"), "--tune-trials tunes the dense graph only"),
+             (("ncnn_infer.py", "--model", loop), "loop graph, which ncnn cannot run"),
+             (("mnn_infer.py", "--threads", "0"), "--threads: must be a positive integer, got 0"),
+             (("mnn_infer.py", "--int8", "--model", loop), "--int8 takes the dense graph only"),
+             (("tvm_infer.py", "--tune-trials", "-1"), "--tune-trials: must be >= 0, got -1"),
+             (("litert_infer.py", "--model", str(tmp_path / "none.pt")),
+              "none.pt not found; run train.py first (or pass --model PATH)")]
     for module, script in (("MNN", "mnn_infer.py"), ("ai_edge_litert", "litert_infer.py"),
                            ("executorch", "executorch_infer.py")):
         model = tiny_models / ("model.onnx" if script == "mnn_infer.py" else "checkpoint.pt")
-        hidden = (f"import runpy, sys; sys.modules[{module!r}] = None; sys.argv = [{script!r}, '--model', sys.argv[1]]; "
-                  f"runpy.run_path({script!r}, run_name='__main__')")
-        line = one_line_error(run_script("-c", hidden, str(model)))
-        assert f"needs the Python module {module}" in line and "pip install -r requirements.txt" in line, line
+        hidden = (f"import runpy, sys; sys.modules[{module!r}] = None; "
+                  f"sys.argv = [{script!r}, '--model', sys.argv[1]]; runpy.run_path({script!r}, run_name='__main__')")
+        cases.append((("-c", hidden, str(model)), f"needs the Python module {module}"))
+    for (command, expected), result in zip(cases, run_scripts(*[command for command, _ in cases])):
+        line = one_line_error(result)
+        assert expected in line, (command, line)
+        if command[0] == "-c":
+            assert "pip install -r requirements.txt" in line, line

@@ -28,13 +28,13 @@ QUEUED = 32
 
 @pytest.fixture(scope="module")
 def server(tiny_models):
-    """serve.py as an operator starts it, its queue long enough for the clients here to wait in it:
-    (process, url, port)."""
-    port = free_port()
-    started = ServerProcess([sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"), "--port", str(port),
-                             "--threads", "1", "--max-batch-size", "8", "--max-queued", str(QUEUED), "--replicas", "2"],
-                            ROOT, port)
-    yield started, started.url, port
+    """serve.py as an operator starts it, gRPC beside HTTP, its queue long enough for the clients here
+    to wait in it: (process, url, port, gRPC port)."""
+    port, grpc_port = free_port(), free_port()
+    started = ServerProcess([sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"),
+                             "--port", str(port), "--grpc-port", str(grpc_port), "--threads", "1",
+                             "--max-batch-size", "8", "--max-queued", str(QUEUED), "--replicas", "2"], ROOT, port)
+    yield started, started.url, port, grpc_port
     started.stop()
 
 
@@ -61,7 +61,7 @@ def grown(before, after, name, **labels):
 def test_metrics_count_every_request_wrk_sent(server, served_images):
     """Twice as many connections as the queue holds, so some get 503s; wrk counts the answers it
     read, and the server may have answered up to one more per connection when wrk stopped."""
-    _, url, _ = server
+    url = server[1]
     connections = 2 * QUEUED
     time.sleep(3 * metrics.FLUSH_S)  # what the workers saw before (their first GET /, too) is written
     before = scrape(url)
@@ -85,7 +85,7 @@ def test_metrics_count_every_request_wrk_sent(server, served_images):
 def test_a_client_gone_before_its_turn_is_not_computed(server, served_images):
     """Two big requests keep the model busy; the clients sent behind them close their connections at
     once. Those still waiting when their turn comes are dropped, counted, and never computed."""
-    _, url, port = server
+    _, url, port, _ = server
     before = scrape(url)
     big = served_images[0].tobytes() * 2  # 400 images: 50 model calls of 8
     one = served_images[0][:1].tobytes()
@@ -125,7 +125,7 @@ def test_a_model_swapped_under_load_drops_no_request(server, tiny_models, small_
     """While wrk sends, the server is told to load another model, SIGHUP loads --model again, and the
     other model once more: no request fails or is refused, and every answer a checking client reads
     is wholly the old model's or the new one's."""
-    process, url, _ = server
+    process, url = server[:2]
     pixels = served_images[0][:20]
     models = {"old": tiny_models / "model.onnx", "new": small_models / "model.onnx"}
     expected = {name: expected_logits(path, pixels) for name, path in models.items()}
@@ -169,7 +169,7 @@ def followed(url, model, timeout_s=30):
 
 def test_a_model_that_breaks_the_contract_is_refused_and_unload_and_load_bring_it_back(server, tiny_models, tmp_path,
                                                                                        served_images):
-    _, url, _ = server
+    url = server[1]
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
     status, answer = post(url + "v2/repository/models/moe/load",
@@ -184,3 +184,26 @@ def test_a_model_that_breaks_the_contract_is_refused_and_unload_and_load_bring_i
     assert post(url + "v2/repository/models/moe/load", b"{}") == (200, {})  # --model, as started
     assert followed(url, tiny_models / "model.onnx")
     assert post(url, served_images[0][:1].tobytes())[0] == 200
+
+
+def test_tritonclient_grpc_gets_what_http_gets(server, served_images, served_expected):
+    """The Open Inference Protocol over gRPC, driven as a Triton user drives Triton: health, metadata,
+    and inference with UINT8 and FP32 tensors, whose answers are the ONNX model's, as over HTTP."""
+    import tritonclient.grpc as grpcclient
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server[3]}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("moe")
+    metadata = client.get_model_metadata("moe", as_json=True)
+    assert [t["name"] for t in metadata["outputs"]] == ["logits", "gates"]
+    logits, gates = served_expected
+    for datatype, pixels in (("UINT8", served_images[0].reshape(-1, 784)),
+                             ("FP32", (served_images[0] / 255).astype(np.float32).reshape(-1, 1, 28, 28))):
+        tensor = grpcclient.InferInput("pixels", list(pixels.shape), datatype)
+        tensor.set_data_from_numpy(pixels)
+        wanted = [grpcclient.InferRequestedOutput(name) for name in ("logits", "gates")]
+        answer = client.infer("moe", [tensor], outputs=wanted)
+        np.testing.assert_allclose(answer.as_numpy("logits"), logits, atol=1e-4)
+        np.testing.assert_allclose(answer.as_numpy("gates"), gates, atol=1e-4)
+    tensor = grpcclient.InferInput("pixels", [1, 700], "UINT8")
+    tensor.set_data_from_numpy(np.zeros((1, 700), np.uint8))
+    with pytest.raises(grpcclient.InferenceServerException, match="input shape \\[1, 700\\]; send"):
+        client.infer("moe", [tensor])

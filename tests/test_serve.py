@@ -263,16 +263,17 @@ def test_refuses_a_model_without_gates_and_an_unreachable_cluster(tmp_path, tiny
     assert "no Ray cluster answers there" in line
 
 
-@pytest.mark.parametrize("backend", ["fused-int8", "openvino"])
-def test_the_fastest_engines_serve_their_own_answers_and_say_so(backend, small_models, served_images):
-    """The embedded server with each other backend: every answer is that engine's own (the same
-    runner in this process), and GET and every answer say which backend and engine served it."""
+@pytest.mark.parametrize("backend, http_server", [("fused-int8", "uvicorn"), ("openvino", "granian")])
+def test_the_fastest_engines_serve_their_own_answers_and_say_so(backend, http_server, small_models, served_images):
+    """The embedded server with each other backend (and the other HTTP server): every answer is that
+    engine's own (the same runner in this process), and GET and every answer say which backend,
+    engine and server served it."""
     from moebench import checkpoint
     from moebench.runners import openvino_cpu, pytorch
     port = free_port()
     started = ServerProcess([sys.executable, "serve.py", "--backend", backend, "--model",
                              str(small_models / "model.onnx"), "--checkpoint", str(small_models / "checkpoint.pt"),
-                             "--port", str(port)], ROOT, port)
+                             "--port", str(port), "--http-server", http_server], ROOT, port)
     try:
         pixels = (served_images[0].astype(np.float32) / 255).reshape(-1, 1, 28, 28)
         if backend == "fused-int8":
@@ -287,6 +288,7 @@ def test_the_fastest_engines_serve_their_own_answers_and_say_so(backend, small_m
         assert backend != "openvino" or about["threads"] == 1  # serve.py's --threads default, as the engine says
         status, answer = post(started.url, served_images[0].tobytes())
         assert status == 200 and answer["served_by"]["backend"] == backend
+        assert answer["served_by"]["server"] == http_server
         check_answers(answer["predictions"], (logits, gates), range(IMAGES))
         started.process.send_signal(signal.SIGINT)  # Ctrl-C exits 0 with every backend (docs/serving.md)
         assert started.process.wait(60) == 0

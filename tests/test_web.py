@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -157,8 +158,9 @@ def test_bad_input_is_one_line(tiny_models, tmp_path):
              "no Chromium and chromedriver on the PATH"),
             (["--threads", "-1"], None, "--threads: must be >= 0"),
         ]
-        for args, env, expected in cases:
-            result = web_infer(*args, env=env)
+        with ThreadPoolExecutor(2) as pool:  # each is mostly one process's imports, on one core
+            results = list(pool.map(lambda case: web_infer(*case[0], env=case[1]), cases))
+        for (args, _, expected), result in zip(cases, results):
             assert result.returncode != 0, args
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and expected in lines[0], (args, result.stderr[-1000:])

@@ -2,14 +2,15 @@
 every image in it with a canned answer of the same shape and size as serve.py's (class, ten logits,
 two experts, served_by), so the client parses as much as it does from a real server. Two of them:
 aiohttp's server, and uvicorn with a plain ASGI handler (serve.py's own HTTP stack: httptools and
-uvloop). loadgen.py measures both beside the real servers, with the same client, so each server's QPS
-can be read as a share of the faster one.
+uvloop); and granian, a Rust HTTP server, with that same handler. loadgen.py measures them beside the
+real servers, with the same client, so each server's QPS can be read as a share of the fastest.
 
 Two more take serve.py's own work apart from its model (docs/serving.md, "Where a request's time
 goes"): uvicorn-deferred writes each answer one event-loop pass after its request was read, as a
 batching server does; serve-py-no-model is serve.py's own application with a model that takes no time.
 
-    python -m moebench.serving.bare_http --server aiohttp|uvicorn|uvicorn-deferred|serve-py-no-model --port 8000"""
+    python -m moebench.serving.bare_http --port 8000 \
+        --server aiohttp|uvicorn|granian|uvicorn-deferred|serve-py-no-model"""
 import argparse
 import asyncio
 
@@ -17,7 +18,7 @@ import numpy as np
 import orjson
 
 from .asgi import read_body, respond
-from .http_app import UVICORN_SETTINGS, Application
+from .http_app import GRANIAN_SETTINGS, UVICORN_SETTINGS, Application
 from .requests import PIXELS_PER_IMAGE
 
 CANNED = {"class": 7, "logits": [-3.91825, -6.77241, 1.76233, 4.24012, -8.09416, -3.54183, -17.44731, 13.63474,
@@ -112,9 +113,10 @@ def serve_py_without_model():
     return Application(CannedEngine(), settings, SERVED_BY, elsewhere=CannedModelProcess())
 
 
-# --server: what it is, and its ASGI application for uvicorn (aiohttp's runs on aiohttp's own server)
+# --server: what it is, and its ASGI application for uvicorn (aiohttp's and granian's are their own)
 SERVERS = {"aiohttp": ("aiohttp's server", None),
            "uvicorn": ("uvicorn with a plain ASGI handler (serve.py's HTTP stack)", lambda: asgi),
+           "granian": ("granian, a Rust HTTP server, with the same plain ASGI handler", None),
            "uvicorn-deferred": ("the same, each answer written one event-loop pass after its request was read, as "
                                 "a batching server writes them", deferred_asgi),
            "serve-py-no-model": ("serve.py's own application on uvicorn, its model answering at once with canned "
@@ -130,7 +132,10 @@ def main():
     args = parser.parse_args()
     print(f"serving nothing at http://{args.host}:{args.port}/ with {args.server} (Ctrl-C stops)", flush=True)
     make_application = SERVERS[args.server][1]
-    if make_application:
+    if args.server == "granian":
+        from granian import Granian
+        Granian("moebench.serving.bare_http:asgi", address=args.host, port=args.port, **GRANIAN_SETTINGS).serve()
+    elif make_application:
         import uvicorn
         uvicorn.run(make_application(), host=args.host, port=args.port, **UVICORN_SETTINGS)
     else:

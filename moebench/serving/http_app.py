@@ -53,19 +53,37 @@ def app():
     end_with_parent()
     settings = settings_from_environment()
     order = repository.Orders(settings["orders"]).read()
-    serving = repository.serving(settings, order["model"]) if order and order["model"] else settings
+    serving = starting_settings(settings, order)
     model_process = ModelProcess(serving, SETTINGS_ENV)  # starts while this process makes its own engine
     engine = engine_of(serving)
     model_process.wait_until_ready()
-    application = Application(engine, settings, {"server": "uvicorn", "backend": engine.backend,
-                                                 "host": socket.gethostname(), "pid": os.getpid()}, model_process,
+    served_by = {"server": settings.get("http_server", "uvicorn"), "backend": engine.backend,
+                 "host": socket.gethostname(), "pid": os.getpid()}
+    application = Application(engine, settings, served_by, model_process,
                               metrics.Recorder() if metrics.enabled() else None, repository.served_path(serving))
     application.swapper = Swapper(application, settings, SETTINGS_ENV, order["generation"] if order else 0)
     if order and not order["model"]:
         application.install(None, None, None)
         model_process.close()
+    try:
+        application.start_serving()
+    except RuntimeError:  # no event loop runs yet (granian makes the application before its loop): first request
+        pass
     gc_settings.settle()
     return application
+
+
+def starting_settings(settings, order):
+    """The settings with the model the last order names, where it can still be served; else the
+    settings' own (a worker that cannot start would be replaced, and fail again, forever)."""
+    if not order or not order["model"]:
+        return settings
+    try:
+        return repository.serving(settings, order["model"])
+    except Exception as error:
+        print(f"worker {os.getpid()}: {order['model']} of the last load cannot be served ({error}); serving "
+              f"{repository.served_path(settings)}", file=sys.stderr, flush=True)
+        return settings
 
 
 class Application:
@@ -125,8 +143,8 @@ class Application:
         path = scope["path"]
         asked = kserve.route(path) if path.startswith("/v2") else ("/" if path == "/" else path)
         status = await self.answer(asked, scope, receive, send)
-        if self.housekeeper is None:
-            self.housekeeper = asyncio.get_running_loop().create_task(self.housekeeping())
+        if self.housekeeper is None and (self.recorder or self.swapper):
+            self.start_serving()
         if self.recorder is not None:
             self.recorder.request(asked if asked in ROUTES else "other", status, time.perf_counter() - started)
 
@@ -211,6 +229,17 @@ class Application:
         self.recorder.flush()
         return await respond(send, 200, metrics.exposition(), content_type=metrics.CONTENT_TYPE)
 
+    def start_serving(self):
+        """Begin the worker's own tasks on the running event loop: housekeeping, and the gRPC endpoint
+        where one is asked for. uvicorn makes the application inside its loop, so they start before
+        the first request; elsewhere the first request starts them."""
+        loop = asyncio.get_running_loop()
+        self.housekeeper = loop.create_task(self.housekeeping())
+        if self.settings.get("grpc_port"):
+            from . import grpc_api
+            self.grpc_server = loop.create_task(grpc_api.start(self, self.settings["host"],
+                                                               self.settings["grpc_port"]))
+
     async def housekeeping(self):
         """Follow the server's load orders, and write the metrics' observations, on this worker."""
         ticks_per_flush = max(1, round(metrics.FLUSH_S / repository.ORDER_POLL_S))
@@ -240,7 +269,8 @@ class Application:
         return body
 
 
-ROUTES = frozenset(("/", "infer", "/metrics", *kserve.DOCUMENTS, *kserve.REPOSITORY))  # what the metrics' route label can be
+# what the metrics' route label can be
+ROUTES = frozenset(("/", "infer", "/metrics", "grpc", *kserve.DOCUMENTS, *kserve.REPOSITORY))
 
 
 def client_of(receive):
@@ -264,9 +294,20 @@ def with_rows(computed):
     return list(zip(requests.answers_json(logits, gates), logits, gates))
 
 
+GRANIAN_SETTINGS = {"interface": "asgi", "loop": "uvloop", "runtime_mode": "st", "websockets": False,
+                    "backlog": 4096, "log_level": "warning", "http": "1"}  # uvloop and one runtime thread, as uvicorn
+
+
 def serve(settings, host, port, workers):
-    """Run the supervisor and its workers until Ctrl-C or SIGTERM (blocks); SIGHUP loads the settings'
-    model again in every worker (repository.py)."""
+    """Run the HTTP server's supervisor and its workers until Ctrl-C or SIGTERM (blocks). Under uvicorn
+    SIGHUP loads the settings' model again in every worker (repository.py); granian restarts its workers."""
+    os.environ[SETTINGS_ENV] = json.dumps(settings)
+    if settings.get("http_server") == "granian":
+        require_module("granian", "serve.py --http-server granian")
+        from granian import Granian
+        Granian("moebench.serving.http_app:app", address=host, port=port, workers=workers, factory=True,
+                respawn_failed_workers=True, **GRANIAN_SETTINGS).serve()
+        return
     require_module("uvicorn", "serve.py")
     import uvicorn
     from uvicorn.supervisors import Multiprocess
@@ -283,7 +324,6 @@ def serve(settings, host, port, workers):
             repository.Orders(settings["orders"]).write(path)
             print(f"SIGHUP: loading {path} again in every worker", flush=True)
 
-    os.environ[SETTINGS_ENV] = json.dumps(settings)
     config = uvicorn.Config("moebench.serving.http_app:app", factory=True, host=host, port=port, workers=workers,
                             **UVICORN_SETTINGS)
     sockets = [config.bind_socket()]

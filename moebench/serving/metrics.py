@@ -41,7 +41,8 @@ class Metrics:
         from prometheus_client import Counter, Gauge, Histogram
         self.requests = Counter("moe_requests", "answered requests", ["route", "status"])
         self.request_seconds = Histogram("moe_request_seconds", "request arrival to answer", ["route"], buckets=SECONDS)
-        self.queue_wait = Histogram("moe_queue_wait_seconds", "request arrival to its first model call", buckets=SECONDS)
+        self.queue_wait = Histogram("moe_queue_wait_seconds", "request arrival to its first model call",
+                                    buckets=SECONDS)
         self.model_call = Histogram("moe_model_call_seconds", "one model call", buckets=SECONDS)
         self.batch_images = Histogram("moe_batch_images", "images per model call", buckets=IMAGES)
         self.waiting = Gauge("moe_requests_waiting", "requests in the batchers' queues", multiprocess_mode="livesum")
