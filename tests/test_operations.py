@@ -47,6 +47,12 @@ def scrape(url):
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
+def settled_scrape(url):
+    """scrape(url) once every worker and model process has written what it saw (its first GET /, too)."""
+    time.sleep(3 * metrics.FLUSH_S)
+    return scrape(url)
+
+
 def total(samples, name, **labels):
     """The sum of a metric's samples whose labels include `labels`."""
     wanted = set(labels.items())
@@ -63,12 +69,10 @@ def test_metrics_count_every_request_wrk_sent(server, served_images):
     read, and the server may have answered up to one more per connection when wrk stopped."""
     url = server[1]
     connections = 2 * QUEUED
-    time.sleep(3 * metrics.FLUSH_S)  # what the workers saw before (their first GET /, too) is written
-    before = scrape(url)
+    before = settled_scrape(url)
     result = wrk.load(url, served_images[0][:1].tobytes(), {"Content-Type": "application/octet-stream"},
                       connections, 2)
-    time.sleep(3 * metrics.FLUSH_S)  # the worker's and its model process's last observations are written
-    after = scrape(url)
+    after = settled_scrape(url)
     answered = grown(before, after, "moe_requests_total", route="/")
     assert result["requests"] <= answered <= result["requests"] + connections, (result, answered)
     refused = grown(before, after, "moe_requests_total", route="/", status="503")
@@ -84,21 +88,24 @@ def test_metrics_count_every_request_wrk_sent(server, served_images):
 
 def test_a_client_gone_before_its_turn_is_not_computed(server, served_images):
     """Two big requests keep the model busy; the clients sent behind them close their connections at
-    once. Those still waiting when their turn comes are dropped, counted, and never computed."""
+    once. Those still waiting when their turn comes are dropped, counted, and never computed; a body
+    cut short by its client leaving is not parsed as a request (no 400), only counted."""
     _, url, port, _ = server
-    before = scrape(url)
+    before = settled_scrape(url)
     big = served_images[0].tobytes() * 2  # 400 images: 50 model calls of 8
     one = served_images[0][:1].tobytes()
     keep = [request(port, big) for _ in range(2)]
     for _ in range(QUEUED - 4):
         request(port, one).close()
+    cut_short = socket.create_connection(("127.0.0.1", port))  # and one that leaves before its body is whole
+    cut_short.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 784\r\n\r\n" + one[:10])
+    cut_short.close()
     for connection in keep:
         assert b"200 OK" in connection.recv(64)
         connection.close()
-    time.sleep(3 * metrics.FLUSH_S)
-    after = scrape(url)
+    after = settled_scrape(url)
     abandoned = grown(before, after, "moe_abandoned_requests_total")
-    assert abandoned > 0 and grown(before, after, "moe_requests_total", status="499") == abandoned
+    assert abandoned > 0 and grown(before, after, "moe_requests_total", status="499") == abandoned + 1
     computed = grown(before, after, "moe_requests_total", route="/", status="200")
     assert grown(before, after, "moe_batch_images_sum") == 2 * 400 + computed - 2
 

@@ -4,6 +4,8 @@ import asyncio
 
 import orjson
 
+from .batcher import ClientGone
+
 CLOSE = [(b"connection", b"close")]
 
 
@@ -29,10 +31,13 @@ def length_and_type(scope):
 
 
 async def read_body(receive, limit):
-    """The request body, or None once it grows past `limit` bytes (the rest is not read)."""
+    """The request body, or None once it grows past `limit` bytes (the rest is not read); ClientGone
+    where the client went away before it was whole (what did arrive is not a request)."""
     chunks, size, more = [], 0, True
     while more:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
         chunks.append(message.get("body", b""))
         size += len(chunks[-1])
         if size > limit:

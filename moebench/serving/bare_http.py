@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 
 from .asgi import read_body, respond
+from .batcher import ClientGone
 from .http_app import GRANIAN_SETTINGS, UVICORN_SETTINGS, Application
 from .requests import PIXELS_PER_IMAGE
 
@@ -50,7 +51,10 @@ async def asgi(scope, receive, send):
     answers with the default server's own functions."""
     if scope["type"] != "http":
         return
-    body = await read_body(receive, float("inf"))
+    try:
+        body = await read_body(receive, float("inf"))
+    except ClientGone:
+        return
     await respond(send, 200, canned(len(body) // PIXELS_PER_IMAGE))
 
 
@@ -67,7 +71,10 @@ def deferred_asgi():
     async def deferred(scope, receive, send):
         if scope["type"] != "http":
             return
-        body = await read_body(receive, float("inf"))
+        try:
+            body = await read_body(receive, float("inf"))
+        except ClientGone:
+            return
         loop = asyncio.get_running_loop()
         if not due:
             loop.call_soon(answer_all)
