@@ -11,7 +11,10 @@ image's class, logits and chosen experts with their gate weights, and which serv
 backend answered. GET / says what is served. The Open Inference Protocol (KServe v2, as Triton speaks
 it) is served too: GET /v2/health/ready, GET /v2/models/moe, POST /v2/models/moe/infer with JSON
 tensors or the binary tensor extension; --triton serves only that protocol. Bad bodies get a 400 or
-413, a body that does not arrive in time a 408, a full queue a 503."""
+413, a body that does not arrive in time a 408, a full queue a 503. The default server also serves
+Prometheus metrics at GET /metrics, swaps its model under load (POST
+/v2/repository/models/moe/load, or SIGHUP) and, with --grpc-port, the Open Inference Protocol over
+gRPC (docs/operating.md)."""
 import contextlib
 import os
 import signal
@@ -67,8 +70,8 @@ def parse_args(argv=None):
                         help="the HTTP server under serve.py's application: uvicorn (default) or granian, a Rust "
                              "server (loadgen.py measures both)")
     parser.add_argument("--no-metrics", action="store_true",
-                        help="no Prometheus metrics at GET /metrics (they are on by default; docs/serving.md has "
-                             "what they cost)")
+                        help="no Prometheus metrics at GET /metrics (they are on by default; docs/operating.md says "
+                             "how loadgen.py measures what they cost)")
     parser.add_argument("--threads", type=non_negative_int, default=1,
                         help="compute threads per replica (default 1; 0: the backend's own choice)")
     ray = parser.add_argument_group("Ray Serve (--ray)")

@@ -3,10 +3,11 @@ uvicorn worker and every model process keeps its values in files of its own unde
 (PROMETHEUS_MULTIPROC_DIR, made by serve.py for this run), and GET /metrics on any worker adds them
 all up.
 
-A request only adds to plain Python counters and lists (Recorder); each worker moves them into its
-files once every FLUSH_S and before it answers a scrape, since an observation in the multiprocess mode
-takes a lock and writes a mapped file, work the request path does not need to do per request. So a
-scrape sees the other workers' last FLUSH_S late, never wrong.
+A request, and a model call, only add to plain Python counters and lists (Recorder); each worker and
+model process moves them into its files once every FLUSH_S (a worker also before it answers a
+scrape; a model process also when it has been idle that long), since an observation in the
+multiprocess mode takes a lock and writes a mapped file, work the request path does not need to do
+per request. So a scrape sees the other processes' last FLUSH_S late, never wrong.
 
     moe_requests_total{route, status}   answered requests (a 503 is a full queue, a 408 a body that
                                         did not arrive in time, 499 a client gone before its answer)

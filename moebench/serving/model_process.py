@@ -19,6 +19,7 @@ import collections
 import json
 import mmap
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -109,17 +110,24 @@ def serve_batches(connection, settings):
     ready = json.dumps({"experts": engine.experts}).encode()
     socket.send_fds(connection, [struct.pack("<i", len(ready)) + ready], [descriptor])
     os.close(descriptor)
-    counted = metrics.metrics() if metrics.enabled() else None
+    recorder = metrics.Recorder() if metrics.enabled() else None
+    flushed = time.perf_counter()
     while True:
+        if recorder is not None and not select.select([connection], [], [], metrics.FLUSH_S)[0]:
+            recorder.flush()  # idle: what the last batches added is written
+            flushed = time.perf_counter()
+            continue
         message = receive_exactly(connection, MESSAGE.size)
         if message is None:
             return
         slot, images, kind = MESSAGE.unpack(message)
         started = time.perf_counter()
         connection.sendall(compute_batch(engine, slots, slot, images, kind))
-        if counted is not None:
-            counted.model_call.observe(time.perf_counter() - started)
-            counted.batch_images.observe(images)
+        if recorder is not None:
+            recorder.model_call(images, time.perf_counter() - started)
+            if started - flushed > metrics.FLUSH_S:
+                recorder.flush()
+                flushed = started
 
 
 def receive_exactly(connection, size):
