@@ -1,32 +1,9 @@
 """Hostile clients against both servers (the default and --ray): a declared length past the limit is
 refused from the header, and clients that stall mid-body cannot take the service away."""
-import socket
 import time
 
 from conftest import BODY_TIMEOUT_S, check_answers, post
-
-
-def raw_request(port, head, body=b""):
-    """A socket that has sent `head` and `body` (as much of the body as a client chooses to send)."""
-    client = socket.create_connection(("127.0.0.1", port), timeout=30)
-    client.sendall(head + body)
-    return client
-
-
-def status_of(client):
-    """The HTTP status a server answered on `client`, or None where it closed without one."""
-    answer = b""
-    while b"\r\n" not in answer:
-        chunk = client.recv(4096)
-        if not chunk:
-            return None
-        answer += chunk
-    return int(answer.split(b" ", 2)[1])
-
-
-def post_head(length):
-    return (f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
+from raw_http import post_head, raw_request, status_of
 
 
 def test_a_declared_length_past_the_limit_is_refused_before_the_body(server, served_images):

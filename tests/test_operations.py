@@ -6,7 +6,6 @@ has two workers, so that what one worker is told, the other follows."""
 import collections
 import json
 import signal
-import socket
 import sys
 import threading
 import time
@@ -18,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, free_port, post
+from raw_http import post_head, raw_request, status_of
 from moebench.measuring import wrk
 from moebench.serving import metrics
 from moebench.serving.repository import ORDER_POLL_S
@@ -65,10 +65,10 @@ def grown(before, after, name, **labels):
 
 @pytest.mark.skipif(not wrk.available(), reason="needs wrk (bash tests/install_tools.sh)")
 def test_metrics_count_every_request_wrk_sent(server, served_images):
-    """Twice as many connections as the queue holds, so some get 503s; wrk counts the answers it
-    read, and the server may have answered up to one more per connection when wrk stopped."""
+    """Twice as many connections as the two workers' queues hold, so some get 503s; wrk counts the
+    answers it read, and the server may have answered up to one more per connection when wrk stopped."""
     url = server[1]
-    connections = 2 * QUEUED
+    connections = 2 * 2 * QUEUED
     before = settled_scrape(url)
     result = wrk.load(url, served_images[0][:1].tobytes(), {"Content-Type": "application/octet-stream"},
                       connections, 2)
@@ -94,14 +94,12 @@ def test_a_client_gone_before_its_turn_is_not_computed(server, served_images):
     before = settled_scrape(url)
     big = served_images[0].tobytes() * 2  # 400 images: 50 model calls of 8
     one = served_images[0][:1].tobytes()
-    keep = [request(port, big) for _ in range(2)]
+    keep = [raw_request(port, post_head(len(big)), big) for _ in range(2)]
     for _ in range(QUEUED - 4):
-        request(port, one).close()
-    cut_short = socket.create_connection(("127.0.0.1", port))  # and one that leaves before its body is whole
-    cut_short.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 784\r\n\r\n" + one[:10])
-    cut_short.close()
+        raw_request(port, post_head(len(one)), one).close()
+    raw_request(port, post_head(len(one)), one[:10]).close()  # and one that leaves before its body is whole
     for connection in keep:
-        assert b"200 OK" in connection.recv(64)
+        assert status_of(connection) == 200
         connection.close()
     after = settled_scrape(url)
     abandoned = grown(before, after, "moe_abandoned_requests_total")
@@ -109,13 +107,6 @@ def test_a_client_gone_before_its_turn_is_not_computed(server, served_images):
     computed = grown(before, after, "moe_requests_total", route="/", status="200")
     assert grown(before, after, "moe_batch_images_sum") == 2 * 400 + computed - 2
 
-
-def request(port, body):
-    """A raw POST / on a connection of its own, sent whole; the open socket."""
-    connection = socket.create_connection(("127.0.0.1", port))
-    connection.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
-                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    return connection
 
 
 def expected_logits(model, pixels):

@@ -60,7 +60,8 @@ def app():
     served_by = {"server": settings.get("http_server", "uvicorn"), "backend": engine.backend,
                  "host": socket.gethostname(), "pid": os.getpid()}
     application = Application(engine, settings, served_by, model_process,
-                              metrics.Recorder() if metrics.enabled() else None, repository.served_path(serving))
+                              metrics.Recorder() if metrics.enabled() else None,
+                              repository.describe(repository.served_path(serving)))
     application.swapper = Swapper(application, settings, SETTINGS_ENV, order["generation"] if order else 0)
     if order and not order["model"]:
         application.install(None, None, None)
@@ -94,10 +95,10 @@ class Application:
     a lone small one. A request carries at most settings['max_request_images'] images; a model call
     takes at most settings['max_batch_size']."""
 
-    def __init__(self, engine, settings, served_by, elsewhere=None, recorder=None, path=None):
+    def __init__(self, engine, settings, served_by, elsewhere=None, recorder=None, served=None):
         self.settings, self.served_by, self.recorder = settings, served_by, recorder
         self.batcher = self.elsewhere = None
-        self.install(engine, elsewhere, path)
+        self.install(engine, elsewhere, served)
         if recorder:
             recorder.waiting = lambda: self.batcher.waiting
         self.answers_end = b'],"served_by":' + orjson.dumps(served_by) + b"}"
@@ -109,9 +110,10 @@ class Application:
         self.swapper = None  # a worker of serve.py's own server loads and unloads models (swap.Swapper)
         self.housekeeper = None
 
-    def install(self, engine, elsewhere, path):
+    def install(self, engine, elsewhere, served):
         """Serve `engine` (None: no model; requests get a 503) with `elsewhere`, its model process, from
-        here on; returns the (batcher, model process) it replaces, which answer what they hold."""
+        here on; `served`: what GET /v2/models/moe says of its file (repository.describe), or None.
+        Returns the (batcher, model process) it replaces, which answer what they hold."""
         replaced = self.batcher, self.elsewhere
         settings = self.settings
         self.elsewhere = elsewhere
@@ -124,7 +126,7 @@ class Application:
                                settings["max_queued"], with_rows, LONE_IMAGES if elsewhere else INLINE_IMAGES,
                                requests.joined_pixels, elsewhere, self.recorder)
         described = engine.describe()
-        served = repository.describe(path) if path else {}
+        served = served or {}
         self.about = orjson.dumps({"model": "MoE MNIST classifier", **self.served_by, **described, **served,
                                    "batching": f"up to {settings['max_batch_size']} images per model call, "
                                                f"{settings['batch_wait_ms']:g} ms wait",

@@ -23,9 +23,11 @@ class Unloaded:
         pass
 
 
-def made(settings, settings_env):
-    """(engine, model process) of the model that `settings` name, both ready (blocks: run it on a
-    thread); the model process is stopped if either fails."""
+def made(settings, path, settings_env):
+    """(engine, model process, what GET /v2/models/moe says of it) of the model at `path`, checked
+    and both ready (blocks, reading and hashing the file: run it on a thread); the model process is
+    stopped if either fails."""
+    settings = repository.serving(settings, path)
     process = ModelProcess(settings, settings_env)
     try:
         engine = engine_of(settings)
@@ -33,11 +35,11 @@ def made(settings, settings_env):
     except BaseException:
         process.close()
         raise
-    return engine, process
+    return engine, process, repository.describe(path)
 
 
 class Swapper:
-    """Loads and unloads one worker's model. `application.install(engine, model process, path)`
+    """Loads and unloads one worker's model. `application.install(engine, model process, described)`
     puts a model in service and returns the (batcher, model process) it replaced."""
 
     def __init__(self, application, settings, settings_env, generation=0):
@@ -51,11 +53,11 @@ class Swapper:
         cannot be served, and the model before serves on."""
         async with self.lock:
             try:
-                engine, process = await self.make(path)
+                made_here = await self.make(path)
             except Exception as error:
                 raise repository.refused(error)
             self.generation = self.orders.write(path)
-            self.swap(engine, process, path)
+            self.swap(*made_here)
 
     async def unload(self):
         async with self.lock:
@@ -72,18 +74,18 @@ class Swapper:
             if order["model"] is None:
                 return self.swap(None, None, None)
             try:
-                engine, process = await self.make(order["model"])
+                made_here = await self.make(order["model"])
             except Exception as error:
                 print(f"worker {os.getpid()}: {repository.refused(error)}", file=sys.stderr, flush=True)
                 return
-            self.swap(engine, process, order["model"])
+            self.swap(*made_here)
 
     async def make(self, path):
-        settings = repository.serving(self.settings, path)
-        return await asyncio.get_running_loop().run_in_executor(None, made, settings, self.settings_env)
+        """made() on a thread: checking, reading and hashing the file stay off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, made, self.settings, path, self.settings_env)
 
-    def swap(self, engine, process, path):
-        batcher, old_process = self.application.install(engine, process, path)
+    def swap(self, engine, process, described):
+        batcher, old_process = self.application.install(engine, process, described)
         asyncio.get_running_loop().create_task(retire(batcher, old_process))
 
 
