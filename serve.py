@@ -78,8 +78,11 @@ def parse_args(argv=None):
     ray.add_argument("--ray", action="store_true", help="serve with Ray Serve instead of the embedded server")
     ray.add_argument("--address", help="join this Ray cluster (e.g. auto, or head:6379) instead of starting a local "
                                        "one; implies --ray")
-    ray.add_argument("--max-ongoing", type=positive_int, default=64,
-                     help="requests one replica works on at once (max_ongoing_requests, default 64)")
+    # a request holds a slot from its headers on, a stalled client's too: slots are many, and the replica's
+    # own queue (--max-queued) bounds the work waiting for the model, as in the default server
+    ray.add_argument("--max-ongoing", type=positive_int, default=1024,
+                     help="requests one replica holds at once, from their headers on (max_ongoing_requests, "
+                          "default 1024); its model's queue is --max-queued")
     ray.add_argument("--cpus-per-replica", type=non_negative_float, default=1.0,
                      help="CPUs Ray reserves for each replica (default 1)")
     triton = parser.add_argument_group("Triton Inference Server (--triton)")

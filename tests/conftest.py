@@ -249,8 +249,7 @@ def served_expected(tiny_models, served_images):
 
 BODY_TIMEOUT_S = 2
 SERVERS = {"embedded": ["--max-batch-size", "8", "--max-queued", "2", "--body-timeout-s", str(BODY_TIMEOUT_S)],
-           "ray": ["--ray", "--max-batch-size", "8", "--max-ongoing", "2", "--max-queued", "2", "--body-timeout-s",
-                   str(BODY_TIMEOUT_S)]}
+           "ray": ["--ray", "--max-batch-size", "8", "--max-queued", "2", "--body-timeout-s", str(BODY_TIMEOUT_S)]}
 
 
 def started_server(kind, tiny_models):

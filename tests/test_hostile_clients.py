@@ -18,23 +18,21 @@ def test_a_declared_length_past_the_limit_is_refused_before_the_body(server, ser
 
 
 def test_clients_stalled_mid_body_cannot_take_the_service_away(server, served_images, served_expected):
-    """Twenty clients send their headers and 10 of 784 body bytes, then stall: each gets a 408 once
-    its time to arrive is up, and normal requests are answered, right, within that bound."""
+    """Two hundred clients send their headers and 10 of 784 body bytes, then stall: normal requests
+    are answered, right, within a second each meanwhile, and a stalled client gets a 408 once its time
+    to arrive is up (or, from Ray Serve, a 503)."""
     _, url, port = server
-    stalled = [raw_request(port, post_head(784), served_images[0][0].tobytes()[:10]) for _ in range(20)]
+    stalled = [raw_request(port, post_head(784), served_images[0][0].tobytes()[:10]) for _ in range(200)]
     try:
         time.sleep(0.5)
-        started = time.perf_counter()
         for row in range(5):
+            started = time.perf_counter()
             status, answer = post(url, served_images[0][row].tobytes(), timeout=BODY_TIMEOUT_S + 10)
-            while status == 503 and time.perf_counter() - started < BODY_TIMEOUT_S + 10:  # Ray: slots still held
-                time.sleep(0.1)
-                status, answer = post(url, served_images[0][row].tobytes(), timeout=BODY_TIMEOUT_S + 10)
             assert status == 200, answer
+            assert time.perf_counter() - started < 1.0
             check_answers(answer["predictions"], served_expected, [row])
-        assert time.perf_counter() - started < BODY_TIMEOUT_S + 10
         refused = [status_of(client) for client in stalled]
-        assert set(refused) <= {408, 503, None} and 408 in refused, refused
+        assert set(refused) <= {408, 503, None} and 408 in refused, sorted(set(refused))  # Ray may refuse some
     finally:
         for client in stalled:
             client.close()

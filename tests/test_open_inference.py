@@ -4,6 +4,7 @@ answers and a clean Ctrl-C, and serve.py under wrk, the C load generator: refusa
 never a wrong answer."""
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -33,34 +34,43 @@ def infer(client, pixels, datatype="FP32", binary=True):
     return answer.as_numpy("logits"), answer.as_numpy("gates")
 
 
-def test_tritonclient_gets_the_same_answers_as_the_own_api(server, served_images, served_expected):
-    _, url, _ = server
+def speaks_the_one_protocol(url, images, expected):
+    """What a Triton user's client does, the same against each of the three servers: health, metadata,
+    inference with binary and JSON FP32 tensors (the ONNX model's answers), and a UINT8 tensor or an
+    image shape the metadata does not name refused with a 400."""
     client = client_for(url)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(kserve.MODEL)
     metadata = client.get_model_metadata(kserve.MODEL)
     assert metadata["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
     assert [o["name"] for o in metadata["outputs"]] == ["logits", "gates"]
-    images = served_images[0][:6]
     pixels = (images.astype(np.float32) / 255).reshape(-1, 1, 28, 28)
-    logits, gates = served_expected
     for binary in (True, False):
         got_logits, got_gates = infer(client, pixels, binary=binary)
-        np.testing.assert_allclose(got_logits, logits[:6], atol=1e-5)
-        np.testing.assert_allclose(got_gates, gates[:6], atol=1e-6)
-    got_logits, _ = infer(client, images.reshape(-1, 784), "UINT8")
-    np.testing.assert_allclose(got_logits, logits[:6], atol=1e-5)
+        np.testing.assert_allclose(got_logits, expected[0][:len(images)], atol=1e-5)
+        np.testing.assert_allclose(got_gates, expected[1][:len(images)], atol=1e-6)
+    for refused in (images.reshape(-1, 784), pixels.reshape(-1, 784)):
+        with pytest.raises(httpclient.InferenceServerException) as error:
+            infer(client, refused, "UINT8" if refused.dtype == np.uint8 else "FP32")
+        assert error.value.status() == "400", error.value
+    return got_logits
+
+
+def test_tritonclient_gets_the_same_answers_as_the_own_api(server, served_images, served_expected):
+    _, url, _ = server
+    images = served_images[0][:6]
+    logits = speaks_the_one_protocol(url, images, served_expected)
     status, own = post(url, images.tobytes())
-    assert status == 200 and [p["class"] for p in own["predictions"]] == got_logits.argmax(1).tolist()
+    assert status == 200 and [p["class"] for p in own["predictions"]] == logits.argmax(1).tolist()
 
 
 @pytest.mark.parametrize("header, says", [
-    ({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 784], "data": [0] * 784}]}, "named \"pixels\""),
-    ({"inputs": [{"name": "pixels", "datatype": "FP64", "shape": [1, 784], "data": [0] * 784}]}, "datatype"),
+    ({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0] * 784}]}, "named \"pixels\""),
+    ({"inputs": [{"name": "pixels", "datatype": "FP64", "shape": [1, 1, 28, 28], "data": [0] * 784}]}, "datatype"),
     ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 5], "data": [0] * 5}]}, "input shape"),
-    ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 784], "data": [0] * 7}]}, "has 7 values"),
-    ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 784], "data": [2] * 784}]}, "from 0 to 1"),
-    ({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [501, 784], "data": [0]}]}, "at most 500"),
-    ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 784], "data": [0] * 784}],
+    ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0] * 7}]}, "has 7 values"),
+    ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [2] * 784}]}, "from 0 to 1"),
+    ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [501, 1, 28, 28], "data": [0]}]}, "at most 500"),
+    ({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0] * 784}],
       "outputs": [{"name": "probabilities"}]}, "no output 'probabilities'"),
 ])
 def test_bad_infer_requests_are_a_4xx_in_one_line(server, header, says):
@@ -88,17 +98,15 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("pytriton") is None, 
 
 
 @needs_triton
-def test_triton_serves_the_same_answers_and_ctrl_c_leaves_no_process(tiny_models, served_images, served_expected):
+def test_triton_speaks_the_same_protocol_from_an_unactivated_virtualenv_and_ctrl_c_leaves_no_process(
+        tiny_models, served_images, served_expected):
+    """serve.py --triton run as `.venv/bin/python serve.py --triton`, the virtualenv not on PATH."""
     port = free_port()
-    started = ServerProcess([sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"), "--triton",
-                             "--port", str(port), "--max-batch-size", "16"], ROOT, port)
+    started = ServerProcess(["env", f"PATH={os.defpath}", sys.executable, "serve.py", "--model",
+                             str(tiny_models / "model.onnx"), "--triton", "--port", str(port), "--max-batch-size", "16"],
+                            ROOT, port)
     try:
-        client = client_for(started.url)
-        assert client.is_model_ready(kserve.MODEL)
-        pixels = (served_images[0].astype(np.float32) / 255).reshape(-1, 1, 28, 28)
-        logits, gates = infer(client, pixels[:16])
-        np.testing.assert_allclose(logits, served_expected[0][:16], atol=1e-5)
-        np.testing.assert_allclose(gates, served_expected[1][:16], atol=1e-6)
+        speaks_the_one_protocol(started.url, served_images[0][:6], served_expected)
         classes = http_load.classes_over_v2(started.url, served_images[0], batch=7)
         assert (classes == served_expected[0].argmax(1)).all()
         children = subprocess.run(["pgrep", "-P", str(started.process.pid)], capture_output=True, text=True).stdout

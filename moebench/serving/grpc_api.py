@@ -56,8 +56,7 @@ def tensor_of(request):
     if request.raw_input_contents:
         raw = request.raw_input_contents[0]
         return {**tensor, "parameters": {"binary_data_size": len(raw)}}, raw
-    contents = given.contents
-    return {**tensor, "data": list(contents.fp32_contents if given.datatype == "FP32" else contents.uint_contents)}, b""
+    return {**tensor, "data": list(given.contents.fp32_contents)}, b""  # any other datatype is refused
 
 
 class Servicer:

@@ -1,10 +1,10 @@
 """The Open Inference Protocol (KServe v2), which Triton, KServe, Seldon and OpenVINO Model Server
 speak, for serve.py: health, server and model metadata, and inference with JSON tensors or with the
 binary tensor extension (a JSON header of `Inference-Header-Content-Length` bytes, then the raw
-tensors). The model is 'moe': input 'pixels' FP32 (N, 1, 28, 28) in [0, 1] (the model's own
-contract; UINT8 0-255 and shapes (N, 28, 28) or (N, 784) are taken too), outputs 'logits' FP32
-(N, 10) and 'gates' FP32 (N, EXPERTS). Everything here is plain functions of bytes; the server
-routes to them."""
+tensors). The model is 'moe': input 'pixels' FP32 (N, 1, 28, 28) in [0, 1], the model's own
+contract and exactly what Triton takes for it (Triton refuses any other datatype or shape, so a
+client that works with one server works with all of them), outputs 'logits' FP32 (N, 10) and
+'gates' FP32 (N, EXPERTS). Everything here is plain functions of bytes; the server routes to them."""
 import orjson
 
 import numpy as np
@@ -14,9 +14,8 @@ from .requests import PIXELS_PER_IMAGE, RequestError
 MODEL = "moe"
 VERSION = "1"
 HEADER_LENGTH = "inference-header-content-length"
-DTYPES = {"FP32": np.float32, "UINT8": np.uint8}
 OUTPUTS = ("logits", "gates")
-SHAPES = ((1, 28, 28), (28, 28), (PIXELS_PER_IMAGE,))
+IMAGE_SHAPE = (1, 28, 28)
 DOCUMENTS = ("live", "ready", "server", "model", "model-ready")  # what route() names besides 'infer'
 REPOSITORY = ("load", "unload", "index")  # ... and the model repository extension's calls
 
@@ -60,8 +59,8 @@ def split_body(body, header_length):
 
 
 def parse_infer(body, header_length, max_request_images):
-    """(images: float32 pixels (N, 1, 28, 28), or uint8 (N, 784) for a UINT8 tensor; request id;
-    {output: binary?}) of an infer request; a RequestError (4xx) names what is wrong."""
+    """(images: float32 pixels (N, 1, 28, 28); request id; {output: binary?}) of an infer request; a
+    RequestError (4xx) names what is wrong."""
     header, binary = split_body(body, header_length)
     try:
         request = orjson.loads(header)
@@ -86,41 +85,36 @@ def read_input(tensor, binary, max_request_images):
     if not isinstance(tensor, dict) or tensor.get("name") != "pixels":
         raise RequestError(400, "the input must be named \"pixels\"")
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
-    if datatype not in DTYPES:
-        raise RequestError(400, f"input datatype {datatype!r}; send FP32 (0-1) or UINT8 (0-255) pixels")
+    if datatype != "FP32":
+        raise RequestError(400, f"input datatype {datatype!r}; this model takes FP32 pixels 0-1 (pixel / 255), "
+                                "as its metadata says (raw uint8 images go to POST /)")
     if (not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape)
-            or tuple(shape[1:]) not in SHAPES):
-        raise RequestError(400, f"input shape {shape}; send [N, 1, 28, 28], [N, 28, 28] or [N, 784]")
+            or tuple(shape[1:]) != IMAGE_SHAPE):
+        raise RequestError(400, f"input shape {shape}; this model takes [N, 1, 28, 28], as its metadata says")
     if shape[0] > max_request_images:
         raise RequestError(413, f"{shape[0]} images in one request; at most {max_request_images}")
-    dtype, count = DTYPES[datatype], shape[0] * PIXELS_PER_IMAGE
+    count = shape[0] * PIXELS_PER_IMAGE
     size = (tensor.get("parameters") or {}).get("binary_data_size")
     if size is not None:
-        if size != count * np.dtype(dtype).itemsize or size != len(binary):
+        if size != count * 4 or size != len(binary):
             raise RequestError(400, f"binary_data_size {size} with {len(binary)} bytes after the header; shape "
-                                    f"{shape} of {datatype} takes {count * np.dtype(dtype).itemsize}")
-        values = np.frombuffer(binary, dtype=dtype)
+                                    f"{shape} of FP32 takes {count * 4}")
+        values = np.frombuffer(binary, dtype=np.float32)
     else:
-        values = json_values(tensor.get("data"), dtype, count)
-    if dtype == np.uint8:
-        return values.reshape(-1, PIXELS_PER_IMAGE)  # the server's batcher makes them float32 pixels
+        values = json_values(tensor.get("data"), count)
     if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
         raise RequestError(400, "FP32 pixels must be numbers from 0 to 1 (pixel / 255)")
-    return values.reshape(-1, 1, 28, 28)
+    return values.reshape(-1, *IMAGE_SHAPE)
 
 
-def json_values(data, dtype, count):
+def json_values(data, count):
     try:
-        values = np.asarray(data, dtype=np.float64).ravel()
+        values = np.asarray(data, dtype=np.float32).ravel()
     except (ValueError, TypeError, RecursionError):
         raise RequestError(400, "the input's \"data\" must be a list of numbers (flat or nested)")
     if values.size != count:
         raise RequestError(400, f"the input's \"data\" has {values.size} values; its shape needs {count}")
-    if dtype == np.uint8:
-        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 255:
-            raise RequestError(400, "UINT8 pixels must be numbers from 0 to 255")
-        return np.round(values).astype(np.uint8)
-    return values.astype(np.float32)
+    return values
 
 
 def encode_infer(logits, gates, request_id, wanted):

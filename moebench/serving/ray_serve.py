@@ -37,7 +37,7 @@ LOCAL_DEFAULTS = {
 class Replicas:
     """How many replicas, and what Ray gives and allows each."""
     count: int = 1
-    max_ongoing: int = 64
+    max_ongoing: int = 1024
     max_queued: int = 256
     cpus: float = 1.0
 

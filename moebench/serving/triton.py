@@ -81,8 +81,11 @@ def write_backends(folder, server):
 
 def environment(libraries):
     """The stub embeds Python: this interpreter's libpython, standard library and packages (numpy,
-    ONNX Runtime), wherever they are installed (a virtualenv included)."""
+    ONNX Runtime), wherever they are installed (a virtualenv included). The embedded interpreter
+    finds its packages from the first `python3` on PATH, not from PYTHONPATH alone: this
+    interpreter's own folder goes first, as activating its virtualenv would."""
     env = dict(os.environ)
+    env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), env.get("PATH")) if p)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (sysconfig.get_config_var("LIBDIR"), libraries,
                                                          env.get("LD_LIBRARY_PATH")) if p)
     env["PYTHONHOME"] = sys.base_prefix
