@@ -70,8 +70,8 @@ def parse_args(argv=None):
                         help="the HTTP server under serve.py's application: uvicorn (default) or granian, a Rust "
                              "server (loadgen.py measures both)")
     parser.add_argument("--no-metrics", action="store_true",
-                        help="no Prometheus metrics at GET /metrics (they are on by default; docs/operating.md says "
-                             "how loadgen.py measures what they cost)")
+                        help="no Prometheus metrics at GET /metrics (on by default; with --triton, Triton's own on "
+                             "--port + 2); docs/operating.md says how loadgen.py measures what they cost")
     parser.add_argument("--threads", type=non_negative_int, default=1,
                         help="compute threads per replica (default 1; 0: the backend's own choice)")
     ray = parser.add_argument_group("Ray Serve (--ray)")
@@ -109,14 +109,14 @@ def checked(parser, args):
     return args
 
 
-def require_free_port(host, port, flag="--port"):
+def require_free_port(host, port, flag="--port", advice=None):
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as error:
             raise UserError(f"--host {host} {flag} {port}: cannot listen there ({error.strerror or error}); "
-                            f"choose another {flag}")
+                            + (advice or f"choose another {flag}"))
 
 
 def stop_on_signals():
@@ -194,27 +194,36 @@ def serve_with_ray(args, payload):
     from moebench.serving import ray_serve
     state = {"started_serve": False, "deployed": False}
     replicas = ray_serve.Replicas(args.replicas, args.max_ongoing, args.max_queued, args.cpus_per_replica)
+    stack = contextlib.ExitStack()  # the run's metrics folder, removed after Ray stopped
     try:
         if not args.address:
             require_free_port(args.host, args.port)
+        run = stack.enter_context(tempfile.TemporaryDirectory(prefix="moe-serve-"))
+        settings = {**batching(args), "metrics_directory": None if args.no_metrics else os.path.join(run, "metrics")}
         url = ray_serve.start(args.address, args.host, args.port, state, lambda: ray_serve.deployment(
-            replicas, args.served, payload, args.threads, args.precision, batching(args)))
+            replicas, args.served, payload, args.threads, args.precision, settings))
         stop_on_signals()
         print(f"serving {args.model} on {args.backend} with Ray Serve, {args.replicas} replica(s), batching "
               + (f"up to {args.max_batch_size} images per call, {args.batch_wait_ms:g} ms wait" if args.max_batch_size > 1
-                 else "off") + f", at {url} (Ctrl-C stops)", flush=True)
+                 else "off") + f", at {url}" + ("" if args.no_metrics else f", metrics at {url.split(' ')[0]}metrics")
+              + " (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
     finally:
         ray_serve.stop(state)
+        stack.close()
     print("stopped", flush=True)
 
 
 def serve_with_triton(args, payload):
     from moebench.serving import triton
     require_free_port(args.host, args.port)
+    metrics_port = None if args.no_metrics else args.port + triton.METRICS_PORT_OFFSET
+    if metrics_port:
+        require_free_port(args.host, metrics_port, "metrics port (--port + 2)",
+                          "choose another --port, or leave Triton's metrics out with --no-metrics")
     described = check_backend(args, payload)
     settings = {**batching(args), "instances": args.replicas, "threads": args.threads}
     stop_on_signals()
@@ -222,8 +231,10 @@ def serve_with_triton(args, payload):
     def announce(url):
         print(f"serving {args.model} on Triton Inference Server (python backend, {described['engine']}) with "
               f"{args.replicas} instance(s), dynamic batching up to {args.max_batch_size} images, "
-              f"{args.batch_wait_ms:g} ms queue delay, at {url}v2/models/moe (Ctrl-C stops)", flush=True)
-    triton.serve(payload, described["experts"], settings, args.host, args.port, announce)
+              f"{args.batch_wait_ms:g} ms queue delay, at {url}v2/models/moe"
+              + (f", Triton's metrics at http://{args.host}:{metrics_port}/metrics" if metrics_port else "")
+              + " (Ctrl-C stops)", flush=True)
+    triton.serve(payload, described["experts"], settings, args.host, args.port, announce, metrics_port)
     print("stopped", flush=True)
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -100,7 +101,8 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("pytriton") is None, 
 @needs_triton
 def test_triton_speaks_the_same_protocol_from_an_unactivated_virtualenv_and_ctrl_c_leaves_no_process(
         tiny_models, served_images, served_expected):
-    """serve.py --triton run as `.venv/bin/python serve.py --triton`, the virtualenv not on PATH."""
+    """serve.py --triton run as `.venv/bin/python serve.py --triton`, the virtualenv not on PATH; Triton's
+    own metrics on --port + 2 count the requests it answered."""
     port = free_port()
     started = ServerProcess(["env", f"PATH={os.defpath}", sys.executable, "serve.py", "--model",
                              str(tiny_models / "model.onnx"), "--triton", "--port", str(port), "--max-batch-size", "16"],
@@ -109,6 +111,11 @@ def test_triton_speaks_the_same_protocol_from_an_unactivated_virtualenv_and_ctrl
         speaks_the_one_protocol(started.url, served_images[0][:6], served_expected)
         classes = http_load.classes_over_v2(started.url, served_images[0], batch=7)
         assert (classes == served_expected[0].argmax(1)).all()
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port + 2}/metrics", timeout=5).read().decode()
+        counted = {line.split("{")[0]: float(line.split()[-1]) for line in scraped.splitlines()
+                   if line.startswith(("nv_inference_request_success{", "nv_inference_count{")) and 'model="moe"' in line}
+        images = len(served_images[0])
+        assert counted == {"nv_inference_request_success": 2 + -(-images // 7), "nv_inference_count": 12 + images}
         children = subprocess.run(["pgrep", "-P", str(started.process.pid)], capture_output=True, text=True).stdout
         assert children.split(), "no tritonserver under serve.py"
     finally:

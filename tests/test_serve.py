@@ -196,6 +196,21 @@ def test_a_big_request_and_small_ones_together_get_their_own_answers(server, ser
     assert answered >= 2  # the queue's two places at least
 
 
+def test_metrics_count_the_requests_each_server_answered(server, served_images):
+    """GET /metrics, from the default server's workers and from Ray Serve's replicas alike."""
+    _, url, _ = server
+
+    def answered():
+        scraped = urllib.request.urlopen(url + "metrics", timeout=10).read().decode()
+        assert "# TYPE moe_model_call_seconds histogram" in scraped
+        return sum(float(line.split()[-1]) for line in scraped.splitlines()
+                   if line.startswith('moe_requests_total{') and 'route="/"' in line and 'status="200"' in line)
+    before = answered()
+    for row in range(5):
+        assert post(url, served_images[0][row].tobytes())[0] == 200
+    assert answered() - before == 5
+
+
 def test_the_smoke_run_s_loadgen_report_has_every_scenario(smoke_results):
     """loadgen.py --quick as run_all.sh --quick ran it: the in-process reference in SingleStream,
     Offline and accuracy mode, the bare server as the ceiling, and serve.py under LoadGen and wrk."""

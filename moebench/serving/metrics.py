@@ -133,6 +133,16 @@ def exposition():
     return generate_latest(registry)
 
 
+def join_directory(directory):
+    """Record into `directory` from this process on (a Ray Serve replica: serve.py made the folder for
+    the run; on another node of a cluster it is made there, and holds that node's replicas). Where
+    prometheus-client was imported before the folder was named, its values are made file-backed now."""
+    os.makedirs(directory, exist_ok=True)
+    os.environ[DIRECTORY_ENV] = directory
+    import prometheus_client.values as values
+    values.ValueClass = values.get_value_class()
+
+
 @contextlib.contextmanager
 def multiprocess_directory(parent):
     """A fresh folder under `parent` for this run's metrics files, named to every process started

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .. import gc_settings
 from ..cli import UserError, error_line, require_module
-from . import http_app, ray_cluster
+from . import http_app, metrics, ray_cluster
 from .engine import Engine
 from .server_process import free_port
 
@@ -44,8 +44,9 @@ class Replicas:
 
 def deployment(replicas, served, payload, threads, precision, settings):
     """The Ray Serve application: each replica serves the default server's own ASGI application
-    (http_app.Application: its batcher, its answers) behind Ray Serve's ingress. `served` is the
-    backend's Served (runners/served.py); its make() is what a replica calls."""
+    (http_app.Application: its batcher, its answers, its metrics where settings name a
+    "metrics_directory") behind Ray Serve's ingress. `served` is the backend's Served
+    (runners/served.py); its make() is what a replica calls."""
     from ray import serve
 
     @serve.deployment(num_replicas=replicas.count, max_ongoing_requests=replicas.max_ongoing,
@@ -62,7 +63,11 @@ def deployment(replicas, served, payload, threads, precision, settings):
                               "host": socket.gethostname(), "pid": os.getpid(), "node": node, "node_ip": node_ip}
 
         def __serve_build_asgi_app__(self):
-            application = http_app.Application(self.engine, self.settings, self.served_by)
+            recorder = None
+            if self.settings.get("metrics_directory"):  # every replica of a node adds up into one folder
+                metrics.join_directory(self.settings["metrics_directory"])
+                recorder = metrics.Recorder()
+            application = http_app.Application(self.engine, self.settings, self.served_by, recorder=recorder)
             gc_settings.settle()
             return application
 

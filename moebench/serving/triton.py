@@ -2,8 +2,9 @@
 wheel carries, serving the model with its python backend running ONNX Runtime (the wheel has no
 ONNX Runtime backend). A model repository and a backend folder are written in a scratch folder,
 removed at the end; Triton's dynamic batcher and instance count take serve.py's flags; HTTP
-only (the Open Inference Protocol), on loopback by default, with gRPC and metrics off. Ctrl-C stops
-Triton and leaves no process."""
+only (the Open Inference Protocol), on loopback by default, with gRPC off and Triton's own Prometheus
+metrics on the HTTP port + 2 (8002 beside 8000, as Triton's defaults). Ctrl-C stops Triton and
+leaves no process."""
 import importlib.util
 import json
 import os
@@ -93,10 +94,16 @@ def environment(libraries):
     return env
 
 
-def command(server, models, backends, host, port):
+METRICS_PORT_OFFSET = 2  # Triton's own defaults: HTTP 8000, gRPC 8001, metrics 8002
+
+
+def command(server, models, backends, host, port, metrics_port):
+    """tritonserver's command line; metrics_port None: no metrics."""
+    metrics = (["--allow-metrics=true", f"--metrics-address={host}", f"--metrics-port={metrics_port}",
+                "--allow-cpu-metrics=true"] if metrics_port else ["--allow-metrics=false"])
     return [os.path.join(server, "bin", "tritonserver"), f"--model-repository={models}",
             f"--backend-directory={backends}", f"--http-address={host}", f"--http-port={port}",
-            "--allow-grpc=false", "--allow-metrics=false", "--allow-gpu-metrics=false", "--exit-timeout-secs=5",
+            "--allow-grpc=false", *metrics, "--allow-gpu-metrics=false", "--exit-timeout-secs=5",
             "--strict-readiness=true", "--log-info=false", "--log-warning=false"]
 
 
@@ -123,13 +130,14 @@ def stop(process):
             process.wait()
 
 
-def serve(model_bytes, experts, settings, host, port, announce):
-    """Run Triton on the model until Ctrl-C or SIGTERM (blocks); announce(url) once it is ready."""
+def serve(model_bytes, experts, settings, host, port, announce, metrics_port=None):
+    """Run Triton on the model until Ctrl-C or SIGTERM (blocks); announce(url) once it is ready;
+    Triton's Prometheus metrics on metrics_port, unless it is None."""
     server, libraries = distribution()
     with tempfile.TemporaryDirectory(prefix="moe-triton-") as folder, open(os.path.join(folder, "log"), "w+") as log:
         models = write_repository(folder, model_bytes, experts, settings)
         backends = write_backends(folder, server)
-        process = subprocess.Popen(command(server, models, backends, host, port), stdout=log,
+        process = subprocess.Popen(command(server, models, backends, host, port, metrics_port), stdout=log,
                                    stderr=subprocess.STDOUT, env=environment(libraries), preexec_fn=end_with_parent)
         try:
             url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
