@@ -56,7 +56,6 @@ SERVERS = (Server("bare HTTP server, no model: aiohttp", bare="aiohttp", quick=T
            Server("serve.py --http-server granian", flags=("--http-server", "granian"), ladder=False),
            Server("serve.py's own work, a model that takes no time (bare_http.py --server serve-py-no-model)",
                   bare="serve-py-no-model", ladder=False),
-           Server("serve.py --no-metrics (what the Prometheus metrics cost)", flags=("--no-metrics",), ladder=False),
            Server("serve.py --ray (Ray Serve, HAProxy ingress)", flags=("--ray",)),
            Server("serve.py --backend fused-int8", flags=("--backend", "fused-int8"), ladder=False),
            Server("serve.py --backend openvino", flags=("--backend", "openvino"), ladder=False),
@@ -297,6 +296,31 @@ def server_rows(args, images, labels, logs):
     return rows, ceiling
 
 
+METRICS_ROUNDS = 5
+
+
+def metrics_cost(args, pixels):
+    """serve.py with and without its Prometheus metrics, both running, under wrk in turns: the
+    requests/s of each (medians of METRICS_ROUNDS turns) and their ratio, per connection count."""
+    print("what the Prometheus metrics cost: serve.py and serve.py --no-metrics, in turns under wrk", flush=True)
+    started, turn_s = {}, max(1, round(args.wrk_duration_s / 2))  # wrk takes whole seconds
+    try:
+        for name, flags in (("serve.py", ()), ("serve.py --no-metrics", ("--no-metrics",))):
+            started[name] = start_server(Server(name, flags=flags), args)
+        runs = http_load.interleaved({name: process.url for name, process in started.items()},
+                                     http_load.bodies(pixels[0])["own"], args.connections,
+                                     turn_s, METRICS_ROUNDS, print)
+    finally:
+        for process in started.values():
+            process.stop()
+    medians = {count: {name: float(np.median(values)) for name, values in by_name.items()}
+               for count, by_name in runs.items()}
+    return {"rounds": METRICS_ROUNDS, "duration_s": turn_s,
+            "runs": {str(count): by_name for count, by_name in runs.items()},
+            "medians": {str(count): m for count, m in medians.items()},
+            "ratio": {str(count): m["serve.py"] / m["serve.py --no-metrics"] for count, m in medians.items()}}
+
+
 def report_ladder(name, row):
     best = row["ladder"]["best_qps"]
     accuracy = f", accuracy over HTTP {row['loadgen']['accuracy']:.2f}%" if "loadgen" in row else ""
@@ -323,9 +347,11 @@ def main(argv=None):
                                    {"dense": args.model, "loop": args.loop_model}, calibration_images=300)
         in_process = in_process_rows(args, sources, logs)
         server, ceiling = server_rows(args, images, labels, logs)
+        cost = None if args.quick or args.server_url or not wrk.available() else metrics_cost(
+            args, np.round(images[:, 0] * 255).astype(np.uint8))
     report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
               "loadgen_version": loadgen_version(mlperf_loadgen), "in_process": in_process,
-              "server": server, "ceiling": ceiling, "wrk": wrk.available(),
+              "server": server, "ceiling": ceiling, "wrk": wrk.available(), "metrics_cost": cost,
               "settings": {"images": len(images), "duration_s": args.duration_s, "p99_ms": args.p99_ms,
                            "start_qps": args.start_qps, "qps_step": args.qps_step, "refine_steps": args.refine_steps,
                            "wrk_duration_s": args.wrk_duration_s, "connections": args.connections,

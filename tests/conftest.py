@@ -217,9 +217,14 @@ def without_gpus(env=None):
 SERVED_IMAGES = 200
 
 
+def get(url, timeout=30):
+    """(status, parsed JSON) of one GET."""
+    return post(url, None, timeout=timeout)
+
+
 def post(url, body, content_type="application/octet-stream", timeout=30):
-    """(status, parsed JSON) of one POST."""
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    """(status, parsed JSON) of one POST (a GET where body is None)."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type} if body is not None else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())

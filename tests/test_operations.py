@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, free_port, post
+from conftest import ROOT, free_port, get, post
 from raw_http import post_head, raw_request, status_of
-from moebench.measuring import wrk
+from moebench.measuring import http_load, wrk
 from moebench.serving import metrics
 from moebench.serving.repository import ORDER_POLL_S
 from moebench.serving.server_process import ServerProcess
@@ -86,6 +86,17 @@ def test_metrics_count_every_request_wrk_sent(server, served_images):
     assert total(after, "moe_requests_waiting") == 0
 
 
+@pytest.mark.skipif(not wrk.available(), reason="needs wrk (bash tests/install_tools.sh)")
+def test_servers_measured_in_turns_each_get_every_turn(server, served_images):
+    """http_load.interleaved, which measures what the metrics cost (here one server under two names)."""
+    request = http_load.bodies(served_images[0][0])["own"]
+    shown = []
+    found = http_load.interleaved({"a": server[1], "b": server[1]}, request, [4, 8], 1, 2, shown.append)
+    assert list(found) == [4, 8] and all(len(runs) == 2 and min(runs) > 0 for by_name in found.values()
+                                         for runs in by_name.values())
+    assert len(shown) == 2 and "medians of 2 turns" in shown[0]
+
+
 def test_a_client_gone_before_its_turn_is_not_computed(server, served_images):
     """Two big requests keep the model busy; the clients sent behind them close their connections at
     once. Those still waiting when their turn comes are dropped, counted, and never computed; a body
@@ -116,7 +127,9 @@ def expected_logits(model, pixels):
 
 
 def served_path(url):
-    return json.loads(urllib.request.urlopen(url + "v2/models/moe", timeout=30).read())["parameters"]["path"]
+    """The model file a worker serves, or None where it has none (unloaded)."""
+    status, answer = get(url + "v2/models/moe")
+    return answer["parameters"]["path"] if status == 200 else None
 
 
 def test_a_model_swapped_under_load_drops_no_request(server, tiny_models, small_models, served_images):
@@ -150,7 +163,7 @@ def test_a_model_swapped_under_load_drops_no_request(server, tiny_models, small_
         result = loaded.result()
         stop.set()
         checked.result()
-    assert result["errors"] == 0 and result["requests"] > 100, result
+    assert result["errors"] == 0 and result["non_2xx"] == 0 and result["requests"] > 100, result
     assert seen["old"] and seen["new"], seen
     assert followed(url, models["new"])
 

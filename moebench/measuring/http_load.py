@@ -38,6 +38,28 @@ def under_wrk(url, protocols, requests, connections, duration_s, show):
     return found
 
 
+def interleaved(urls, request, connections, duration_s, rounds, show):
+    """Two or more servers running at once, measured in turns (A, B, A, B, ...) at each connection
+    count, so that a drift of the machine's speed during the run falls on all alike: {connection
+    count: {name: [requests/s per round]}}. Each takes a warm-up run first."""
+    path, body, headers = request
+    for url in urls.values():
+        wrk.load(url + path, body, headers, connections[0], min(duration_s, 2.0))
+    found = {}
+    for count in connections:
+        found[count] = {name: [] for name in urls}
+        for round_ in range(rounds):
+            for name, url in urls.items():
+                result = wrk.load(url + path, body, headers, count, duration_s)
+                if result["non_2xx"] or result["errors"]:
+                    raise ValueError(f"{name}: {result['non_2xx']} refused and {result['errors']} failed under wrk")
+                found[count][name].append(result["requests_per_s"])
+        medians = {name: float(np.median(runs)) for name, runs in found[count].items()}
+        show(f"  {count} connections, medians of {rounds} turns: "
+             + ", ".join(f"{name} {value:,.0f} requests/s" for name, value in medians.items()))
+    return found
+
+
 def classes_over_v2(url, images_uint8, batch=64):
     """The class of every image as an Open Inference Protocol server answers it, `batch` per request."""
     found = []

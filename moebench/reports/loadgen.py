@@ -21,7 +21,7 @@ def markdown(report):
             lines.append(f"| {name} | {single['p90_ns'] / 1e3:.1f} | {single['p50_ns'] / 1e3:.1f} | "
                          f"{bulk['samples_per_s']:,.0f} | {verdicts} | {row['loadgen']['accuracy']:.2f}% | "
                          f"{row['direct_accuracy']:.2f}% |")
-    lines += wrk_section(report)
+    lines += wrk_section(report) + metrics_section(report)
     lines += ["", f"## LoadGen's Server scenario: the highest offered QPS with p99 latency under {s['p99_ms']:g} ms", "",
               "One image per request (784 raw bytes), Poisson arrivals, from LoadGen's Python SUT with an aiohttp "
               f"client on the same machine (its limit: the bare servers' row, well below what wrk measures them at). Offered QPS from {s['start_qps']:g} up by x{s['qps_step']:g} until a run's measured p99 "
@@ -81,6 +81,22 @@ def wrk_section(report):
                 ratio = f"{r['vs_bare']:.2f}x" if r.get("vs_bare") else "-"
                 lines.append(f"| {name} | {protocol} | {r['connections']} | {r['requests_per_s']:,.0f} | {ratio} | "
                              f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non_2xx']} / {r['errors']} | {answers} |")
+    return lines
+
+
+def metrics_section(report):
+    cost = report.get("metrics_cost")
+    if not cost:
+        return []
+    lines = ["", "## What the Prometheus metrics cost", "",
+             f"serve.py and serve.py --no-metrics running side by side, measured in turns under wrk ({cost['rounds']} "
+             f"turns of {cost['duration_s']:g} s each, single-image requests), so that the machine's drift during "
+             "the run falls on both alike; medians of the turns.", "",
+             "| connections | serve.py (requests/s) | serve.py --no-metrics (requests/s) | with / without |",
+             "| --- | --- | --- | --- |"]
+    for count, medians in cost["medians"].items():
+        with_, without = medians["serve.py"], medians["serve.py --no-metrics"]
+        lines.append(f"| {count} | {with_:,.0f} | {without:,.0f} | {cost['ratio'][count]:.2f}x |")
     return lines
 
 

@@ -83,7 +83,9 @@ class Servicer:
     async def ModelMetadata(self, request, context):  # noqa: N802
         if request.name != kserve.MODEL:
             await context.abort(code_of(404), f"no model {request.name!r}; this server serves {kserve.MODEL!r}")
-        document = self.application.v2_documents["model"][1]
+        status, document = self.application.v2_documents["model"]
+        if status != 200:
+            await context.abort(code_of(status), document["error"])
         tensors = [[self.protos.ModelMetadataResponse.TensorMetadata(**t) for t in document[side]]
                    for side in ("inputs", "outputs")]
         return self.protos.ModelMetadataResponse(name=document["name"], versions=document["versions"],

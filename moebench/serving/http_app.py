@@ -120,7 +120,9 @@ class Application:
         if engine is None:
             self.batcher = Unloaded()
             self.about = orjson.dumps({"model": None, **self.served_by})
-            self.v2_documents = {**self.v2_documents, "model-ready": (503, {"error": "unloaded"})}
+            unloaded = (503, {"error": f"model {kserve.MODEL} is unloaded; POST /v2/repository/models/{kserve.MODEL}/load "
+                                       "loads it"})
+            self.v2_documents = {**self.v2_documents, "model": unloaded, "model-ready": unloaded}
             return replaced
         self.batcher = Batcher(engine.compute, settings["max_batch_size"], settings["batch_wait_ms"] / 1000,
                                settings["max_queued"], with_rows, LONE_IMAGES if elsewhere else INLINE_IMAGES,
