@@ -23,7 +23,7 @@ from data import add_data_args, load_split
 from moebench import checkpoint, contract
 from moebench.cli import (ArgumentParser, UserError, atomic_folder, non_negative_float, non_negative_int, positive_int,
                           require_module, run)
-from moebench.measuring import clock, http_load, loadgen_systems as systems, wrk
+from moebench.measuring import clock, h2load, http_load, loadgen_systems as systems, operations, wrk
 from moebench.measuring.compare import accuracy
 from moebench.measuring.machine import cpu_name
 from moebench.reports.files import write as write_report
@@ -268,6 +268,18 @@ def measured_row(server, args, pixels, labels, expected, logs):
         return {"not_measured": str(error)}
 
 
+def operators_rows(args, images, labels):
+    """What the metrics cost, and gRPC beside HTTP (measuring/operations.py), where wrk and h2load are."""
+    pixels = np.round(images[:, 0] * 255).astype(np.uint8)
+    start = lambda flags: start_server(Server(" ".join(("serve.py", *flags)), flags=flags), args)  # noqa: E731
+    with onnx_runtime.runner(args.model) as baseline:
+        expected = clock.full_pass(baseline.logits, images, 1024).argmax(1)
+    return {"metrics_cost": operations.metrics_cost(start, pixels, args.connections, args.wrk_duration_s)
+            if wrk.available() else None,
+            "grpc": operations.grpc_beside_http(start, pixels, labels, expected, args.connections, args.wrk_duration_s)
+            if wrk.available() and h2load.available() else None}
+
+
 def server_rows(args, images, labels, logs):
     """{system: row}: the bare HTTP servers (the faster is the ceiling), the in-process baseline, and
     each server; and the ceiling's name."""
@@ -296,31 +308,6 @@ def server_rows(args, images, labels, logs):
     return rows, ceiling
 
 
-METRICS_ROUNDS = 5
-
-
-def metrics_cost(args, pixels):
-    """serve.py with and without its Prometheus metrics, both running, under wrk in turns: the
-    requests/s of each (medians of METRICS_ROUNDS turns) and their ratio, per connection count."""
-    print("what the Prometheus metrics cost: serve.py and serve.py --no-metrics, in turns under wrk", flush=True)
-    started, turn_s = {}, max(1, round(args.wrk_duration_s / 2))  # wrk takes whole seconds
-    try:
-        for name, flags in (("serve.py", ()), ("serve.py --no-metrics", ("--no-metrics",))):
-            started[name] = start_server(Server(name, flags=flags), args)
-        runs = http_load.interleaved({name: process.url for name, process in started.items()},
-                                     http_load.bodies(pixels[0])["own"], args.connections,
-                                     turn_s, METRICS_ROUNDS, print)
-    finally:
-        for process in started.values():
-            process.stop()
-    medians = {count: {name: float(np.median(values)) for name, values in by_name.items()}
-               for count, by_name in runs.items()}
-    return {"rounds": METRICS_ROUNDS, "duration_s": turn_s,
-            "runs": {str(count): by_name for count, by_name in runs.items()},
-            "medians": {str(count): m for count, m in medians.items()},
-            "ratio": {str(count): m["serve.py"] / m["serve.py --no-metrics"] for count, m in medians.items()}}
-
-
 def report_ladder(name, row):
     best = row["ladder"]["best_qps"]
     accuracy = f", accuracy over HTTP {row['loadgen']['accuracy']:.2f}%" if "loadgen" in row else ""
@@ -347,11 +334,10 @@ def main(argv=None):
                                    {"dense": args.model, "loop": args.loop_model}, calibration_images=300)
         in_process = in_process_rows(args, sources, logs)
         server, ceiling = server_rows(args, images, labels, logs)
-        cost = None if args.quick or args.server_url or not wrk.available() else metrics_cost(
-            args, np.round(images[:, 0] * 255).astype(np.uint8))
+        operators = operators_rows(args, images, labels) if not args.quick and not args.server_url else {}
     report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
               "loadgen_version": loadgen_version(mlperf_loadgen), "in_process": in_process,
-              "server": server, "ceiling": ceiling, "wrk": wrk.available(), "metrics_cost": cost,
+              "server": server, "ceiling": ceiling, "wrk": wrk.available(), **operators,
               "settings": {"images": len(images), "duration_s": args.duration_s, "p99_ms": args.p99_ms,
                            "start_qps": args.start_qps, "qps_step": args.qps_step, "refine_steps": args.refine_steps,
                            "wrk_duration_s": args.wrk_duration_s, "connections": args.connections,

@@ -18,8 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, free_port, get, post
 from raw_http import post_head, raw_request, status_of
-from moebench.measuring import http_load, wrk
-from moebench.serving import metrics
+from moebench.measuring import h2load, http_load, wrk
+from moebench.serving import grpc_api, metrics
+from moebench.serving.requests import to_pixels
 from moebench.serving.repository import ORDER_POLL_S
 from moebench.serving.server_process import ServerProcess
 
@@ -95,6 +96,22 @@ def test_servers_measured_in_turns_each_get_every_turn(server, served_images):
     assert list(found) == [4, 8] and all(len(runs) == 2 and min(runs) > 0 for by_name in found.values()
                                          for runs in by_name.values())
     assert len(shown) == 2 and "medians of 2 turns" in shown[0]
+
+
+@pytest.mark.skipif(not h2load.available(), reason="needs h2load (bash tests/install_tools.sh)")
+def test_h2load_drives_grpc_and_the_classes_over_grpc_are_the_model_s(server, served_images, served_expected):
+    """What loadgen.py measures gRPC with: h2load sending ModelInfer frames, and the classes a gRPC
+    client reads. h2load sees HTTP statuses only: the server's metrics say each call was answered."""
+    pixels = to_pixels(served_images[0])
+    body = h2load.grpc_frame(grpc_api.infer_request(pixels[:1]).SerializeToString())
+    before = settled_scrape(server[1])
+    result = h2load.load(f"http://127.0.0.1:{server[3]}/{grpc_api.INFER_PATH}", body, h2load.GRPC_HEADERS, 4, 1,
+                         warm_up_s=0)
+    answered = grown(before, settled_scrape(server[1]), "moe_requests_total", route="grpc", status="200")
+    assert result["requests"] > 50 and result["failed"] == 0, result
+    assert result["requests"] <= answered <= result["requests"] + 4, (result, answered)
+    classes = grpc_api.classes_over_grpc(f"127.0.0.1:{server[3]}", pixels, batch=64)
+    assert (classes == served_expected[0].argmax(1)).all()
 
 
 def test_a_client_gone_before_its_turn_is_not_computed(server, served_images):

@@ -21,7 +21,7 @@ def markdown(report):
             lines.append(f"| {name} | {single['p90_ns'] / 1e3:.1f} | {single['p50_ns'] / 1e3:.1f} | "
                          f"{bulk['samples_per_s']:,.0f} | {verdicts} | {row['loadgen']['accuracy']:.2f}% | "
                          f"{row['direct_accuracy']:.2f}% |")
-    lines += wrk_section(report) + metrics_section(report)
+    lines += wrk_section(report) + metrics_section(report) + grpc_section(report)
     lines += ["", f"## LoadGen's Server scenario: the highest offered QPS with p99 latency under {s['p99_ms']:g} ms", "",
               "One image per request (784 raw bytes), Poisson arrivals, from LoadGen's Python SUT with an aiohttp "
               f"client on the same machine (its limit: the bare servers' row, well below what wrk measures them at). Offered QPS from {s['start_qps']:g} up by x{s['qps_step']:g} until a run's measured p99 "
@@ -97,6 +97,22 @@ def metrics_section(report):
     for count, medians in cost["medians"].items():
         with_, without = medians["serve.py"], medians["serve.py --no-metrics"]
         lines.append(f"| {count} | {with_:,.0f} | {without:,.0f} | {cost['ratio'][count]:.2f}x |")
+    return lines
+
+
+def grpc_section(report):
+    found = report.get("grpc")
+    if not found:
+        return []
+    lines = ["", "## The Open Inference Protocol over gRPC and over HTTP", "",
+             "serve.py --grpc-port, one image per request (FP32 [1, 1, 28, 28] raw tensor contents): gRPC under h2load "
+             "(HTTP/2, one stream per connection), HTTP/1.1 under wrk (the binary tensor extension), each a closed "
+             f"loop of that many connections. Every test image's class over gRPC: {found['agreement']:.2f}% equal to "
+             f"ONNX Runtime's, accuracy {found['accuracy']:.2f}%.", "",
+             "| connections | gRPC, h2load (requests/s) | HTTP, wrk (requests/s) | gRPC / HTTP |", "| --- | --- | --- | --- |"]
+    for grpc, http in zip(found["grpc"], found["http"]):
+        lines.append(f"| {grpc['connections']} | {grpc['requests_per_s']:,.0f} | {http['requests_per_s']:,.0f} | "
+                     f"{grpc['requests_per_s'] / http['requests_per_s']:.2f}x |")
     return lines
 
 

@@ -16,6 +16,7 @@ from .batcher import Full
 from .requests import RequestError
 
 PROTOCOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "protocols")
+INFER_PATH = "inference.GRPCInferenceService/ModelInfer"  # the HTTP/2 path of a ModelInfer call
 
 
 @functools.cache
@@ -57,6 +58,30 @@ def tensor_of(request):
         raw = request.raw_input_contents[0]
         return {**tensor, "parameters": {"binary_data_size": len(raw)}}, raw
     return {**tensor, "data": list(given.contents.fp32_contents)}, b""  # any other datatype is refused
+
+
+def infer_request(pixels):
+    """A ModelInferRequest of float32 pixels (N, 1, 28, 28) as raw contents, as tritonclient sends it."""
+    protos, _ = messages()
+    request = protos.ModelInferRequest(model_name=kserve.MODEL)
+    request.inputs.add(name="pixels", datatype="FP32", shape=list(pixels.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(pixels, np.float32).tobytes())
+    return request
+
+
+def classes_over_grpc(address, pixels, batch=100):
+    """The class of every image as the server at host:port answers it over gRPC, `batch` per request."""
+    import grpc
+    _, services = messages()
+    found = []
+    with grpc.insecure_channel(address) as channel:
+        stub = services.GRPCInferenceServiceStub(channel)
+        for start in range(0, len(pixels), batch):
+            answer = stub.ModelInfer(infer_request(pixels[start:start + batch]), timeout=60)
+            at = [output.name for output in answer.outputs].index("logits")
+            logits = np.frombuffer(answer.raw_output_contents[at], np.float32)
+            found.append(logits.reshape(-1, 10).argmax(1))
+    return np.concatenate(found)
 
 
 class Servicer:
