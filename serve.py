@@ -11,10 +11,10 @@ image's class, logits and chosen experts with their gate weights, and which serv
 backend answered. GET / says what is served. The Open Inference Protocol (KServe v2, as Triton speaks
 it) is served too: GET /v2/health/ready, GET /v2/models/moe, POST /v2/models/moe/infer with JSON
 tensors or the binary tensor extension; --triton serves only that protocol. Bad bodies get a 400 or
-413, a body that does not arrive in time a 408, a full queue a 503. The default server also serves
-Prometheus metrics at GET /metrics, swaps its model under load (POST
-/v2/repository/models/moe/load, or SIGHUP) and, with --grpc-port, the Open Inference Protocol over
-gRPC (docs/operating.md)."""
+413, a body that does not arrive in time a 408, a full queue a 503. Prometheus metrics at GET
+/metrics (--ray: from every replica; --triton: Triton's own on --port + 2). The default server also
+swaps its model under load (POST /v2/repository/models/moe/load, or SIGHUP) and, with --grpc-port,
+serves the Open Inference Protocol over gRPC (docs/operating.md)."""
 import contextlib
 import os
 import signal
