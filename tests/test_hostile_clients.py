@@ -1,8 +1,18 @@
-"""Hostile clients against both servers (the default and --ray): a declared length past the limit is
-refused from the header, and clients that stall mid-body cannot take the service away."""
+"""Hostile clients against the three servers: the default and --ray refuse a declared length past
+the limit from the header, and clients that stall mid-body take the service away from none of them
+(Triton neither refuses from the header nor times a body out: docs/serving.md)."""
+import importlib.util
+import socket
+import sys
 import time
+import urllib.request
 
-from conftest import BODY_TIMEOUT_S, check_answers, post
+import numpy as np
+import pytest
+
+from conftest import BODY_TIMEOUT_S, ROOT, check_answers, free_port, post
+from moebench.serving import kserve
+from moebench.serving.server_process import ServerProcess
 from raw_http import post_head, raw_request, status_of
 
 
@@ -36,6 +46,37 @@ def test_clients_stalled_mid_body_cannot_take_the_service_away(server, served_im
     finally:
         for client in stalled:
             client.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pytriton") is None, reason="needs nvidia-pytriton")
+def test_triton_answers_while_clients_stall_but_waits_for_a_body_past_any_limit(tiny_models, served_images,
+                                                                                served_expected):
+    port = free_port()
+    started = ServerProcess([sys.executable, "serve.py", "--model", str(tiny_models / "model.onnx"), "--triton",
+                             "--port", str(port), "--max-batch-size", "8"], ROOT, port)
+    pixels = (served_images[0][:1].astype(np.float32) / 255).reshape(1, 1, 28, 28)
+    body, headers = kserve.request_body(pixels)
+    head = ("POST /v2/models/moe/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + "".join(f"{name}: {value}\r\n" for name, value in headers.items())).encode()
+    stalled = [raw_request(port, head + f"Content-Length: {len(body)}\r\n\r\n".encode(), body[:10])
+               for _ in range(200)]
+    huge = raw_request(port, head + b"Content-Length: 10000000000\r\n\r\n", body)
+    try:
+        time.sleep(0.5)
+        for _ in range(5):
+            began = time.perf_counter()
+            request = urllib.request.Request(started.url + "v2/models/moe/infer", data=body, headers=headers)
+            with urllib.request.urlopen(request, timeout=10) as response:
+                answer = kserve.read_answer(response.read(), response.headers.get(kserve.HEADER_LENGTH))
+            assert time.perf_counter() - began < 1.0
+            np.testing.assert_allclose(answer["logits"], served_expected[0][:1], atol=1e-5)
+        huge.settimeout(3)
+        with pytest.raises(socket.timeout):  # no 413 from the header: Triton waits for the 10 GB
+            status_of(huge)
+    finally:
+        for client in (*stalled, huge):
+            client.close()
+        started.stop()
 
 
 def test_the_first_content_length_and_type_count_and_a_length_that_is_no_number_is_none():
