@@ -23,7 +23,7 @@ from data import add_data_args, load_split
 from moebench import checkpoint, contract
 from moebench.cli import (ArgumentParser, UserError, atomic_folder, non_negative_float, non_negative_int, positive_int,
                           require_module, run)
-from moebench.measuring import clock, h2load, http_load, loadgen_systems as systems, operations, wrk
+from moebench.measuring import clock, http_load, loadgen_systems as systems, operations, wrk
 from moebench.measuring.compare import accuracy
 from moebench.measuring.machine import cpu_name
 from moebench.reports.files import write as write_report
@@ -268,18 +268,6 @@ def measured_row(server, args, pixels, labels, expected, logs):
         return {"not_measured": str(error)}
 
 
-def operators_rows(args, images, labels):
-    """What the metrics cost, and gRPC beside HTTP (measuring/operations.py), where wrk and h2load are."""
-    pixels = np.round(images[:, 0] * 255).astype(np.uint8)
-    start = lambda flags: start_server(Server(" ".join(("serve.py", *flags)), flags=flags), args)  # noqa: E731
-    with onnx_runtime.runner(args.model) as baseline:
-        expected = clock.full_pass(baseline.logits, images, 1024).argmax(1)
-    return {"metrics_cost": operations.metrics_cost(start, pixels, args.connections, args.wrk_duration_s)
-            if wrk.available() else None,
-            "grpc": operations.grpc_beside_http(start, pixels, labels, expected, args.connections, args.wrk_duration_s)
-            if wrk.available() and h2load.available() else None}
-
-
 def server_rows(args, images, labels, logs):
     """{system: row}: the bare HTTP servers (the faster is the ceiling), the in-process baseline, and
     each server; and the ceiling's name."""
@@ -334,7 +322,9 @@ def main(argv=None):
                                    {"dense": args.model, "loop": args.loop_model}, calibration_images=300)
         in_process = in_process_rows(args, sources, logs)
         server, ceiling = server_rows(args, images, labels, logs)
-        operators = operators_rows(args, images, labels) if not args.quick and not args.server_url else {}
+        start = lambda flags: start_server(Server(" ".join(("serve.py", *flags)), flags=flags), args)  # noqa: E731
+        operators = {} if args.quick or args.server_url else operations.measured(
+            start, args.model, args.loop_model, images, labels, args.connections, args.wrk_duration_s)
     report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
               "loadgen_version": loadgen_version(mlperf_loadgen), "in_process": in_process,
               "server": server, "ceiling": ceiling, "wrk": wrk.available(), **operators,

@@ -1,5 +1,7 @@
 """loadgen.py's report: the in-process SingleStream and Offline table, the Server table with each
 system's share of the HTTP ceiling, one-request-at-a-time latency over HTTP, and the p99 picture."""
+import os
+
 from ..cli import save_figure
 from ..measuring import loadgen_systems
 
@@ -21,7 +23,7 @@ def markdown(report):
             lines.append(f"| {name} | {single['p90_ns'] / 1e3:.1f} | {single['p50_ns'] / 1e3:.1f} | "
                          f"{bulk['samples_per_s']:,.0f} | {verdicts} | {row['loadgen']['accuracy']:.2f}% | "
                          f"{row['direct_accuracy']:.2f}% |")
-    lines += wrk_section(report) + metrics_section(report) + grpc_section(report)
+    lines += wrk_section(report) + metrics_section(report) + swap_section(report) + grpc_section(report)
     lines += ["", f"## LoadGen's Server scenario: the highest offered QPS with p99 latency under {s['p99_ms']:g} ms", "",
               "One image per request (784 raw bytes), Poisson arrivals, from LoadGen's Python SUT with an aiohttp "
               f"client on the same machine (its limit: the bare servers' row, well below what wrk measures them at). Offered QPS from {s['start_qps']:g} up by x{s['qps_step']:g} until a run's measured p99 "
@@ -98,6 +100,23 @@ def metrics_section(report):
         with_, without = medians["serve.py"], medians["serve.py --no-metrics"]
         lines.append(f"| {count} | {with_:,.0f} | {without:,.0f} | {cost['ratio'][count]:.2f}x |")
     return lines
+
+
+def swap_section(report):
+    swap = report.get("swap")
+    if not swap:
+        return []
+    run, answers = swap["wrk"], swap["answers"]
+    return ["", "## A model swapped under load", "",
+            f"serve.py with 2 workers under wrk ({run['connections']} connections, {run['duration_s']:.0f} s, single "
+            "images) while it is told to load the loop graph (POST /v2/repository/models/moe/load), to load "
+            "--model again (SIGHUP), and the loop graph once more; beside wrk, a client sends the same "
+            f"{swap['checked_images']} images again and again and checks each answer against ONNX Runtime's "
+            "logits for them (both graphs give the same).", "",
+            "| wrk: requests/s | refused (non-2xx) | failed | checking client: answers equal to the model's | "
+            "other answers | refused or failed | served at the end |", "| --- | --- | --- | --- | --- | --- | --- |",
+            f"| {run['requests_per_s']:,.0f} | {run['non_2xx']} | {run['errors']} | {answers['the model']} | "
+            f"{answers['neither']} | {swap['failed']} | {os.path.basename(swap['served_after'] or '-')} |"]
 
 
 def grpc_section(report):
