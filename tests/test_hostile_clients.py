@@ -48,6 +48,17 @@ def test_clients_stalled_mid_body_cannot_take_the_service_away(server, served_im
             client.close()
 
 
+def test_a_request_line_of_an_unknown_http_version(server):
+    """The default server refuses `HTTP/9.9` with a 400; Ray Serve's HAProxy ingress passes it on as
+    HTTP/1.1, so --ray answers it (docs/serving.md says so; Ray offers no switch for it)."""
+    process, _, port = server
+    client = raw_request(port, b"GET / HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n")
+    try:
+        assert status_of(client) == (200 if "--ray" in process.process.args else 400)
+    finally:
+        client.close()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("pytriton") is None, reason="needs nvidia-pytriton")
 def test_triton_answers_while_clients_stall_but_waits_for_a_body_past_any_limit(tiny_models, served_images,
                                                                                 served_expected):
