@@ -141,12 +141,6 @@ def expected_logits(model, pixels):
     return session.run(["logits"], {"pixels": (pixels.astype(np.float32) / 255).reshape(-1, 1, 28, 28)})[0]
 
 
-def served_path(url):
-    """The model file a worker serves, or None where it has none (unloaded)."""
-    status, answer = get(url + "v2/models/moe")
-    return answer["parameters"]["path"] if status == 200 else None
-
-
 def test_a_model_swapped_under_load_drops_no_request(server, tiny_models, small_models, served_images):
     """While wrk sends, the server is told to load another model, SIGHUP loads --model again, and the
     other model once more (operations.swap_under_wrk, as loadgen.py measures it): no request fails or
@@ -162,13 +156,18 @@ def test_a_model_swapped_under_load_drops_no_request(server, tiny_models, small_
     assert followed(server[1], models["new"])
 
 
-def followed(url, model, timeout_s=30):
-    """Whether every worker serves `model` within `timeout_s` (each makes it after it reads the order)."""
-    deadline = time.time() + timeout_s
+def followed(url, model, workers=2, timeout_s=30):
+    """Whether every worker serves `model` within `timeout_s` (each makes it after it reads the order):
+    GET / names the answering worker's pid and the file it serves (none while unloaded), and the
+    kernel hands each new connection to either worker, so each worker's latest answer is kept until
+    all `workers` have said `model`."""
+    latest, deadline = {}, time.time() + timeout_s
     while time.time() < deadline:
-        if {served_path(url) for _ in range(8)} == {str(model)}:
+        status, about = get(url)
+        latest[about["pid"]] = about.get("path") if status == 200 else None
+        if len(latest) >= workers and set(latest.values()) == {str(model)}:
             return True
-        time.sleep(ORDER_POLL_S)
+        time.sleep(0.02)
     return False
 
 
