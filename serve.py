@@ -194,26 +194,24 @@ def serve_with_ray(args, payload):
     from moebench.serving import ray_serve
     state = {"started_serve": False, "deployed": False}
     replicas = ray_serve.Replicas(args.replicas, args.max_ongoing, args.max_queued, args.cpus_per_replica)
-    stack = contextlib.ExitStack()  # the run's metrics folder, removed after Ray stopped
-    try:
-        if not args.address:
-            require_free_port(args.host, args.port)
-        run = stack.enter_context(tempfile.TemporaryDirectory(prefix="moe-serve-"))
-        settings = {**batching(args), "metrics_directory": None if args.no_metrics else os.path.join(run, "metrics")}
-        url = ray_serve.start(args.address, args.host, args.port, state, lambda: ray_serve.deployment(
-            replicas, args.served, payload, args.threads, args.precision, settings))
-        stop_on_signals()
-        print(f"serving {args.model} on {args.backend} with Ray Serve, {args.replicas} replica(s), batching "
-              + (f"up to {args.max_batch_size} images per call, {args.batch_wait_ms:g} ms wait" if args.max_batch_size > 1
-                 else "off") + f", at {url}" + ("" if args.no_metrics else f", metrics at {url.split(' ')[0]}metrics")
-              + " (Ctrl-C stops)", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping ...", flush=True)
-    finally:
-        ray_serve.stop(state)
-        stack.close()
+    with tempfile.TemporaryDirectory(prefix="moe-serve-") as run:  # the replicas' metrics, removed after Ray stopped
+        try:
+            if not args.address:
+                require_free_port(args.host, args.port)
+            settings = {**batching(args), "metrics_directory": None if args.no_metrics else os.path.join(run, "metrics")}
+            url = ray_serve.start(args.address, args.host, args.port, state, lambda: ray_serve.deployment(
+                replicas, args.served, payload, args.threads, args.precision, settings))
+            stop_on_signals()
+            print(f"serving {args.model} on {args.backend} with Ray Serve, {args.replicas} replica(s), batching "
+                  + (f"up to {args.max_batch_size} images per call, {args.batch_wait_ms:g} ms wait"
+                     if args.max_batch_size > 1 else "off") + f", at {url}"
+                  + ("" if args.no_metrics else f", metrics at {url.split(' ')[0]}metrics") + " (Ctrl-C stops)", flush=True)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopping ...", flush=True)
+        finally:
+            ray_serve.stop(state)
     print("stopped", flush=True)
 
 

@@ -21,7 +21,9 @@ def status_of(client):
     return int(answer.split(b" ", 2)[1])
 
 
-def post_head(length):
-    """The head of a raw POST / of `length` body bytes."""
-    return (f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
+def post_head(length, path="/", headers=None):
+    """The head of a raw POST of `length` body bytes to `path`, with `headers` (by default raw bytes'
+    Content-Type)."""
+    headers = headers or {"Content-Type": "application/octet-stream"}
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            + f"Content-Length: {length}\r\n\r\n").encode()

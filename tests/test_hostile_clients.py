@@ -67,11 +67,9 @@ def test_triton_answers_while_clients_stall_but_waits_for_a_body_past_any_limit(
                              "--port", str(port), "--max-batch-size", "8"], ROOT, port)
     pixels = (served_images[0][:1].astype(np.float32) / 255).reshape(1, 1, 28, 28)
     body, headers = kserve.request_body(pixels)
-    head = ("POST /v2/models/moe/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            + "".join(f"{name}: {value}\r\n" for name, value in headers.items())).encode()
-    stalled = [raw_request(port, head + f"Content-Length: {len(body)}\r\n\r\n".encode(), body[:10])
-               for _ in range(200)]
-    huge = raw_request(port, head + b"Content-Length: 10000000000\r\n\r\n", body)
+    infer = "/v2/models/moe/infer"
+    stalled = [raw_request(port, post_head(len(body), infer, headers), body[:10]) for _ in range(200)]
+    huge = raw_request(port, post_head(10_000_000_000, infer, headers), body)
     try:
         time.sleep(0.5)
         for _ in range(5):

@@ -30,7 +30,7 @@ from .batcher import Batcher, ClientGone, Full
 from .engine import engine_of
 from .model_process import ModelProcess
 from .server_process import end_with_parent
-from .swap import Swapper, Unloaded
+from .swap import UNLOADED, Swapper, Unloaded
 
 BODY_TIMEOUT_S = 10.0  # a request's body must arrive whole within this, or its place goes to others
 # no proxy headers (nothing here reads the client's address), no Server and Date headers: each is work
@@ -120,8 +120,7 @@ class Application:
         if engine is None:
             self.batcher = Unloaded()
             self.about = orjson.dumps({"model": None, **self.served_by})
-            unloaded = (503, {"error": f"model {kserve.MODEL} is unloaded; POST /v2/repository/models/{kserve.MODEL}/load "
-                                       "loads it"})
+            unloaded = (503, {"error": UNLOADED})
             self.v2_documents = {**self.v2_documents, "model": unloaded, "model-ready": unloaded}
             return replaced
         self.batcher = Batcher(engine.compute, settings["max_batch_size"], settings["batch_wait_ms"] / 1000,

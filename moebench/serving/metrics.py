@@ -135,12 +135,10 @@ def exposition():
 
 def join_directory(directory):
     """Record into `directory` from this process on (a Ray Serve replica: serve.py made the folder for
-    the run; on another node of a cluster it is made there, and holds that node's replicas). Where
-    prometheus-client was imported before the folder was named, its values are made file-backed now."""
+    the run; on another node of a cluster it is made there, and holds that node's replicas). Call it
+    before this process imports prometheus-client, which reads the folder's name at import."""
     os.makedirs(directory, exist_ok=True)
     os.environ[DIRECTORY_ENV] = directory
-    import prometheus_client.values as values
-    values.ValueClass = values.get_value_class()
 
 
 @contextlib.contextmanager

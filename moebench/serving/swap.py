@@ -10,14 +10,16 @@ from .model_process import ModelProcess
 from .requests import RequestError
 
 
+UNLOADED = f"model {kserve.MODEL} is unloaded; POST /v2/repository/models/{kserve.MODEL}/load loads it"
+
+
 class Unloaded:
     """What a worker whose model was unloaded has in its batcher's place: every request gets a 503
     that says how to load it."""
     waiting = handed_over = 0
 
     async def infer(self, images, client=None):
-        raise RequestError(503, f"model {kserve.MODEL} is unloaded; POST /v2/repository/models/{kserve.MODEL}/load "
-                                "loads it")
+        raise RequestError(503, UNLOADED)
 
     def stop(self):
         pass
