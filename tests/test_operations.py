@@ -6,16 +6,15 @@ has two workers, so that what one worker is told, the other follows."""
 import json
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, free_port, get, post
 from raw_http import post_head, raw_request, status_of
+from scraped import grown, settled_scrape, total
 from moebench.measuring import h2load, http_load, operations, wrk
-from moebench.serving import grpc_api, metrics
+from moebench.serving import grpc_api
 from moebench.serving.repository import ORDER_POLL_S
 from moebench.serving.server_process import ServerProcess
 
@@ -32,31 +31,6 @@ def server(tiny_models):
                              "--max-batch-size", "8", "--max-queued", str(QUEUED), "--replicas", "2"], ROOT, port)
     yield started, started.url, port, grpc_port
     started.stop()
-
-
-def scrape(url):
-    """{(sample name, frozenset of labels): value} of GET /metrics."""
-    with urllib.request.urlopen(url + "metrics", timeout=30) as response:
-        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = response.read().decode()
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def settled_scrape(url):
-    """scrape(url) once every worker and model process has written what it saw (its first GET /, too)."""
-    time.sleep(3 * metrics.FLUSH_S)
-    return scrape(url)
-
-
-def total(samples, name, **labels):
-    """The sum of a metric's samples whose labels include `labels`."""
-    wanted = set(labels.items())
-    return sum(value for (sample, have), value in samples.items() if sample == name and wanted <= have)
-
-
-def grown(before, after, name, **labels):
-    return total(after, name, **labels) - total(before, name, **labels)
 
 
 @pytest.mark.skipif(not wrk.available(), reason="needs wrk (bash tests/install_tools.sh)")

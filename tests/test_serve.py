@@ -19,6 +19,7 @@ import pytest
 import loadgen
 from conftest import (ROOT, SERVED_IMAGES as IMAGES, check_answers, free_port, one_line_error, post,
                       run_script)
+from scraped import grown, scrape
 from moebench import gc_settings
 from moebench.measuring import wrk
 from moebench.runners import onnx_runtime, registry
@@ -199,16 +200,12 @@ def test_a_big_request_and_small_ones_together_get_their_own_answers(server, ser
 def test_metrics_count_the_requests_each_server_answered(server, served_images):
     """GET /metrics, from the default server's workers and from Ray Serve's replicas alike."""
     _, url, _ = server
-
-    def answered():
-        scraped = urllib.request.urlopen(url + "metrics", timeout=10).read().decode()
-        assert "# TYPE moe_model_call_seconds histogram" in scraped
-        return sum(float(line.split()[-1]) for line in scraped.splitlines()
-                   if line.startswith('moe_requests_total{') and 'route="/"' in line and 'status="200"' in line)
-    before = answered()
+    before = scrape(url)
     for row in range(5):
         assert post(url, served_images[0][row].tobytes())[0] == 200
-    assert answered() - before == 5
+    after = scrape(url)
+    assert any(name.startswith("moe_model_call_seconds") for name, _ in after)
+    assert grown(before, after, "moe_requests_total", route="/", status="200") == 5
 
 
 def test_the_smoke_run_s_loadgen_report_has_every_scenario(smoke_results):
