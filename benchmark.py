@@ -172,7 +172,7 @@ def main(argv=None):
 
 
 def where_the_fused_operator_s_time_goes(args, images, rows):
-    """The fused operator's phases (its fastest path here), where its rows ran: a CPU run."""
+    """The fused operator's phases and limits on each SIMD path this CPU has, where its rows ran: a CPU run."""
     if args.device != "cpu" or not any(r["key"].startswith("fused-int8") for r in rows):
         return None
     model, structure, _ = checkpoint.load_model(args.checkpoint)

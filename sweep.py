@@ -1,8 +1,12 @@
 """How cost grows with the work: (a) per-image cost against batch size for the trained model on the
 best rows of each engine; (b) per-image cost as the model grows (EXPERTS and HIDDEN_SIZE, TOP 2,
 random weights: only time matters), dense against loop routing against the best engine, beside
-the roofline of the activated path. Writes results/sweep.md, sweep.json, sweep_batch.png, sweep_size.png."""
+the roofline of the activated path; (c) models whose experts no longer fit the caches (EMB_SIZE 1024,
+HIDDEN_SIZE 2048, EXPERTS 8 to 64), every engine in fp32 and INT8 and the fused operator, beside the
+compute roofline and the memory-bandwidth one (the weights a batch must read, at the bandwidth this
+run measures). Writes results/sweep.md, sweep.json, sweep_batch.png, sweep_size.png, sweep_large.png."""
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -25,6 +29,12 @@ BATCH_SIZES = (1, 4, 16, 64, 256, 1024, 4096, 10000)
 EXPERTS = (8, 16, 32, 64)
 HIDDEN_SIZES = (256, 1024)
 SIZE_IMAGES = 2048  # images per bulk timing in the model-size sweep
+# Past the caches: each expert is 4.2M weights (4 MB in int8, 17 MB in fp32), so every batch of 256 reads
+# 34-268 MB of int8 experts or 134 MB-1.1 GB of fp32 ones, past any last-level cache. HIDDEN_SIZE 4096 at 64
+# experts would hold 2.1 GB of fp32 weights, past the 2 GB an ONNX file holds without external data.
+LARGE = {"EMB_SIZE": 1024, "HIDDEN_SIZE": 2048}
+LARGE_EXPERTS = (8, 16, 32, 64)
+LARGE_IMAGES, LARGE_SINGLES = 256, 20  # one bulk batch of 256 images; single images, each timed
 
 
 def parse_args(argv=None):
@@ -65,6 +75,26 @@ def random_model(structure, seed=0):
     with torch.no_grad():
         model.moe.w_gate.normal_(0, 1)
     return model
+
+
+def large_sweep(workdir, test_set, structure, experts, repeats):
+    """[{EXPERTS, engine, bulk_us (one batch of the test set), b1_us, the structure}] for models larger
+    than the caches; `structure` gives EMB_SIZE and HIDDEN_SIZE."""
+    points, pixels = [], test_set[0]
+    for e in tqdm(experts, desc="large-model sweep", unit="model", disable=None):
+        s = {**config.defaults(), **structure, "EXPERTS": e}
+        folder = os.path.join(workdir, f"large-e{e}")
+        os.makedirs(folder)
+        sources = registry.Sources.of_model(random_model(s), s, folder, test_set)
+        for entry in registry.in_report(registry.LARGE_SWEEP, s)[0]:
+            with entry.make(sources) as runner:
+                points.append({"EXPERTS": e, "EMB_SIZE": s["EMB_SIZE"], "HIDDEN_SIZE": s["HIDDEN_SIZE"],
+                               "engine": entry.label, "precision": entry.precision, "routing": entry.routing,
+                               "bulk_us": per_image_us(runner.clock(), pixels, len(pixels), repeats),
+                               "b1_us": per_image_us(runner.clock(), pixels[:LARGE_SINGLES], 1, repeats)})
+        del sources
+        shutil.rmtree(folder)  # a large model's exports take gigabytes of disk
+    return points
 
 
 def size_sweep(workdir, test_set, experts, hidden_sizes, repeats):
@@ -132,6 +162,49 @@ def plot_sizes(report, path):
     save_figure(fig, path)
 
 
+def large_rooflines(report, hidden_batch):
+    """{line label: us per image at each EXPERTS} for the large panel at batch `hidden_batch`: the
+    activated path at the int8 peak, and the weights the batch must read at the measured bandwidth, in
+    int8 as the fused operator holds them (folded) and in fp32 as the graphs do."""
+    points = {p["EXPERTS"]: p for p in report["large"]}
+    bandwidth, int8 = report["bandwidth_gbs"], report["peaks"]["int8"]["gflops"]
+    lines = {}
+    for label, bytes_per_weight, folded in (("int8 weights, folded", 1, True), ("fp32 weights", 4, False)):
+        lines[f"memory roofline, {label}"] = {
+            e: 1e6 * roofline.weight_bytes_per_image(structure_of(p), hidden_batch, bytes_per_weight, folded)
+            / (bandwidth * 1e9) for e, p in points.items()}
+    lines["compute roofline, int8 peak"] = {
+        e: 1e6 * 2 * roofline.activated_macs(structure_of(p)) / (int8 * 1e9) for e, p in points.items()}
+    return lines
+
+
+def structure_of(point):
+    return {**config.defaults(), **{k: point[k] for k in ("EXPERTS", "EMB_SIZE", "HIDDEN_SIZE")}}
+
+
+def plot_large(report, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    points, batch = report["large"], report["settings"]["large_images"]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    for ax, (key, size, what) in zip(axes, (("bulk_us", batch, f"one batch of {batch}"), ("b1_us", 1, "batch 1"))):
+        for engine in dict.fromkeys(p["engine"] for p in points):
+            mine = [p for p in points if p["engine"] == engine]
+            ax.plot([p["EXPERTS"] for p in mine], [p[key] for p in mine], marker="o", label=engine)
+        for (label, line), style in zip(large_rooflines(report, size).items(), ("--", ":", "-.")):
+            ax.plot(list(line), list(line.values()), color="grey", linestyle=style, label=label)
+        experts = sorted({p["EXPERTS"] for p in points})
+        ax.set(xscale="log", yscale="log", xlabel="EXPERTS (TOP 2)", ylabel="microseconds per image", xticks=experts,
+               xticklabels=[str(e) for e in experts], title=what)
+        readable_log_axes(ax)
+        ax.legend(fontsize="x-small")
+    first = points[0]
+    fig.suptitle(f"Past the caches: EMB_SIZE {first['EMB_SIZE']}, HIDDEN_SIZE {first['HIDDEN_SIZE']}, random weights "
+                 f"({report['machine']})")
+    save_figure(fig, path)
+
+
 def readable_log_axes(ax):
     import matplotlib.ticker
     for axis in (ax.xaxis, ax.yaxis):
@@ -148,7 +221,10 @@ def main(argv=None):
     images = np.ascontiguousarray(images_t.numpy())
     sizes = (1, 16, 256) if args.quick else BATCH_SIZES
     experts, hidden = ((4, 8), (32,)) if args.quick else (EXPERTS, HIDDEN_SIZES)
+    large, large_experts = (({"EMB_SIZE": 128, "HIDDEN_SIZE": 256}, (4, 8)) if args.quick else (LARGE, LARGE_EXPERTS))
     peaks = roofline.measure_peaks(512 if args.quick else 2048)
+    bandwidth_mb = 64 if args.quick else 512
+    bandwidth = roofline.memory_bandwidth_gbs(bandwidth_mb)
     test_set = (images, labels_t.numpy())
     with tempfile.TemporaryDirectory() as workdir:
         sources = registry.Sources(args.checkpoint, workdir, test_set, args.data_dir, calibration_images=300)
@@ -156,19 +232,23 @@ def main(argv=None):
         entries, not_measured = registry.in_report(registry.BATCH_SWEEP, structure)
         batch = batch_sweep(entries, sources, sizes, args.repeats)
         size = size_sweep(workdir, (images[:SIZE_IMAGES], test_set[1][:SIZE_IMAGES]), experts, hidden, args.repeats)
+        large_points = large_sweep(workdir, (images[:LARGE_IMAGES], test_set[1][:LARGE_IMAGES]), large, large_experts,
+                                   args.repeats)
     report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
-              "peaks": peaks, "activated_macs": roofline.activated_macs(structure), "batch": batch, "size": size,
-              "not_measured": not_measured,
-              "settings": {"images": len(images), "repeats": args.repeats, "quick": args.quick}}
+              "peaks": peaks, "bandwidth_gbs": bandwidth, "activated_macs": roofline.activated_macs(structure),
+              "batch": batch, "size": size, "large": large_points, "not_measured": not_measured,
+              "settings": {"images": len(images), "repeats": args.repeats, "quick": args.quick,
+                           "large_images": min(LARGE_IMAGES, len(images)), "bandwidth_mb": bandwidth_mb}}
     print(write_report(report, args.out_dir, "sweep", markdown,
-                       {"sweep_batch.png": plot_batches, "sweep_size.png": plot_sizes}))
+                       {"sweep_batch.png": plot_batches, "sweep_size.png": plot_sizes, "sweep_large.png": plot_large}))
     return report
 
 
 def markdown(report):
     sizes = list(next(iter(report["batch"].values())))
     lines = [f"# Scaling sweep ({report['date']})", "", f"Machine: {report['machine']}. Microseconds per image, "
-             f"the median of {report['settings']['repeats']} timings; pictures: sweep_batch.png, sweep_size.png.", "",
+             f"the median of {report['settings']['repeats']} timings; pictures: sweep_batch.png, sweep_size.png, "
+             "sweep_large.png.", "",
              "## The trained model, by batch size", "", "| engine | " + " | ".join(f"b={b}" for b in sizes) + " |",
              "| --- |" + " --- |" * len(sizes)]
     lines += [f"| {name} | " + " | ".join(f"{curve[b]:.2f}" if b in curve else "-" for b in sizes) + " |"
@@ -177,9 +257,35 @@ def markdown(report):
               "| EXPERTS | HIDDEN_SIZE | engine | batch 1024 | batch 1 |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {p['EXPERTS']} | {p['HIDDEN_SIZE']} | {p['engine']} | {p['bulk_us']:.2f} | {p['b1_us']:.1f} |"
               for p in report["size"]]
+    lines += large_markdown(report)
     if report["not_measured"]:
         lines += ["", "Not measured here: " + "; ".join(report["not_measured"]) + "."]
     return "\n".join(lines) + "\n"
+
+
+def large_markdown(report):
+    points, batch = report["large"], report["settings"]["large_images"]
+    first = points[0]
+    lines = ["", f"## Past the caches (EMB_SIZE {first['EMB_SIZE']}, HIDDEN_SIZE {first['HIDDEN_SIZE']}, TOP 2, "
+             "random weights)", "", f"Microseconds per image in one batch of {batch} and at batch 1, beside the "
+             f"rooflines (sweep_large.png): compute, the activated path at the int8 peak "
+             f"({report['peaks']['int8']['gflops']:,.0f} GOP/s); memory, the weights each image's batch must read "
+             f"at the bandwidth this run measured ({report['bandwidth_gbs']:.1f} GB/s, a sum over "
+             f"{report['settings']['bandwidth_mb']} MB): the experts a batch chooses (all of them, in a batch of "
+             f"{batch}; two at batch 1), in int8 as the fused operator holds them (the head folded into each "
+             "expert's second layer) and in fp32 as the graphs hold them.", "",
+             "| EXPERTS | engine | precision | routing | batch " + str(batch) + " | batch 1 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {p['EXPERTS']} | {p['engine']} | {p['precision']} | {p['routing']} | {p['bulk_us']:.1f} | "
+              f"{p['b1_us']:.1f} |" for p in points]
+    lines += ["", "| EXPERTS | " + " | ".join(f"{label} (b={size})" for size in (batch, 1)
+                                               for label in large_rooflines(report, size)) + " |",
+              "| --- |" + " --- |" * (2 * len(large_rooflines(report, 1)))]
+    by_size = [large_rooflines(report, size) for size in (batch, 1)]
+    for e in sorted({p["EXPERTS"] for p in points}):
+        lines.append(f"| {e} | " + " | ".join(f"{line[e]:.3g}" for lines_at in by_size for line in lines_at.values())
+                     + " |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -69,8 +69,8 @@ def describe(kernel):
     products = {"amx": "tdpbusd on 16-row tiles from 16 rows up, vpdpbusd below", "vnni": "vpdpbusd",
                 "avx2": "vpmaddwd on int16-widened bytes", "portable": "plain C++ loops"}[kernel]
     unavailable = "; ".join(f"{k} not available: {why_not}" for k, why_not in unavailable_kernels().items())
-    return (f"{kernel} path of moebench/fused_operator ({why}): uint8 x int8 embedding and expert products "
-            f"({products}), gate and top-k in float32, only the chosen experts"
+    return (f"{kernel} path of moebench/fused_operator ({why}): uint8 x int8 products for the embedding and both "
+            f"layers of each expert ({products}), gate and top-k in float32, only the chosen experts"
             + (f"; {unavailable}" if unavailable else ""))
 
 
@@ -199,6 +199,7 @@ def quantize_columns(weight):
 # path -> (k values of one column stored side by side, the integer type they are stored in): what
 # the path's product instruction reads (vpdpbusd: 4 int8; vpmaddwd: 2 int16; plain loops: rows)
 LAYOUTS = {"amx": (4, np.int8), "vnni": (4, np.int8), "avx2": (2, np.int16), "portable": (1, np.int8)}
+MAX_EXPERTS = 256  # fused_moe.cpp's MAX_EXPERTS
 PADDED_PIXELS = {"amx": 832}  # AMX multiplies k in chunks of 64: the embedding's weights get zero rows
 
 
@@ -209,15 +210,9 @@ def packed_layout(quantized, kernel):
     return np.ascontiguousarray(quantized.reshape(k // k_pack, k_pack, n).transpose(0, 2, 1), dtype=dtype)
 
 
-def padded(matrix, width=16):
-    out = np.zeros(matrix.shape[:-1] + (width,), np.float32)
-    out[..., :matrix.shape[-1]] = matrix
-    return out
-
-
 def takes(structure):
     """Whether the kernel's tiling takes this structure."""
-    return structure["EMB_SIZE"] % 64 == 0 and structure["HIDDEN_SIZE"] % 64 == 0 and structure["EXPERTS"] <= 16
+    return structure["EMB_SIZE"] % 64 == 0 and structure["HIDDEN_SIZE"] % 64 == 0 and structure["EXPERTS"] <= MAX_EXPERTS
 
 
 @torch.no_grad()
@@ -226,31 +221,36 @@ def pack(model, structure, kernel):
     into the embedding, the head folded into each expert's second layer (as export_onnx.py does);
     the same int8 values on every path, laid out as its product instruction reads them."""
     if not takes(structure):
-        raise UserError("the fused kernel needs EMB_SIZE and HIDDEN_SIZE multiples of 64 and at most 16 experts")
+        raise UserError(f"the fused kernel needs EMB_SIZE and HIDDEN_SIZE multiples of 64 and at most {MAX_EXPERTS} experts")
     embed_w = (model.embed.weight / model.pixel_std).numpy().T  # (784, EMB)
     embed_b = (model.embed.bias - (model.pixel_mean / model.pixel_std) * model.embed.weight.sum(1)).numpy()
     embed_q, embed_scale = quantize_columns(embed_w)
     embed_q = np.pad(embed_q, ((0, PADDED_PIXELS.get(kernel, 784) - 784), (0, 0)))
     head_w, head_b = model.head.weight.numpy(), model.head.bias.numpy()
     fc1 = [quantize_columns(e.fc1.weight.numpy().T) for e in model.moe.experts]  # (EMB, HIDDEN) each
+    # the head folded into each expert's second layer, (HIDDEN, CLASSES), its columns padded to 16 with zeros
+    fc2 = [quantize_columns(np.pad((head_w @ e.fc2.weight.numpy()).T, ((0, 0), (0, 16 - len(head_b)))))
+           for e in model.moe.experts]
     tensors = {"embed_q": packed_layout(embed_q, kernel), "embed_scale": embed_scale / 255.0, "embed_bias": embed_b,
-               "gate_w": padded(model.moe.w_gate.numpy()),
+               "gate_w": model.moe.w_gate.numpy(),
                "fc1_q": np.stack([packed_layout(q, kernel) for q, _ in fc1]),
                "fc1_scale": np.stack([s for _, s in fc1]),
                "fc1_bias": np.stack([e.fc1.bias.numpy() for e in model.moe.experts]),
-               "fc2_w": np.stack([padded((head_w @ e.fc2.weight.numpy()).T) for e in model.moe.experts]),
-               "fc2_b": np.stack([padded(head_w @ e.fc2.bias.numpy()) for e in model.moe.experts]),
+               "fc2_q": np.stack([packed_layout(q, kernel) for q, _ in fc2]),
+               "fc2_scale": np.stack([s for _, s in fc2]),
+               "fc2_b": np.stack([head_w @ e.fc2.bias.numpy() for e in model.moe.experts]),
                "head_bias": head_b}
     return [torch.from_numpy(np.ascontiguousarray(tensors[name], dtype=tensors[name].dtype)) for name in (
-        "embed_q", "embed_scale", "embed_bias", "gate_w", "fc1_q", "fc1_scale", "fc1_bias", "fc2_w", "fc2_b",
-        "head_bias")]
+        "embed_q", "embed_scale", "embed_bias", "gate_w", "fc1_q", "fc1_scale", "fc1_bias", "fc2_q", "fc2_scale",
+        "fc2_b", "head_bias")]
 
 
 class FusedInt8:
     """model(pixels tensor) -> (logits, gates), through the custom operator; `kernel` names the path
     (default: chosen_kernel()). numpy(pixels array) answers numpy arrays through the operator with its
-    weights held once (the per-call path of a benchmark or a server); profile(pixels) says where a
-    call's time goes; instruction_peaks(seconds) what the path's product instructions do alone."""
+    weights held once; logits(pixels) the logits alone, the leanest call (what a benchmark or a server
+    calls per batch); profile(pixels) says where a call's time goes; instruction_peaks(seconds) what
+    the path's product instructions do alone."""
 
     def __init__(self, model, structure, kernel=None):
         self.kernel = kernel or chosen_kernel()
@@ -261,6 +261,7 @@ class FusedInt8:
         self.top = structure["TOP"]
         self.prepared = module.Prepared(self.tensors, self.top)
         self.numpy = self.prepared.numpy
+        self.logits = self.prepared.logits_function()  # numpy pixels -> numpy logits, the leanest call
         self.phases = list(module.phases)
         self.instruction_peaks = module.instruction_peaks
 
@@ -278,8 +279,4 @@ class FusedInt8:
 
 def predictor(fused):
     """predict(numpy float32 batch) -> numpy logits."""
-    numpy = fused.numpy
-
-    def predict(batch):
-        return numpy(batch)[0]
-    return predict
+    return fused.logits

@@ -129,6 +129,16 @@ def test_roofline_counts_match_a_hand_count_and_the_dense_graph(tmp_path, mnist_
     assert roofline.graph_macs(default, "dense") == counted == 401_552
 
 
+def test_the_weights_a_batch_must_read():
+    s = {**config.defaults(), "EXPERTS": 8, "TOP": 2, "EMB_SIZE": 128, "HIDDEN_SIZE": 256}
+    assert roofline.experts_touched(s, 1) == pytest.approx(2)  # one image: its TOP experts
+    assert roofline.experts_touched(s, 10_000) == pytest.approx(8)  # a large batch: every expert
+    assert roofline.expert_parameters(s, folded=False) == 2 * 128 * 256
+    assert roofline.expert_parameters(s, folded=True) == 128 * 256 + 256 * 10
+    shared = 784 * 128 + 128 * 8
+    assert roofline.weight_bytes_per_image(s, 1, 4, folded=False) == pytest.approx(4 * (shared + 2 * 2 * 128 * 256))
+
+
 def test_placement_arithmetic():
     s = config.defaults()
     peaks = {"fp32": {"gflops": 200.0}}
@@ -149,7 +159,10 @@ def test_the_smoke_run_s_sweep_has_the_registry_s_rows_and_both_plots(smoke_resu
     assert all(set(curve) == {"1", "16", "256"} and min(curve.values()) > 0 for curve in saved["batch"].values())
     assert {(p["EXPERTS"], p["HIDDEN_SIZE"]) for p in saved["size"]} == {(4, 32), (8, 32)}
     assert {p["engine"] for p in saved["size"]} == {e.label for e in registry.in_report(registry.SIZE_SWEEP, trained)[0]}
-    for name in ("sweep_batch.png", "sweep_size.png"):
+    assert {p["EXPERTS"] for p in saved["large"]} == {4, 8} and saved["bandwidth_gbs"] > 0
+    large = {**trained, "EMB_SIZE": 128, "HIDDEN_SIZE": 256}  # the smoke run's models larger than the caches
+    assert {p["engine"] for p in saved["large"]} == {e.label for e in registry.in_report(registry.LARGE_SWEEP, large)[0]}
+    for name in ("sweep_batch.png", "sweep_size.png", "sweep_large.png"):
         assert (smoke_results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (smoke_results / "sweep.md").read_text()
     assert all(f"| {name} |" in markdown for name in saved["batch"])

@@ -2,7 +2,6 @@
 integer arithmetic it claims (against a numpy reference of the same quantization), the same answers
 on every path, the same answer for a row in any batch, held to the fp32 model it stands in for
 (argmax agreement >= 99.9%, accuracy within 0.3 points), and safe at its C++ boundary."""
-import os
 import re
 import subprocess
 import sys
@@ -39,12 +38,16 @@ def test_set(mnist_dir):
 
 def reference(model, structure, pixels):
     """The operator's arithmetic in numpy: uint8 pixels and int8 weights, exact integer products."""
-    (embed_q, embed_scale, embed_bias, gate_w, fc1_q, fc1_scale, fc1_bias, fc2_w, fc2_b,
+    (embed_q, embed_scale, embed_bias, gate_w, fc1_q, fc1_scale, fc1_bias, fc2_q, fc2_scale, fc2_b,
      head_bias) = [t.numpy() for t in fused.pack(model, structure, "vnni")]
 
     def unpack(packed):  # (K/4, N, 4) -> (K, N)
         k4, n, _ = packed.shape
         return packed.transpose(0, 2, 1).reshape(4 * k4, n).astype(np.int64)
+
+    def as_uint8(rows):  # values >= 0 -> (uint8 values, one scale per row)
+        scale = np.where(rows.max(1) > 0, rows.max(1) / 255, 1).astype(np.float32)
+        return np.clip(np.rint(rows * (1 / scale)[:, None]), 0, 255).astype(np.int64), scale
     a = np.clip(np.rint(pixels.reshape(len(pixels), -1).astype(np.float32) * np.float32(255)), 0, 255).astype(np.int64)
     emb = np.maximum(0, (a @ unpack(embed_q)).astype(np.float32) * embed_scale + embed_bias)
     logits_gate = emb @ gate_w[:, :structure["EXPERTS"]]
@@ -52,14 +55,15 @@ def reference(model, structure, pixels):
     top = np.take_along_axis(logits_gate, order, 1)
     weights = np.exp(top - top.max(1, keepdims=True))
     weights /= weights.sum(1, keepdims=True)
-    scale = np.where(emb.max(1) > 0, emb.max(1) / 255, 1).astype(np.float32)
-    q = np.clip(np.rint(emb * (1 / scale)[:, None]), 0, 255).astype(np.int64)
+    q, scale = as_uint8(emb)
     out = np.tile(head_bias, (len(pixels), 1)).astype(np.float64)
     gates = np.zeros((len(pixels), structure["EXPERTS"]), np.float32)
     for row in range(len(pixels)):
         for slot, expert in enumerate(order[row]):
             hidden = np.maximum(0, (q[row] @ unpack(fc1_q[expert])) * scale[row] * fc1_scale[expert] + fc1_bias[expert])
-            out[row] += weights[row, slot] * (hidden @ fc2_w[expert] + fc2_b[expert])[:out.shape[1]]
+            hidden_q, hidden_scale = as_uint8(hidden[None].astype(np.float32))
+            second = (hidden_q[0] @ unpack(fc2_q[expert])) * hidden_scale[0] * fc2_scale[expert]
+            out[row] += weights[row, slot] * (second[:out.shape[1]] + fc2_b[expert])
             gates[row, expert] = weights[row, slot]
     return out, gates
 
@@ -142,10 +146,32 @@ def test_tied_gate_logits_choose_the_experts_the_onnx_graph_chooses(small_models
                 assert picks[:, 3].sum() > 0 and not (picks[:, 3] & ~picks[:, 1]).any(), who
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_more_than_sixteen_experts_and_wide_layers_compute_what_the_quantization_says(test_set, kernel):
+    """The gate in chunks of 16 experts and the grouping past 16 (the sweep's models larger than the
+    caches take 64): a random 40-expert model, its gate spread so that experts past 16 are chosen."""
+    import config
+    from moe import build_model
+    structure = {**config.defaults(), "EXPERTS": 40, "TOP": 3, "EMB_SIZE": 192, "HIDDEN_SIZE": 320}
+    torch.manual_seed(0)
+    model = build_model(structure).eval()
+    with torch.no_grad():
+        model.moe.w_gate.normal_(0, 1)
+    pixels = test_set[0][:300]
+    logits, gates = fused.FusedInt8(model, structure, kernel)(pixels)
+    expected_logits, expected_gates = reference(model, structure, pixels.numpy())
+    assert int((gates > 0).any(0)[16:].sum()) >= 10  # experts past the first 16 took rows
+    np.testing.assert_allclose(logits.numpy(), expected_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gates.numpy(), expected_gates, rtol=1e-5, atol=1e-6)
+    single = fused.FusedInt8(model, structure, kernel).logits(pixels[:1].numpy())  # the one-row path
+    np.testing.assert_allclose(single, expected_logits[:1], rtol=1e-4, atol=1e-4)
+
+
 def test_structures_the_kernel_cannot_take_are_one_clear_error(tiny_models):
     model, structure, _ = checkpoint.load_model(str(tiny_models / "checkpoint.pt"))  # EMB_SIZE 32
     with pytest.raises(UserError, match="multiples of 64"):
         fused.FusedInt8(model, structure)
+    assert not fused.takes({**structure, "EMB_SIZE": 64, "HIDDEN_SIZE": 64, "EXPERTS": fused.MAX_EXPERTS + 1})
 
 
 def test_the_path_is_picked_for_the_cpu_and_the_environment_can_force_one(monkeypatch):
@@ -182,9 +208,9 @@ def test_a_non_contiguous_batch_gets_the_contiguous_batch_s_answers(trained, tes
     (lambda p, w, top: (p.double(), w, top), "pixels must be float32, got Double"),
     (lambda p, w, top: (p[:, :, :27], w, top), r"pixels must be \(N, 1, 28, 28\) or \(N, 784\), got \[5, 1, 27, 28\]"),
     (lambda p, w, top: (p.to("meta"), w, top), "pixels must be a CPU tensor, got meta"),
-    (lambda p, w, top: (p, w[:9], top), "expected 10 weight tensors, got 9"),
-    (lambda p, w, top: (p, w, 0), "needs 1 <= TOP <= EXPERTS <= 16, got TOP 0"),
-    (lambda p, w, top: (p, w, 5), "needs 1 <= TOP <= EXPERTS <= 16, got TOP 5, EXPERTS 4"),
+    (lambda p, w, top: (p, w[:9], top), "expected 11 weight tensors, got 9"),
+    (lambda p, w, top: (p, w, 0), "needs 1 <= TOP <= EXPERTS <= 256, got TOP 0"),
+    (lambda p, w, top: (p, w, 5), "needs 1 <= TOP <= EXPERTS <= 256, got TOP 5, EXPERTS 4"),
     (lambda p, w, top: (p, [w[0][:100]] + w[1:], top),
      r"weight embed_q must have shape \[(208, 64, 4|196, 64, 4|392, 64, 2|784, 64, 1)\]"),
     (lambda p, w, top: (p, w[:1] + [w[1].double()] + w[2:], top), "weight embed_scale must be Float, got Double"),
@@ -268,65 +294,16 @@ def test_the_prepared_operator_answers_numpy_as_the_torch_op_does_and_says_where
         pixels = test_set[0][:count]
         for got, expected in zip(op.numpy(pixels.numpy()), op(pixels)):
             assert np.array_equal(got, expected.numpy())
-    with pytest.raises(TypeError):  # float64 is not the input contract, and is not silently cast
-        op.numpy(test_set[0][:5].numpy().astype(np.float64))
-    with pytest.raises(RuntimeError, match=r"pixels must be \(N, 1, 28, 28\) or \(N, 784\) float32"):
-        op.numpy(np.zeros((5, 700), np.float32))
+        assert np.array_equal(op.logits(pixels.numpy()), op(pixels)[0].numpy())
+    float64 = test_set[0][:5].numpy().astype(np.float64)  # not the input contract, and not silently cast
+    for call, refused in ((op.numpy, [float64]), (op.logits, [float64, test_set[0][:10].numpy()[::2], [0.0] * 784])):
+        for wrong in refused:  # op.logits reads the array's memory as it is: no copy of a strided array either
+            with pytest.raises(TypeError, match="float32" if call is op.logits else ""):
+                call(wrong)
+        with pytest.raises(RuntimeError, match=r"pixels must be \(N, 1, 28, 28\) or \(N, 784\) float32"):
+            call(np.zeros((5, 700), np.float32))
     phases = op.profile(test_set[0].numpy(), repeats=3)  # 157 blocks of rows: work for every thread
     assert list(phases) == op.phases and len(op.phases) == 7
     assert all(len(per_thread) == torch.get_num_threads() for per_thread in phases.values())
     assert all(seconds > 0 for seconds in phases["embedding"] + phases["experts' first layers"])  # every thread worked
     assert 0 < sum(phases["input quantization"]) < sum(sum(per_thread) for per_thread in phases.values())
-
-
-def test_torch_extensions_dir_says_where_the_operator_is_built(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert fused.build_directory("moe_fused_vnni").startswith(str(tmp_path))
-
-
-@pytest.fixture
-def fresh_build_folder(tmp_path, monkeypatch):
-    """Builds go to an empty folder, as on a machine that never built the operator."""
-    def folder(name):
-        path = tmp_path / name
-        path.mkdir(exist_ok=True)
-        return str(path)
-    monkeypatch.setattr(fused, "build_directory", folder)
-    return tmp_path
-
-
-def test_a_missing_compiler_is_one_clear_line(fresh_build_folder, monkeypatch):
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    with pytest.raises(UserError, match=r"needs a C\+\+ compiler \(no-such-compiler is not on the PATH\): apt-get"):
-        fused.build.__wrapped__("portable")
-
-
-def test_a_failed_build_keeps_the_compiler_s_whole_output_in_a_log(fresh_build_folder, monkeypatch, capsys):
-    compiler = fresh_build_folder / "failing-c++"  # answers --version as c++ does, then fails every compile
-    compiler.write_text('#!/bin/sh\n[ "$1" = --version ] && exec c++ --version\n'
-                        'echo "first line of a long error"; echo "last line: no space left"; exit 1\n')
-    compiler.chmod(0o755)
-    monkeypatch.setenv("CXX", str(compiler))
-    with pytest.raises(UserError, match=r"building the fused operator's portable path failed .*full output is in "
-                                        r".*build-error\.log") as raised:
-        fused.build.__wrapped__("portable")
-    log = str(raised.value).rsplit(" ", 1)[-1]
-    assert "first line of a long error" in open(log).read()  # the whole output, not its last line
-    assert "building the fused INT8 operator, portable path" in capsys.readouterr().out
-
-
-def test_a_lock_is_waited_for_while_a_build_may_run_and_taken_over_once_stale(tmp_path, capsys):
-    """A fresh lock: another build runs; it is waited for until that build removes it. An old one was
-    left by a killed build: removed at once, never waited on forever (PyTorch's loader would)."""
-    import threading
-    lock = tmp_path / "lock"
-    lock.write_text("")
-    threading.Timer(0.5, lock.unlink).start()  # the other build ends
-    started = time.time()
-    fused.clear_stale_lock(str(tmp_path), poll_s=0.05)
-    assert 0.4 < time.time() - started < 5 and "waiting for another build" in capsys.readouterr().out
-    lock.write_text("")
-    old = time.time() - 2 * fused.LOCK_STALE_S
-    os.utime(lock, (old, old))
-    fused.clear_stale_lock(str(tmp_path))
-    assert not lock.exists() and "removed a stale lock left by an interrupted build" in capsys.readouterr().out

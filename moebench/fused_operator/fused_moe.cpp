@@ -1,18 +1,17 @@
-// The whole model in one PyTorch custom operator: the embedding and the chosen experts' first layers
-// as uint8 x int8 products with exact int32 sums, the gate, top-k, softmax and each expert's second
-// layer (the head folded into it) in float32. Only the chosen experts run: rows are grouped by expert
-// with a counting sort, so no capacity and nothing dropped. The arithmetic is in arithmetic.h, one
-// source for four builds (moebench/fused.py picks one at run time).
+// The whole model in one PyTorch custom operator: the embedding, the chosen experts' first layers and
+// their second layers (the head folded in) as uint8 x int8 products with exact int32 sums, the gate,
+// top-k and softmax in float32. Only the chosen experts run: rows are grouped by expert with a counting
+// sort, so no capacity and nothing dropped; a single image skips the grouping. The arithmetic is in
+// arithmetic.h, products.h and peaks.h, one source for four builds (moebench/fused.py picks one at run
+// time); the entries Python calls are in binding.h.
 //
 // Quantization (prepared in moebench/fused.py): pixels are uint8 / 255 by the input contract, so
-// round(255 * pixel) is exact; weights are int8 values with one scale per output column;
-// the embedding's outputs are re-quantized to uint8 with one scale per row (they are >= 0 after ReLU).
+// round(255 * pixel) is exact; weights are int8 values with one scale per output column; the embedding
+// and each expert's hidden row are re-quantized to uint8 with one scale per row (>= 0 after ReLU).
 // Threads come from at::parallel_for (compiled with -fopenmp against PyTorch's own OpenMP runtime, which
 // the module links no copy of), so torch.set_num_threads() limits them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <pybind11/numpy.h>
-#include <pybind11/stl.h>
 
 #include <chrono>
 #include <vector>
@@ -21,49 +20,34 @@
 #include <unistd.h>
 #endif
 
-#include "arithmetic.h"
+#include "peaks.h"
+#include "profile.h"
 
 namespace {
 
 constexpr int ROWS_PER_TASK = 64;  // rows one thread takes at a time
+constexpr int MAX_EXPERTS = 256;  // the gate's logits and the grouping's counts live on the stack
+constexpr int RELEASE_GIL_FROM_ROWS = 16;  // smaller calls keep the GIL (see Prepared::run)
 constexpr int CACHED_ROWS = 1024;  // calls up to this many rows reuse their thread's buffers (no allocation)
 // Independent sums per row in the float layers (the gate, a lone row's second layer), and the rows of
 // the second layer that share each weight load with their sums per row: as many sums as registers hold
 #if defined(__AVX512F__)
 constexpr int CHAINS = 4, GROUP_ROWS = 4, GROUP_CHAINS = 2;  // 8 of 32 registers: 16 floats each
+constexpr int ROW_CHAINS = 8;  // a single image's second layer: its latency is the call's, so more sums
+constexpr int GATE_CHAINS = 4;  // the gate's sums per row, in a group of rows and alone alike (16 + 4 registers)
 #elif defined(__AVX2__)
 constexpr int CHAINS = 2, GROUP_ROWS = 4, GROUP_CHAINS = 1;  // 16 floats are 2 of AVX2's 16 registers
+constexpr int ROW_CHAINS = 4;
+constexpr int GATE_CHAINS = 1;  // four rows' sums fill 8 of the 16 registers
 #else
 constexpr int CHAINS = 1, GROUP_ROWS = 1, GROUP_CHAINS = 1;  // plain C++: a row at a time is fastest
+constexpr int ROW_CHAINS = 1, GATE_CHAINS = 1;
 #endif
-
-// Where a call's time goes, per thread: what a profiled call adds up (seconds).
-enum Phase { QUANTIZE, EMBED, GATE, GROUP, FIRST, SECOND, COMBINE, PHASES };
-const char* const PHASE_NAMES[PHASES] = {"input quantization", "embedding", "gate, top-k, softmax, requantization",
-                                         "grouping by expert", "experts' first layers", "experts' second layers",
-                                         "combining the experts"};
-
-class Laps {  // a thread's stopwatch; does nothing in a call that is not profiled
- public:
-  explicit Laps(double* table) : row_(table ? table + (size_t)at::get_thread_num() * PHASES : nullptr) {
-    if (row_) last_ = std::chrono::steady_clock::now();
-  }
-  void lap(Phase phase) {
-    if (!row_) return;
-    const auto now = std::chrono::steady_clock::now();
-    row_[phase] += std::chrono::duration<double>(now - last_).count();
-    last_ = now;
-  }
-
- private:
-  double* row_;
-  std::chrono::steady_clock::time_point last_;
-};
 
 // The weights as the kernel reads them; the tensors that hold them outlive it.
 struct Weights {
-  const Weight *embed_q, *fc1_q;
-  const float *embed_scale, *embed_bias, *gate_w, *fc1_scale, *fc1_bias, *fc2_w, *fc2_b, *head_bias;
+  const Weight *embed_q, *fc1_q, *fc2_q;
+  const float *embed_scale, *embed_bias, *gate_w, *fc1_scale, *fc1_bias, *fc2_scale, *fc2_b, *head_bias;
   int emb, experts, hidden, classes, top;
 };
 
@@ -101,6 +85,27 @@ Scratch& thread_scratch() {
   return scratch;
 }
 
+// y[r] = bias + h[r] x w for G rows of h (k wide) and the first `lanes` (<= 16) columns of w (k rows,
+// `stride` floats apart; bias may be null), C independent sums per row: rows share each load of w,
+// and the sums' chains do not wait on one another. The gate and each expert's second layer.
+template <int G, int C>
+inline void row_products(const float* h, int k, const float* w, int stride, int lanes, const float* bias, F16* y) {
+  F16 sums[G][C];
+  for (int r = 0; r < G; ++r)
+    for (int c = 0; c < C; ++c) sums[r][c] = c || !bias ? splat16(0.0f) : load_first(bias, lanes);
+  for (int j = 0; j < k; j += C)
+    for (int c = 0; c < C; ++c) {
+      const F16 weight = load_first(w + (size_t)(j + c) * stride, lanes);
+      for (int r = 0; r < G; ++r) sums[r][c] = fma16(splat16(h[(size_t)r * k + j + c]), weight, sums[r][c]);
+    }
+  for (int r = 0; r < G; ++r) {
+    for (int c = 1; c < C; ++c) sums[r][0] = add16(sums[r][0], sums[r][c]);
+    y[r] = sums[r][0];
+  }
+}
+
+inline int round_up16(int n) { return (n + 15) / 16 * 16; }
+
 // Phase 1 for rows [start, start + rows): embedding, gate, top-k, softmax, re-quantized embedding.
 void embed_and_route(const Weights& w, const float* px, int start, int rows, float* gates, CallBuffers& call,
                      Laps& laps) {
@@ -109,7 +114,6 @@ void embed_and_route(const Weights& w, const float* px, int start, int rows, flo
   Scratch& s = thread_scratch();
   Act* a = sized(s.act, (size_t)padded_rows(rows) * K_IN_PADDED);
   int32_t* acc = sized(s.sums, (size_t)padded_rows(rows) * emb);
-  float* e = sized(s.floats, emb);
   if (K_IN_PADDED == k_in) {
     quantize(px + (size_t)start * k_in, rows * k_in, 255.0f, a);
   } else {
@@ -121,25 +125,42 @@ void embed_and_route(const Weights& w, const float* px, int start, int rows, flo
   laps.lap(QUANTIZE);
   gemm(a, K_IN_PADDED, rows, w.embed_q, K_IN_PADDED, emb, acc, emb);
   laps.lap(EMBED);
-  alignas(64) float logit[16];
-  for (int r = 0; r < rows; ++r) {
-    const int row = start + r;
-    F16 peak16 = splat16(0.0f), chain[CHAINS];
+  float* e = sized(s.floats, (size_t)rows * emb + (size_t)rows * round_up16(experts));
+  float* logits = e + (size_t)rows * emb;  // (rows, experts rounded up to 16)
+  alignas(64) float peaks[ROWS_PER_TASK];
+  for (int r = 0; r < rows; ++r) {  // the embedding: ReLU(dequantised sums + bias), and each row's peak
+    F16 peak16 = splat16(0.0f);
     for (int j = 0; j < emb; j += 16) {
       F16 v = fma16(from_int32x16(acc + (size_t)r * emb + j), load16(w.embed_scale + j), load16(w.embed_bias + j));
       v = max16(v, splat16(0.0f));
-      store16(e + j, v);
+      store16(e + (size_t)r * emb + j, v);
       peak16 = max16(peak16, v);
     }
-    for (int c = 0; c < CHAINS; ++c) chain[c] = splat16(0.0f);
-    for (int j = 0; j < emb; j += CHAINS)  // the gate, its columns padded to 16
-      for (int c = 0; c < CHAINS; ++c) chain[c] = fma16(splat16(e[j + c]), load16(w.gate_w + (size_t)(j + c) * 16), chain[c]);
-    for (int c = 1; c < CHAINS; ++c) chain[0] = add16(chain[0], chain[c]);
-    store16(logit, chain[0]);
+    peaks[r] = reduce_max16(peak16);
+  }
+  // the gate, GROUP_ROWS rows at a time (they share each load of its weights), 16 experts at a time; a
+  // lone row sums in the same order, so a row's gate is the same in any batch
+  const int stride = round_up16(experts);
+  for (int x0 = 0; x0 < experts; x0 += 16) {
+    const int lanes = std::min(16, experts - x0);
+    F16 y[GROUP_ROWS];
+    int r0 = 0;
+    for (; r0 + GROUP_ROWS <= rows; r0 += GROUP_ROWS) {
+      row_products<GROUP_ROWS, GATE_CHAINS>(e + (size_t)r0 * emb, emb, w.gate_w + x0, experts, lanes, nullptr, y);
+      for (int r = 0; r < GROUP_ROWS; ++r) store16(logits + (size_t)(r0 + r) * stride + x0, y[r]);
+    }
+    for (; r0 < rows; ++r0) {
+      row_products<1, GATE_CHAINS>(e + (size_t)r0 * emb, emb, w.gate_w + x0, experts, lanes, nullptr, y);
+      store16(logits + (size_t)r0 * stride + x0, y[0]);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const int row = start + r;
+    const float* logit = logits + (size_t)r * stride;
     float* gate_row = gates + (size_t)row * experts;
     int32_t* picks = call.chosen.data() + (size_t)row * top;
     std::fill_n(gate_row, experts, 0.0f);
-    char taken[16] = {0};
+    char taken[MAX_EXPERTS] = {0};
     float best = -INFINITY, norm = 0.0f;
     for (int t = 0; t < top; ++t) {  // top-k, the lowest index first among equals (as ONNX TopK)
       int pick = -1;
@@ -151,9 +172,9 @@ void embed_and_route(const Weights& w, const float* px, int start, int rows, flo
     }
     for (int t = 0; t < top; ++t) norm += gate_row[picks[t]] = std::exp(logit[picks[t]] - best);
     for (int t = 0; t < top; ++t) gate_row[picks[t]] /= norm;
-    const float peak = reduce_max16(peak16), scale = peak > 0.0f ? peak / 255.0f : 1.0f;
+    const float scale = peaks[r] > 0.0f ? peaks[r] / 255.0f : 1.0f;
     call.row_scale[row] = scale;
-    quantize(e, emb, 1.0f / scale, call.quantized.data() + (size_t)row * emb);
+    quantize(e + (size_t)r * emb, emb, 1.0f / scale, call.quantized.data() + (size_t)row * emb);
   }
   laps.lap(GATE);
 }
@@ -166,7 +187,7 @@ void group_by_expert(const Weights& w, int n, CallBuffers& call) {
   std::fill_n(count, w.experts + 1, 0);
   for (int s = 0; s < slots; ++s) ++count[call.chosen[s] + 1];
   for (int x = 0; x < w.experts; ++x) count[x + 1] += count[x];
-  int32_t fill[16];
+  int32_t fill[MAX_EXPERTS];
   std::copy_n(count, w.experts, fill);
   for (int s = 0; s < slots; ++s) {
     const int position = fill[call.chosen[s]]++;
@@ -175,22 +196,61 @@ void group_by_expert(const Weights& w, int n, CallBuffers& call) {
   }
 }
 
-// y[r] = b2 + h[r] x w2 for G rows of h (hidden wide), C independent sums per row: rows share each
-// weight row's load, and the sums' chains do not wait on one another
-template <int G, int C>
-inline void second_layer(const float* h, int hidden, const float* w2, const float* b2, F16* y) {
-  F16 sums[G][C];
-  for (int r = 0; r < G; ++r)
-    for (int c = 0; c < C; ++c) sums[r][c] = c ? splat16(0.0f) : load16(b2);
-  for (int j = 0; j < hidden; j += C)
-    for (int c = 0; c < C; ++c) {
-      const F16 weight = load16(w2 + (size_t)(j + c) * 16);
-      for (int r = 0; r < G; ++r) sums[r][c] = fma16(splat16(h[(size_t)r * hidden + j + c]), weight, sums[r][c]);
-    }
-  for (int r = 0; r < G; ++r) {
-    for (int c = 1; c < C; ++c) sums[r][0] = add16(sums[r][0], sums[r][c]);
-    y[r] = sums[r][0];
+// expert x's hidden row, re-quantized to uint8 for its second layer: ReLU(its integer sums dequantised
+// + bias), in uint8 values with one scale per row (returned). Computed twice, for the row's peak and
+// then for its values, rather than stored as floats in between: that is cheaper than the round trip.
+inline F16 hidden_values(const Weights& w, int x, const int32_t* sums, F16 scale, int j) {
+  const float *s1 = w.fc1_scale + (size_t)x * w.hidden, *b1 = w.fc1_bias + (size_t)x * w.hidden;
+  return max16(fma16(mul16(from_int32x16(sums + j), scale), load16(s1 + j), load16(b1 + j)), splat16(0.0f));
+}
+
+inline float hidden_row(const Weights& w, int x, const int32_t* sums, float row_scale, Act* quantized) {
+  const F16 scale = splat16(row_scale);
+  F16 peak16 = splat16(0.0f);
+  for (int j = 0; j < w.hidden; j += 16) peak16 = max16(peak16, hidden_values(w, x, sums, scale, j));
+  const float peak = reduce_max16(peak16), hidden_scale = peak > 0.0f ? peak / 255.0f : 1.0f;
+  alignas(64) float chunk[64];  // hidden is a multiple of 64
+  for (int j = 0; j < w.hidden; j += 64) {
+    for (int i = 0; i < 64; i += 16) store16(chunk + i, hidden_values(w, x, sums, scale, j + i));
+    quantize(chunk, 64, 1.0f / hidden_scale, quantized + j);
   }
+  return hidden_scale;
+}
+
+// expert x's second layer (the head folded in) from a row's integer sums: sums * hidden scale * column
+// scale + bias; the same arithmetic for a row alone and in a group
+inline F16 second_layer(const Weights& w, int x, const int32_t* sums, float hidden_scale) {
+  const F16 v = mul16(from_int32x16(sums), splat16(hidden_scale));
+  return fma16(v, load16(w.fc2_scale + (size_t)x * 16), load_first(w.fc2_b + (size_t)x * w.classes, w.classes));
+}
+
+inline const Weight* second_weights(const Weights& w, int x) { return w.fc2_q + (size_t)x * w.hidden * 16; }
+
+// One row alone, its experts one after the other: no grouping, no tasks, no threads, which would cost a
+// single image more than its arithmetic. The same arithmetic as the grouped path.
+void forward_one_row(const Weights& w, const float* px, float* logits, float* gates, CallBuffers& call, Laps& laps) {
+  embed_and_route(w, px, 0, 1, gates, call, laps);
+  Scratch& s = thread_scratch();
+  int32_t* sums = sized(s.sums, w.hidden + 16);
+  Act* hidden = sized(s.act, w.hidden);
+  thread_local std::vector<int> ks, hidden_ks;
+  const Act* row = call.quantized.data();
+  const int groups = nonzero_groups<1>(row, 0, w.emb, sized(ks, w.emb));
+  F16 total = splat16(0.0f);
+  for (int t = 0; t < w.top; ++t) {
+    const int x = call.chosen[t];
+    row_tile(row, w.fc1_q + (size_t)x * w.emb * w.hidden, ks.data(), groups, w.hidden, sums);
+    const float hidden_scale = hidden_row(w, x, sums, call.row_scale[0], hidden);
+    laps.lap(FIRST);
+    const int hidden_groups = nonzero_groups<1>(hidden, 0, w.hidden, sized(hidden_ks, w.hidden));
+    narrow_tile<1, ROW_NARROW_CHAINS>(hidden, 0, second_weights(w, x), hidden_ks.data(), hidden_groups, sums + w.hidden);
+    total = add16(total, mul16(splat16(gates[x]), second_layer(w, x, sums + w.hidden, hidden_scale)));
+    laps.lap(SECOND);
+  }
+  alignas(64) float result[16];
+  store16(result, total);
+  for (int c = 0; c < w.classes; ++c) logits[c] = result[c] + w.head_bias[c];
+  laps.lap(COMBINE);
 }
 
 // Phase 3: one expert on `rows` of its rows from `start` in order: its first layer in integers, then
@@ -198,34 +258,34 @@ inline void second_layer(const float* h, int hidden, const float* w2, const floa
 void run_expert(const Weights& w, int x, int start, int rows, const float* gates, CallBuffers& call, Laps& laps) {
   const int emb = w.emb, hidden = w.hidden;
   Scratch& s = thread_scratch();
-  Act* a = sized(s.act, (size_t)padded_rows(rows) * emb);
+  Act* a = sized(s.act, (size_t)padded_rows(rows) * std::max(emb, hidden));
   int32_t* acc = sized(s.sums, (size_t)padded_rows(rows) * hidden);
-  float* h = sized(s.floats, (size_t)rows * hidden);
+  float* hidden_scale = sized(s.floats, rows);
   const int32_t* order = call.order.data() + start;
   for (int r = 0; r < rows; ++r) std::copy_n(call.quantized.data() + (size_t)order[r] * emb, emb, a + (size_t)r * emb);
   gemm(a, emb, rows, w.fc1_q + (size_t)x * emb * hidden, emb, hidden, acc, hidden);
-  const float *s1 = w.fc1_scale + (size_t)x * hidden, *b1 = w.fc1_bias + (size_t)x * hidden;
-  for (int r = 0; r < rows; ++r) {  // hidden = ReLU(dequantised products + bias)
-    const F16 scale = splat16(call.row_scale[order[r]]);
-    for (int j = 0; j < hidden; j += 16) {
-      F16 v = mul16(from_int32x16(acc + (size_t)r * hidden + j), scale);
-      store16(h + (size_t)r * hidden + j, max16(fma16(v, load16(s1 + j), load16(b1 + j)), splat16(0.0f)));
-    }
-  }
+  Act* quantized = a;  // the hidden rows as uint8 values, over the first layer's inputs (no longer read)
+  for (int r = 0; r < rows; ++r)
+    hidden_scale[r] = hidden_row(w, x, acc + (size_t)r * hidden, call.row_scale[order[r]], quantized + (size_t)r * hidden);
   laps.lap(FIRST);
-  const float *w2 = w.fc2_w + (size_t)x * hidden * 16, *b2 = w.fc2_b + (size_t)x * 16;
-  F16 y[GROUP_ROWS];
-  for (int r0 = 0; r0 < rows; r0 += GROUP_ROWS) {
-    const int group = std::min(GROUP_ROWS, rows - r0);
-    if (group == GROUP_ROWS) {
-      second_layer<GROUP_ROWS, GROUP_CHAINS>(h + (size_t)r0 * hidden, hidden, w2, b2, y);
-    } else {
-      for (int r = 0; r < group; ++r) second_layer<1, CHAINS>(h + (size_t)(r0 + r) * hidden, hidden, w2, b2, y + r);
-    }
-    for (int r = 0; r < group; ++r) {
-      const float weight = gates[(size_t)order[r0 + r] * w.experts + x];
-      store16(call.part.data() + (size_t)(start + r0 + r) * 16, mul16(splat16(weight), y[r]));
-    }
+  thread_local std::vector<int> ks;
+  int* groups_of = sized(ks, hidden);
+  int32_t* sums = acc;  // (rows, 16), over the first layer's sums
+  int r0 = 0;
+  for (; r0 + NARROW_ROWS <= rows; r0 += NARROW_ROWS) {
+    const int groups = nonzero_groups<NARROW_ROWS>(quantized + (size_t)r0 * hidden, hidden, hidden, groups_of);
+    narrow_tile<NARROW_ROWS, NARROW_CHAINS>(quantized + (size_t)r0 * hidden, hidden, second_weights(w, x), groups_of, groups,
+                                            sums + (size_t)r0 * 16);
+  }
+  for (; r0 < rows; ++r0) {
+    const int groups = nonzero_groups<1>(quantized + (size_t)r0 * hidden, hidden, hidden, groups_of);
+    narrow_tile<1, ROW_NARROW_CHAINS>(quantized + (size_t)r0 * hidden, hidden, second_weights(w, x), groups_of, groups,
+                                      sums + (size_t)r0 * 16);
+  }
+  for (int r = 0; r < rows; ++r) {
+    const float weight = gates[(size_t)order[r] * w.experts + x];
+    store16(call.part.data() + (size_t)(start + r) * 16,
+            mul16(splat16(weight), second_layer(w, x, sums + (size_t)r * 16, hidden_scale[r])));
   }
   laps.lap(SECOND);
 }
@@ -240,6 +300,10 @@ void forward(const Weights& w, const float* px, int n, float* logits, float* gat
   const size_t slots = (size_t)n * w.top;
   sized(call.quantized, (size_t)n * w.emb), sized(call.row_scale, n), sized(call.chosen, slots);
   sized(call.order, slots), sized(call.slot_of, slots), sized(call.part, slots * 16);
+  if (n == 1) {
+    Laps laps(profile);
+    return forward_one_row(w, px, logits, gates, call, laps);
+  }
 
   const int64_t blocks = (n + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
   at::parallel_for(0, blocks, 2, [&](int64_t first, int64_t last) {
@@ -252,7 +316,11 @@ void forward(const Weights& w, const float* px, int n, float* logits, float* gat
   Laps laps(profile);
   group_by_expert(w, n, call);
   laps.lap(GROUP);
-  std::vector<std::pair<int, int>> tasks;  // (expert, first position in order): a block of its rows each
+  // (expert, first position in order): a block of its rows each. Kept from call to call, and named by a
+  // reference: the worker threads' lambda must reach this thread's list, not their own thread_local copy
+  thread_local std::vector<std::pair<int, int>> kept_tasks;
+  std::vector<std::pair<int, int>>& tasks = kept_tasks;
+  tasks.clear();
   for (int x = 0; x < w.experts; ++x)
     for (int start = call.count[x]; start < call.count[x + 1]; start += ROWS_PER_TASK) tasks.emplace_back(x, start);
   auto run_tasks = [&](int64_t first, int64_t last) {
@@ -280,94 +348,6 @@ void forward(const Weights& w, const float* px, int n, float* logits, float* gat
   });
 }
 
-#include "checks.h"
-
-// pixels (N, 1, 28, 28) float32 -> (logits (N, C), gates (N, E)).
-// weights: embed_q, embed_scale, embed_bias, gate_w, fc1_q, fc1_scale, fc1_bias, fc2_w, fc2_b, head_bias
-std::vector<at::Tensor> moe_int8_forward(const at::Tensor& pixels_in, at::TensorList weights, int64_t top) {
-  check_pixels(pixels_in);
-  const Weights w = checked_weights(weights, top);
-  const at::Tensor pixels = pixels_in.contiguous();  // held for the whole call: the kernel reads its memory
-  const int n = pixels.size(0);
-  auto f32 = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor logits = at::empty({n, w.classes}, f32), gates = at::empty({n, w.experts}, f32);
-  forward(w, pixels.data_ptr<float>(), n, logits.data_ptr<float>(), gates.data_ptr<float>(), nullptr);
-  return {logits, gates};
-}
-
-// The operator with its weights checked and held once: what a server or a benchmark calls per batch,
-// from numpy arrays, without the per-call cost of ten tensors crossing the binding.
-class Prepared {
- public:
-  Prepared(std::vector<at::Tensor> weights, int64_t top) {
-    for (const auto& t : weights) held_.push_back(t.clone());  // its own copies: nothing can resize them
-    w_ = checked_weights(held_, top);
-  }
-  pybind11::tuple numpy(const pybind11::array_t<float, pybind11::array::c_style>& pixels) const {
-    const int n = rows_of(pixels);
-    pybind11::array_t<float> logits({n, w_.classes}), gates({n, w_.experts});
-    const float* px = pixels.data();
-    float *out = logits.mutable_data(), *g = gates.mutable_data();
-    {
-      pybind11::gil_scoped_release unlocked;
-      forward(w_, px, n, out, g, nullptr);
-    }
-    return pybind11::make_tuple(logits, gates);
-  }
-  // (per thread, seconds per phase) of one call on the pixels, after it ran
-  std::vector<std::vector<double>> profile(const pybind11::array_t<float, pybind11::array::c_style>& pixels) const {
-    const int n = rows_of(pixels), threads = at::get_num_threads();
-    std::vector<double> table((size_t)threads * PHASES, 0.0);
-    std::vector<float> logits((size_t)n * w_.classes), gates((size_t)n * w_.experts);
-    {
-      pybind11::gil_scoped_release unlocked;
-      forward(w_, pixels.data(), n, logits.data(), gates.data(), table.data());
-    }
-    std::vector<std::vector<double>> rows;
-    for (int t = 0; t < threads; ++t) rows.emplace_back(table.begin() + t * PHASES, table.begin() + (t + 1) * PHASES);
-    return rows;
-  }
-
- private:
-  static int rows_of(const pybind11::array_t<float, pybind11::array::c_style>& pixels) {
-    TORCH_CHECK(pixels.ndim() >= 2 && pixels.size() == pixels.shape(0) * 784,
-                "moe_fused: pixels must be (N, 1, 28, 28) or (N, 784) float32");
-    return (int)pixels.shape(0);
-  }
-  std::vector<at::Tensor> held_;
-  Weights w_;
-};
-
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("kernel") = KERNEL;
-  m.attr("phases") = std::vector<std::string>(PHASE_NAMES, PHASE_NAMES + PHASES);
-  // the GIL is released while the kernel computes, so other Python threads (a server's event loop) run
-  m.def("int8_forward", [](const at::Tensor& pixels, std::vector<at::Tensor> weights, int64_t top) {
-    return moe_int8_forward(pixels, weights, top);
-  }, pybind11::call_guard<pybind11::gil_scoped_release>());
-  // {instruction: multiply-adds per second} of register-only loops of the path's products, summed over
-  // PyTorch's threads, each running its loop at once for about `seconds`
-  m.def("instruction_peaks", [](double seconds) {
-    require_amx();
-    std::vector<std::map<std::string, double>> each(at::get_num_threads());
-    at::parallel_for(0, (int64_t)each.size(), 1, [&](int64_t first, int64_t last) {
-      for (int64_t t = first; t < last; ++t) each[t] = instruction_peaks(seconds);
-    });
-    std::map<std::string, double> total;
-    for (const auto& peaks : each)
-      for (const auto& [name, rate] : peaks) total[name] += rate;
-    return total;
-  }, pybind11::arg("seconds") = 0.2, pybind11::call_guard<pybind11::gil_scoped_release>());
-  pybind11::class_<Prepared>(m, "Prepared", pybind11::module_local())  // one per build
-      .def(pybind11::init<std::vector<at::Tensor>, int64_t>())
-      .def("numpy", &Prepared::numpy)
-      .def("profile", &Prepared::profile);
-}
-
-// torch.ops.<module name>.int8_forward: each build registers under its own name (moe_fused_vnni, ...)
-TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_forward(Tensor pixels, Tensor[] weights, int top) -> Tensor[]");
-  m.impl("int8_forward", torch::kCPU, &moe_int8_forward);
-}
+#include "binding.h"

@@ -89,3 +89,33 @@ def placement(best_ms, images, s, routing, precision, peaks):
     return {"precision": precision, "graph_macs": graph_macs(s, routing), "folded_macs": folded_macs(s),
             "gflops": achieved, "peak_fraction": achieved / peak, "roofline_ms": roofline_ms,
             "vs_roofline": best_ms / roofline_ms}
+
+
+# ---------------------------------------------------------------- memory: the weights a batch must read
+
+def expert_parameters(s, folded):
+    """One expert's weights: its two layers, the second folded with the head (HIDDEN_SIZE x CLASSES, what
+    the fused operator holds) or as the graphs hold it (HIDDEN_SIZE x EMB_SIZE)."""
+    return s["EMB_SIZE"] * s["HIDDEN_SIZE"] + s["HIDDEN_SIZE"] * (s["CLASSES"] if folded else s["EMB_SIZE"])
+
+
+def experts_touched(s, batch):
+    """How many experts a batch of `batch` images chooses, on average, when each image takes TOP of
+    EXPERTS uniformly (a trained gate balances its load toward that)."""
+    e, k = s["EXPERTS"], s["TOP"]
+    return e * (1 - (1 - k / e) ** batch)
+
+
+def weight_bytes_per_image(s, batch, bytes_per_weight, folded):
+    """The bytes of weights (the embedding, the gate, the experts the batch touches) one image of a batch
+    must read from memory, at `bytes_per_weight`: what a model larger than the caches costs at least."""
+    shared = s["INPUT_SIZE"] * s["EMB_SIZE"] + s["EMB_SIZE"] * s["EXPERTS"]
+    return bytes_per_weight * (shared + experts_touched(s, batch) * expert_parameters(s, folded)) / batch
+
+
+def memory_bandwidth_gbs(megabytes=512, repeats=5):
+    """Reading a float32 array far larger than any cache once (a sum on PyTorch's threads), best of
+    `repeats`: the memory bandwidth this run has."""
+    import torch
+    array = torch.ones(megabytes * 2 ** 20 // 4)
+    return megabytes * 2 ** 20 / min(clock.seconds_of(array.sum, repeats)) / 1e9

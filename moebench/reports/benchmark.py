@@ -83,34 +83,48 @@ def roofline_lines(report):
 
 
 def fused_profile_lines(profile, macs_per_image, int8_gops):
-    """Where the fused operator's time goes (measuring/fused_profile.py), in markdown, against the int8
-    roofline (the run's int8 peak) and the path's product instructions alone."""
-    def at(gops):  # ms for the test set's folded multiply-adds at that rate
-        return roofline.best_possible_ms(macs_per_image, profile["images"], gops)
-    roofline_ms = at(int8_gops)
-    threads = profile["threads"]
-    phases = profile["phases_ms"]
-    busy = [sum(per_thread[t] for per_thread in phases.values()) for t in range(threads)]
-    inside = sum(profile["single_phases_us"].values())
+    """Where the fused operator's time goes (measuring/fused_profile.py), in markdown: each SIMD path
+    against its own limit, then its phases per thread and on one image."""
+    if not profile["paths"]:
+        return ["", "## Where the fused operator's time goes", "",
+                "This CPU has none of the fused operator's SIMD paths (AMX, AVX-512 VNNI, AVX2): not profiled."]
+    images, floor_ms = profile["images"], profile["memory_floor_ms"]
+    roofline_ms = roofline.best_possible_ms(macs_per_image, images, int8_gops)
     out = ["", "## Where the fused operator's time goes", "",
-           f"The {profile['kernel']} path ({profile['label']}), clocked inside the operator per phase and per "
-           f"thread: the whole test set ({profile['images']} images, one call, {threads} threads; median of the "
-           f"calls) and one image (median over a sample of images). All {profile['images']} images take "
-           f"{profile['wall_ms']:.2f} ms; the int8 roofline is {roofline_ms:.2f} ms "
-           f"({profile['wall_ms'] / roofline_ms:.2f}x), and reading the float32 images once takes "
-           f"{profile['memory_floor_ms']:.2f} ms on the same threads (the memory floor). One image takes "
-           f"{profile['single_p50_us']:.1f} us (p50, from numpy to numpy), {inside:.1f} us of it inside the phases. "
-           "The path's product instructions alone (register-only loops on every thread at once): "
-           + "; ".join(f"{name} {gops:,.0f} GOP/s, the test set's multiply-adds in {at(gops):.2f} ms"
-                       for name, gops in profile["instruction_gops"].items()) + ".",
+           f"Each SIMD path this CPU has, on the whole test set ({images} images in one call, median of the calls) "
+           f"and on one image (p50, from numpy to numpy), against its own limit: its product instruction alone "
+           f"(register-only loops on every thread at once) doing the test set's {macs_per_image:,} multiply-adds "
+           f"per image, plus the memory floor (reading the float32 images once on the same threads: "
+           f"{floor_ms:.2f} ms). The int8 roofline (the run's int8 peak, ONNX Runtime's MatMulInteger) is "
+           f"{roofline_ms:.2f} ms.", "",
+           "| path | test set (ms) | its instruction alone (ms) | + memory floor (ms) | x that limit | "
+           "x int8 roofline | one image p50 (us) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for path in profile["paths"]:
+        name, instruction_ms = next(iter(path["instruction_ms"].items()))
+        gops = path["instruction_gops"][name]
+        out.append(f"| {path['kernel']} | {path['wall_ms']:.2f} | {instruction_ms:.2f} ({name}, {gops:,.0f} GOP/s) | "
+                   f"{path['limit_ms']:.2f} | {path['vs_limit']:.2f}x | {path['wall_ms'] / roofline_ms:.2f}x | "
+                   f"{path['single_p50_us']:.2f} |")
+    for path in profile["paths"]:
+        out += phase_lines(path)
+    return out
+
+
+def phase_lines(path):
+    """One path's phases: per thread on the test set (ms), and on one image (us)."""
+    threads, phases = path["threads"], path["phases_ms"]
+    busy = [sum(per_thread[t] for per_thread in phases.values()) for t in range(threads)]
+    inside = sum(path["single_phases_us"].values())
+    out = ["", f"{path['kernel']} ({path['label']}), clocked inside the operator: {path['wall_ms']:.2f} ms for the test "
+           f"set on {threads} threads; one image {path['single_p50_us']:.2f} us, {inside:.2f} us of it inside the phases.",
            "", "| phase | " + " | ".join(f"thread {t}, test set (ms)" for t in range(threads)) + " | one image (us) |",
            "| --- | " + " | ".join("---" for _ in range(threads)) + " | --- |"]
     for phase, per_thread in phases.items():
         out.append(f"| {phase} | " + " | ".join(f"{ms:.3f}" for ms in per_thread)
-                   + f" | {profile['single_phases_us'][phase]:.2f} |")
+                   + f" | {path['single_phases_us'][phase]:.2f} |")
     out.append("| waiting for the other threads, and the call outside the phases | "
-               + " | ".join(f"{profile['wall_ms'] - b:.3f}" for b in busy)
-               + f" | {profile['single_p50_us'] - inside:.2f} |")
+               + " | ".join(f"{path['wall_ms'] - b:.3f}" for b in busy)
+               + f" | {path['single_p50_us'] - inside:.2f} |")
     return out
 
 

@@ -15,7 +15,8 @@ from .served import BACKENDS, Served
 from .sources import Sources
 
 REFERENCE = "ort-dense"  # fp32 ONNX Runtime on the dense graph: what the other rows are compared with
-BATCH_SWEEP, SIZE_SWEEP, LOADGEN = "batch sweep", "size sweep", "loadgen"  # sweep.py's panels, loadgen.py in process
+# sweep.py's panels (by batch, by model size, models larger than the caches) and loadgen.py in process
+BATCH_SWEEP, SIZE_SWEEP, LARGE_SWEEP, LOADGEN = "batch sweep", "size sweep", "large-model sweep", "loadgen"
 INT8_VARIANTS = (("dynamic", False, False), ("dynamic", True, False), ("dynamic", False, True),
                  ("static QDQ", False, False), ("static QDQ", True, False), ("static QDQ", False, True))
 CUDA = [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
@@ -65,7 +66,7 @@ def no_bf16(structure):
 def fused_lacks(kernel):
     def lacks(structure):
         if not fused.takes(structure):
-            return "it needs EMB_SIZE and HIDDEN_SIZE multiples of 64 and at most 16 experts"
+            return f"it needs EMB_SIZE and HIDDEN_SIZE multiples of 64 and at most {fused.MAX_EXPERTS} experts"
         return fused.unavailable_kernels().get(kernel, "")
     return lacks
 
@@ -92,7 +93,7 @@ def torch_entries():
         if dense:
             entries += [Entry(f"fused-int8-{kernel}", fused.label(kernel), "int8", "fused", "int8",
                               torch_runner("fused-int8", routing, kernel=kernel), quick=True, lacks=fused_lacks(kernel),
-                              served=SERVE_FUSED, reports=(BATCH_SWEEP,),
+                              served=SERVE_FUSED, reports=(BATCH_SWEEP, LARGE_SWEEP),
                               preferred=lambda k=kernel: fused.chosen_kernel() == k) for kernel in fused.KERNELS]
         entries += [Entry(f"torch-compile-{routing}", f"PyTorch torch.compile CPU, {routing}", "torch", routing, "fp32",
                           torch_runner("compile", routing), quick=dense),
@@ -116,21 +117,21 @@ def onnx_entries():
                      f"ONNX Runtime CPU, {routing}, {exporter}", "onnx", routing, "fp32",
                      lambda s, r=routing, e=exporter: onnx_runtime.runner(s.onnx(r, e)), quick=True,
                      served=SERVE_ORT if (routing, exporter) == ("dense", "torchscript") else None,
-                     reports=(BATCH_SWEEP, SIZE_SWEEP, LOADGEN) if exporter == "torchscript" else ())
+                     reports=(BATCH_SWEEP, SIZE_SWEEP, LARGE_SWEEP, LOADGEN) if exporter == "torchscript" else ())
                for routing in config.ROUTINGS for exporter in ("torchscript", "dynamo")]
     entries.append(Entry("ort-fp16-dense", "ONNX Runtime FP16 on CPU, dense", "fp16", "dense", "fp32",
                          lambda s: onnx_runtime.runner(s.fp16(), precision="fp16 weights, fp32 compute"), quick=True))
     entries += [Entry(int8_key(*variant), int8_label(*variant), "int8", "dense", "int8",
                       lambda s, v=variant: onnx_runtime.runner(s.int8(*v), precision="int8"),
                       quick=variant in INT8_VARIANTS[::3],
-                      reports=(BATCH_SWEEP, LOADGEN) if variant == INT8_VARIANTS[0] else ())
+                      reports=(BATCH_SWEEP, LARGE_SWEEP, LOADGEN) if variant == INT8_VARIANTS[0] else ())
                 for variant in INT8_VARIANTS]
     entries += [Entry("ort-auto", "ONNX Runtime CPU, auto (dense for small batches, loop for large)", "onnx", "loop",
                       "fp32", lambda s: onnx_runtime.auto_runner(s.onnx("dense"), s.onnx("loop"), config.AUTO_LOOP_FROM),
                       quick=True),
                 Entry("ort-int8-dynamic-loop", "ONNX Runtime INT8 dynamic, loop", "int8", "loop", "int8",
                       lambda s: onnx_runtime.runner(s.int8(routing="loop"), precision="int8"), quick=True,
-                      reports=(BATCH_SWEEP,)),
+                      reports=(BATCH_SWEEP, LARGE_SWEEP)),
                 Entry("web-wasm-dense", "ONNX Runtime Web, WebAssembly, dense (headless Chromium)", "web", "dense",
                       "fp32", quick=True, measured_by="browser"),
                 Entry("ort-loop-dataloader", "ONNX Runtime CPU, loop, fed by a per-image PIL Dataset and a "
@@ -146,7 +147,7 @@ def openvino_entries():
                           lambda s, r=routing, p=precision: openvino_cpu.runner(s.onnx(r), precision=p), quick=True,
                           lacks=no_bf16 if precision == "bf16" else runs_anywhere,
                           served=SERVE_OPENVINO if (routing, precision) == ("dense", "f32") else None,
-                          reports=(BATCH_SWEEP, SIZE_SWEEP) + ((LOADGEN,) if routing == "loop" else ()),
+                          reports=(BATCH_SWEEP, SIZE_SWEEP, LARGE_SWEEP) + ((LOADGEN,) if routing == "loop" else ()),
                           preferred=lambda p=precision: openvino_precision() == p)
                     for precision in ("f32", "bf16")]
         entries.append(Entry(f"openvino-int8-{routing}", f"OpenVINO CPU INT8 (NNCF), {routing}", "openvino", routing,
