@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from data import add_data_args, load_split
-from moebench import checkpoint, web
+from moebench import checkpoint, fused, web
 from moebench.cli import ArgumentParser, UserError, positive_int, run
 from moebench.measuring import clock, floor, fused_profile, roofline
 from moebench.measuring.compare import compare
@@ -145,12 +145,12 @@ def main(argv=None):
         web.require_ort_web()
         web.chromium_paths()
     peaks = None if on_gpu else roofline.measure_peaks(512 if args.quick else 2048)
+    profiled = where_the_fused_operator_s_time_goes(args, test_set[0])  # before any other engine is loaded
     with tempfile.TemporaryDirectory() as workdir:
         sources = registry.Sources(args.checkpoint, workdir, test_set, args.data_dir,
                                    calibration_images=args.calibration_images)
         structure = sources.structure
         rows, lacking, reference = measure_rows(args, sources, on_gpu)
-    profiled = where_the_fused_operator_s_time_goes(args, test_set[0], rows)
     result = {"machine": machine(torch, ort, onnx, np), "structure": structure, "rows": rows,
               "skipped": lacking, "peaks": peaks, "reference_key": reference, "fused_profile": profiled,
               "reference": next(r["name"] for r in rows if r["key"] == reference),
@@ -171,11 +171,12 @@ def main(argv=None):
     return result
 
 
-def where_the_fused_operator_s_time_goes(args, images, rows):
-    """The fused operator's phases and limits on each SIMD path this CPU has, where its rows ran: a CPU run."""
-    if args.device != "cpu" or not any(r["key"].startswith("fused-int8") for r in rows):
-        return None
+def where_the_fused_operator_s_time_goes(args, images):
+    """The fused operator's phases and limits on each SIMD path this CPU has, in a CPU run of a model it
+    takes. Measured first, in a process no other engine has loaded threads into yet."""
     model, structure, _ = checkpoint.load_model(args.checkpoint)
+    if args.device != "cpu" or not fused.takes(structure):
+        return None
     return fused_profile.measure(model, structure, images, args.repeats, 200 if args.quick else 2000)
 
 

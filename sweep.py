@@ -162,8 +162,8 @@ def plot_sizes(report, path):
     save_figure(fig, path)
 
 
-def large_rooflines(report, hidden_batch):
-    """{line label: us per image at each EXPERTS} for the large panel at batch `hidden_batch`: the
+def large_rooflines(report, batch):
+    """{line label: us per image at each EXPERTS} for the large panel at batch `batch`: the
     activated path at the int8 peak, and the weights the batch must read at the measured bandwidth, in
     int8 as the fused operator holds them (folded) and in fp32 as the graphs do."""
     points = {p["EXPERTS"]: p for p in report["large"]}
@@ -171,7 +171,7 @@ def large_rooflines(report, hidden_batch):
     lines = {}
     for label, bytes_per_weight, folded in (("int8 weights, folded", 1, True), ("fp32 weights", 4, False)):
         lines[f"memory roofline, {label}"] = {
-            e: 1e6 * roofline.weight_bytes_per_image(structure_of(p), hidden_batch, bytes_per_weight, folded)
+            e: 1e6 * roofline.weight_bytes_per_image(structure_of(p), batch, bytes_per_weight, folded)
             / (bandwidth * 1e9) for e, p in points.items()}
     lines["compute roofline, int8 peak"] = {
         e: 1e6 * 2 * roofline.activated_macs(structure_of(p)) / (int8 * 1e9) for e, p in points.items()}

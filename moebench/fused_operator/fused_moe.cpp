@@ -29,19 +29,14 @@ constexpr int ROWS_PER_TASK = 64;  // rows one thread takes at a time
 constexpr int MAX_EXPERTS = 256;  // the gate's logits and the grouping's counts live on the stack
 constexpr int RELEASE_GIL_FROM_ROWS = 16;  // smaller calls keep the GIL (see Prepared::run)
 constexpr int CACHED_ROWS = 1024;  // calls up to this many rows reuse their thread's buffers (no allocation)
-// Independent sums per row in the float layers (the gate, a lone row's second layer), and the rows of
-// the second layer that share each weight load with their sums per row: as many sums as registers hold
+// The gate's float32 sums: GROUP_ROWS rows share each load of its weights, GATE_CHAINS independent sums
+// per row (a row alone sums in the same order, so its gate is the same in any batch)
 #if defined(__AVX512F__)
-constexpr int CHAINS = 4, GROUP_ROWS = 4, GROUP_CHAINS = 2;  // 8 of 32 registers: 16 floats each
-constexpr int ROW_CHAINS = 8;  // a single image's second layer: its latency is the call's, so more sums
-constexpr int GATE_CHAINS = 4;  // the gate's sums per row, in a group of rows and alone alike (16 + 4 registers)
+constexpr int GROUP_ROWS = 4, GATE_CHAINS = 4;  // 16 sums and 4 weights of 32 registers, 16 floats each
 #elif defined(__AVX2__)
-constexpr int CHAINS = 2, GROUP_ROWS = 4, GROUP_CHAINS = 1;  // 16 floats are 2 of AVX2's 16 registers
-constexpr int ROW_CHAINS = 4;
-constexpr int GATE_CHAINS = 1;  // four rows' sums fill 8 of the 16 registers
+constexpr int GROUP_ROWS = 4, GATE_CHAINS = 1;  // 16 floats are 2 of AVX2's 16 registers
 #else
-constexpr int CHAINS = 1, GROUP_ROWS = 1, GROUP_CHAINS = 1;  // plain C++: a row at a time is fastest
-constexpr int ROW_CHAINS = 1, GATE_CHAINS = 1;
+constexpr int GROUP_ROWS = 1, GATE_CHAINS = 1;  // plain C++: a row at a time is fastest
 #endif
 
 // The weights as the kernel reads them; the tensors that hold them outlive it.
@@ -85,14 +80,14 @@ Scratch& thread_scratch() {
   return scratch;
 }
 
-// y[r] = bias + h[r] x w for G rows of h (k wide) and the first `lanes` (<= 16) columns of w (k rows,
-// `stride` floats apart; bias may be null), C independent sums per row: rows share each load of w,
-// and the sums' chains do not wait on one another. The gate and each expert's second layer.
+// y[r] = h[r] x w for G rows of h (k wide) and the first `lanes` (<= 16) columns of w (k rows, `stride`
+// floats apart), C independent sums per row: rows share each load of w, and the sums' chains do not
+// wait on one another. The gate's logits, 16 experts at a time.
 template <int G, int C>
-inline void row_products(const float* h, int k, const float* w, int stride, int lanes, const float* bias, F16* y) {
+inline void row_products(const float* h, int k, const float* w, int stride, int lanes, F16* y) {
   F16 sums[G][C];
   for (int r = 0; r < G; ++r)
-    for (int c = 0; c < C; ++c) sums[r][c] = c || !bias ? splat16(0.0f) : load_first(bias, lanes);
+    for (int c = 0; c < C; ++c) sums[r][c] = splat16(0.0f);
   for (int j = 0; j < k; j += C)
     for (int c = 0; c < C; ++c) {
       const F16 weight = load_first(w + (size_t)(j + c) * stride, lanes);
@@ -138,19 +133,18 @@ void embed_and_route(const Weights& w, const float* px, int start, int rows, flo
     }
     peaks[r] = reduce_max16(peak16);
   }
-  // the gate, GROUP_ROWS rows at a time (they share each load of its weights), 16 experts at a time; a
-  // lone row sums in the same order, so a row's gate is the same in any batch
+  // the gate, GROUP_ROWS rows at a time, 16 experts at a time
   const int stride = round_up16(experts);
   for (int x0 = 0; x0 < experts; x0 += 16) {
     const int lanes = std::min(16, experts - x0);
     F16 y[GROUP_ROWS];
     int r0 = 0;
     for (; r0 + GROUP_ROWS <= rows; r0 += GROUP_ROWS) {
-      row_products<GROUP_ROWS, GATE_CHAINS>(e + (size_t)r0 * emb, emb, w.gate_w + x0, experts, lanes, nullptr, y);
+      row_products<GROUP_ROWS, GATE_CHAINS>(e + (size_t)r0 * emb, emb, w.gate_w + x0, experts, lanes, y);
       for (int r = 0; r < GROUP_ROWS; ++r) store16(logits + (size_t)(r0 + r) * stride + x0, y[r]);
     }
     for (; r0 < rows; ++r0) {
-      row_products<1, GATE_CHAINS>(e + (size_t)r0 * emb, emb, w.gate_w + x0, experts, lanes, nullptr, y);
+      row_products<1, GATE_CHAINS>(e + (size_t)r0 * emb, emb, w.gate_w + x0, experts, lanes, y);
       store16(logits + (size_t)r0 * stride + x0, y[0]);
     }
   }
@@ -253,8 +247,8 @@ void forward_one_row(const Weights& w, const float* px, float* logits, float* ga
   laps.lap(COMBINE);
 }
 
-// Phase 3: one expert on `rows` of its rows from `start` in order: its first layer in integers, then
-// its second layer (the head folded in) in float32, weighted by the gate, into `part`.
+// Phase 3: one expert on `rows` of its rows from `start` in order: its first layer, its hidden rows
+// re-quantized, its second layer (the head folded in), weighted by the gate, into `part`.
 void run_expert(const Weights& w, int x, int start, int rows, const float* gates, CallBuffers& call, Laps& laps) {
   const int emb = w.emb, hidden = w.hidden;
   Scratch& s = thread_scratch();

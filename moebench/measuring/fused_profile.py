@@ -9,6 +9,9 @@ from .. import fused
 from . import clock, roofline
 
 
+WALL_CALLS = 11  # whole test sets timed per path (a few ms each): the median of more calls than blocks
+
+
 def memory_floor_ms(images, repeats=5):
     """The best time to read the float32 images once on PyTorch's threads (a sum): no kernel that takes
     float32 pixels can be faster."""
@@ -34,7 +37,8 @@ def measure_path(model, structure, kernel, images, repeats, single_runs):
     latencies = clock.time_single_images(fused.predictor(op), images, single_runs)
     gops = {name: 2 * rate / 1e9 for name, rate in op.instruction_peaks(0.2).items()}
     return {"kernel": kernel, "label": fused.label(kernel), "threads": torch.get_num_threads(),
-            "images": len(images), "wall_ms": 1e3 * float(np.median(clock.seconds_of(lambda: op.logits(images), repeats))),
+            "images": len(images), "wall_ms": 1e3 * float(np.median(clock.seconds_of(lambda: op.logits(images),
+                                                                                  max(repeats, WALL_CALLS)))),
             "phases_ms": {phase: [1e3 * s for s in per_thread] for phase, per_thread in whole.items()},
             "single_p50_us": 1e6 * float(np.median(latencies)),
             "single_phases_us": {phase: 1e6 * float(np.median(s)) for phase, s in single_phases.items()},
