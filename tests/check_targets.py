@@ -9,7 +9,7 @@ import sys
 DENSE, LOOP, DATALOADER, AUTO = "ort-dense", "ort-loop", "ort-loop-dataloader", "ort-auto"  # the registry's keys
 
 
-def targets(rows, count):
+def targets(rows, count, fused_profile=None):
     by_key = {row["key"]: row for row in rows}
     fast, graph, way = by_key[DENSE], by_key[LOOP], by_key[DATALOADER]
     fp32 = fast["accuracy"]
@@ -21,7 +21,7 @@ def targets(rows, count):
         ("dense graph vs a per-image DataLoader, end-to-end test set speed-up",
          way["model"]["best_test_set_ms"] / fast["model"]["best_test_set_ms"], ">=", 100.0),
     ] + [(f"{row['name']}: accuracy change vs fp32 (points)", row["accuracy"] - fp32, ">=", -0.3)
-         for row in rows if "INT8" in row["name"]] + frontier_targets(rows, fp32, count)
+         for row in rows if "INT8" in row["name"]] + frontier_targets(rows, fp32, count) + fused_targets(fused_profile)
     return [{"target": name, "value": value, "rule": f"{op} {bound}",
              "met": value <= bound if op == "<=" else value >= bound} for name, value, op, bound in checks]
 
@@ -62,11 +62,24 @@ def frontier_targets(rows, fp32, count):
     return checks
 
 
+def fused_targets(profile):
+    """Each SIMD path of the fused operator within 1.5x of its own limit (its product instruction alone
+    doing the test set's multiply-adds, plus the memory floor), one image within 2 us on the first path
+    (the fastest this CPU has)."""
+    if not profile or not profile["paths"]:
+        return []
+    checks = [(f"fused operator, {path['kernel']} path: test set vs its instruction alone + the memory floor",
+               path["vs_limit"], "<=", 1.5) for path in profile["paths"]]
+    first = profile["paths"][0]
+    return checks + [(f"fused operator, {first['kernel']} path: one image p50 from numpy to numpy, us",
+                      first["single_p50_us"], "<=", 2.0)]
+
+
 def main(argv):
     path = argv[1] if len(argv) > 1 else "results/benchmark.json"
     with open(path) as f:
         benchmark = json.load(f)
-    checks = targets(benchmark["rows"], benchmark["settings"]["images"])
+    checks = targets(benchmark["rows"], benchmark["settings"]["images"], benchmark.get("fused_profile"))
     for t in checks:
         print(f"{'met   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']:.2f} ({t['rule']})")
     missed = sum(not t["met"] for t in checks)

@@ -51,7 +51,7 @@ class Prepared {
 
  private:
  public:
-  // a few rows take about a microsecond, less than handing the GIL over and back would add to them
+  // a few rows take a few microseconds, and handing the GIL over and back would cost a share of that
   void run(const float* px, int n, float* logits, float* gates) const {
     if (n < RELEASE_GIL_FROM_ROWS) return forward(w_, px, n, logits, gates, nullptr);
     pybind11::gil_scoped_release unlocked;
@@ -71,7 +71,7 @@ class Prepared {
 };
 
 // The logits alone, as a plain CPython function bound to one Prepared: what a benchmark or a server
-// calls per batch. pybind11's argument and result conversions cost a single image a fifth of its time;
+// calls per batch. pybind11's argument and result conversions are a large share of a single image's time;
 // this reads the numpy array's own fields (through pybind11's table of numpy's C API) instead.
 constexpr const char* PREPARED_CAPSULE = "moe_fused.Prepared";
 
