@@ -221,7 +221,8 @@ def main(argv=None):
     images = np.ascontiguousarray(images_t.numpy())
     sizes = (1, 16, 256) if args.quick else BATCH_SIZES
     experts, hidden = ((4, 8), (32,)) if args.quick else (EXPERTS, HIDDEN_SIZES)
-    large, large_experts = (({"EMB_SIZE": 128, "HIDDEN_SIZE": 256}, (4, 8)) if args.quick else (LARGE, LARGE_EXPERTS))
+    large, large_experts = (({"EMB_SIZE": 64, "HIDDEN_SIZE": 128}, (8,)) if args.quick else (LARGE, LARGE_EXPERTS))
+    large_images = 64 if args.quick else LARGE_IMAGES
     peaks = roofline.measure_peaks(512 if args.quick else 2048)
     bandwidth_mb = 64 if args.quick else 512
     bandwidth = roofline.memory_bandwidth_gbs(bandwidth_mb)
@@ -232,13 +233,13 @@ def main(argv=None):
         entries, not_measured = registry.in_report(registry.BATCH_SWEEP, structure)
         batch = batch_sweep(entries, sources, sizes, args.repeats)
         size = size_sweep(workdir, (images[:SIZE_IMAGES], test_set[1][:SIZE_IMAGES]), experts, hidden, args.repeats)
-        large_points = large_sweep(workdir, (images[:LARGE_IMAGES], test_set[1][:LARGE_IMAGES]), large, large_experts,
+        large_points = large_sweep(workdir, (images[:large_images], test_set[1][:large_images]), large, large_experts,
                                    args.repeats)
     report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
               "peaks": peaks, "bandwidth_gbs": bandwidth, "activated_macs": roofline.activated_macs(structure),
               "batch": batch, "size": size, "large": large_points, "not_measured": not_measured,
               "settings": {"images": len(images), "repeats": args.repeats, "quick": args.quick,
-                           "large_images": min(LARGE_IMAGES, len(images)), "bandwidth_mb": bandwidth_mb}}
+                           "large_images": min(large_images, len(images)), "bandwidth_mb": bandwidth_mb}}
     print(write_report(report, args.out_dir, "sweep", markdown,
                        {"sweep_batch.png": plot_batches, "sweep_size.png": plot_sizes, "sweep_large.png": plot_large}))
     return report

@@ -27,6 +27,8 @@ KERNELS = {"amx": (("avx512f", "avx512bw", "avx512_vnni", "fma", "amx_tile", "am
            "vnni": (("avx512f", "avx512bw", "avx512_vnni", "fma"), VNNI_FLAGS, "AVX-512 VNNI"),
            "avx2": (("avx2", "fma"), ["-mavx2", "-mfma"], "AVX2"),
            "portable": ((), [], "portable C++")}
+# the product instruction each path's own limit is measured with (AMX's batches under 16 rows run on vpdpbusd)
+PRODUCT_INSTRUCTION = {"amx": "tdpbusd", "vnni": "vpdpbusd", "avx2": "vpmaddwd + vpaddd"}
 LOCK_STALE_S = 300  # a build takes well under a minute; an older lock was left by a killed build
 
 

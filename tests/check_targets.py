@@ -66,7 +66,7 @@ def fused_targets(profile):
     """Each SIMD path of the fused operator within 1.5x of its own limit (its product instruction alone
     doing the test set's multiply-adds, plus the memory floor), one image within 2 us on the first path
     (the fastest this CPU has)."""
-    if not profile or not profile["paths"]:
+    if not profile or not profile.get("paths"):  # a report from before the per-path limits has none
         return []
     checks = [(f"fused operator, {path['kernel']} path: test set vs its instruction alone + the memory floor",
                path["vs_limit"], "<=", 1.5) for path in profile["paths"]]

@@ -56,13 +56,14 @@ def reference(model, structure, pixels):
     weights = np.exp(top - top.max(1, keepdims=True))
     weights /= weights.sum(1, keepdims=True)
     q, scale = as_uint8(emb)
+    fc1, fc2 = [unpack(w) for w in fc1_q], [unpack(w) for w in fc2_q]
     out = np.tile(head_bias, (len(pixels), 1)).astype(np.float64)
     gates = np.zeros((len(pixels), structure["EXPERTS"]), np.float32)
     for row in range(len(pixels)):
         for slot, expert in enumerate(order[row]):
-            hidden = np.maximum(0, (q[row] @ unpack(fc1_q[expert])) * scale[row] * fc1_scale[expert] + fc1_bias[expert])
+            hidden = np.maximum(0, (q[row] @ fc1[expert]) * scale[row] * fc1_scale[expert] + fc1_bias[expert])
             hidden_q, hidden_scale = as_uint8(hidden[None].astype(np.float32))
-            second = (hidden_q[0] @ unpack(fc2_q[expert])) * hidden_scale[0] * fc2_scale[expert]
+            second = (hidden_q[0] @ fc2[expert]) * hidden_scale[0] * fc2_scale[expert]
             out[row] += weights[row, slot] * (second[:out.shape[1]] + fc2_b[expert])
             gates[row, expert] = weights[row, slot]
     return out, gates

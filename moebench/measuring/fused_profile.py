@@ -48,13 +48,14 @@ def measure_path(model, structure, kernel, images, repeats, single_runs):
 
 
 def measure(model, structure, images, repeats=5, single_runs=2000):
-    """{memory floor (ms), paths: [measure_path() of each SIMD path, each with its limit (its first
-    product instruction's time + the memory floor) and its wall time against it]}."""
+    """{memory floor (ms), paths: [measure_path() of each SIMD path, each with its own product
+    instruction, its limit (that instruction's time + the memory floor) and its wall time against it]}."""
     floor_ms = memory_floor_ms(images, repeats)
     paths = []
     for kernel in simd_paths():
         path = measure_path(model, structure, kernel, images, repeats, single_runs)
-        path["limit_ms"] = next(iter(path["instruction_ms"].values())) + floor_ms
+        path["instruction"] = fused.PRODUCT_INSTRUCTION[kernel]
+        path["limit_ms"] = path["instruction_ms"][path["instruction"]] + floor_ms
         path["vs_limit"] = path["wall_ms"] / path["limit_ms"]
         paths.append(path)
     return {"memory_floor_ms": floor_ms, "images": len(images), "paths": paths}

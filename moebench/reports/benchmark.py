@@ -100,8 +100,8 @@ def fused_profile_lines(profile, macs_per_image, int8_gops):
            "| path | test set (ms) | its instruction alone (ms) | + memory floor (ms) | x that limit | "
            "x int8 roofline | one image p50 (us) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for path in profile["paths"]:
-        name, instruction_ms = next(iter(path["instruction_ms"].items()))
-        gops = path["instruction_gops"][name]
+        name = path["instruction"]
+        instruction_ms, gops = path["instruction_ms"][name], path["instruction_gops"][name]
         out.append(f"| {path['kernel']} | {path['wall_ms']:.2f} | {instruction_ms:.2f} ({name}, {gops:,.0f} GOP/s) | "
                    f"{path['limit_ms']:.2f} | {path['vs_limit']:.2f}x | {path['wall_ms'] / roofline_ms:.2f}x | "
                    f"{path['single_p50_us']:.2f} |")
