@@ -279,12 +279,12 @@ def large_markdown(report):
              "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {p['EXPERTS']} | {p['engine']} | {p['precision']} | {p['routing']} | {p['bulk_us']:.1f} | "
               f"{p['b1_us']:.1f} |" for p in points]
-    lines += ["", "| EXPERTS | " + " | ".join(f"{label} (b={size})" for size in (batch, 1)
-                                               for label in large_rooflines(report, size)) + " |",
-              "| --- |" + " --- |" * (2 * len(large_rooflines(report, 1)))]
-    by_size = [large_rooflines(report, size) for size in (batch, 1)]
+    by_size = {size: large_rooflines(report, size) for size in (batch, 1)}
+    lines += ["", "| EXPERTS | " + " | ".join(f"{label} (b={size})" for size, lines_at in by_size.items()
+                                               for label in lines_at) + " |",
+              "| --- |" + " --- |" * sum(len(lines_at) for lines_at in by_size.values())]
     for e in sorted({p["EXPERTS"] for p in points}):
-        lines.append(f"| {e} | " + " | ".join(f"{line[e]:.3g}" for lines_at in by_size for line in lines_at.values())
+        lines.append(f"| {e} | " + " | ".join(f"{line[e]:.3g}" for lines_at in by_size.values() for line in lines_at.values())
                      + " |")
     return lines
 
